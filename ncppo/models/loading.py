@@ -1,0 +1,74 @@
+"""Loading SD1.5-class and SDXL-class pipelines from a local diffusers folder (or a hub id when online)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+SUPPORTED_PIPELINES = {"StableDiffusionPipeline": "sd15", "StableDiffusionXLPipeline": "sdxl"}
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message says what to do."""
+
+
+def pipeline_kind(pipeline) -> str:
+    """``'sd15'`` or ``'sdxl'`` for a loaded pipeline; an error for anything else."""
+    name = type(pipeline).__name__
+    if name not in SUPPORTED_PIPELINES:
+        raise ModelLoadError(
+            f"unsupported pipeline class {name}; ncppo trains {', '.join(SUPPORTED_PIPELINES)} models"
+        )
+    return SUPPORTED_PIPELINES[name]
+
+
+def _is_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
+
+
+def load_pipeline(name_or_path: str | os.PathLike, *, torch_dtype: torch.dtype | None = None):
+    """Load a text-to-image pipeline from a diffusers-format directory, or a hub id when online.
+
+    Offline (no network, or ``HF_HUB_OFFLINE=1``) a hub id is looked up in the local cache only and
+    a miss fails at once with a message naming the id, instead of hanging on the network.
+    """
+    from diffusers import DiffusionPipeline
+
+    path = Path(name_or_path).expanduser()
+    kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+    if path.exists():
+        if not path.is_dir() or not (path / "model_index.json").is_file():
+            raise ModelLoadError(
+                f"{path} is not a diffusers pipeline directory (no model_index.json). Save one with "
+                "`pipe.save_pretrained(DIR)` or build a tiny one with `ncppo tiny-model DIR`."
+            )
+        try:
+            pipe = DiffusionPipeline.from_pretrained(path, **kwargs)
+        except Exception as err:  # diffusers raises many types for broken folders
+            raise ModelLoadError(f"could not load the pipeline in {path}: {err}") from err
+        pipeline_kind(pipe)
+        return pipe
+    name = str(name_or_path)
+    if not _is_hub_id(name):
+        raise ModelLoadError(f"{name} does not exist (expected a diffusers pipeline directory or a hub id)")
+    try:  # the local cache first: it needs no network
+        pipe = DiffusionPipeline.from_pretrained(name, local_files_only=True, **kwargs)
+    except Exception as cache_err:
+        if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+            raise ModelLoadError(
+                f"{name!r} is not a local directory and is not in the Hugging Face cache, and the hub is "
+                "offline (HF_HUB_OFFLINE=1). Download the model where there is a network and pass its "
+                "local directory."
+            ) from cache_err
+        try:
+            pipe = DiffusionPipeline.from_pretrained(name, **kwargs)
+        except Exception as err:
+            raise ModelLoadError(
+                f"could not fetch {name!r} from the Hugging Face hub ({type(err).__name__}: {err}). If this "
+                "machine is offline, download the model elsewhere and pass its local directory."
+            ) from err
+    pipeline_kind(pipe)
+    return pipe

@@ -1,0 +1,230 @@
+"""A text-to-image pipeline prepared for preference training: the policy, its reference, and encoders.
+
+The policy is the pipeline's U-Net with LoRA adapters (peft) or fully trainable. The reference
+``eps_ref`` and the perceptual encoder ``f`` both use the *frozen pretrained* U-Net: with LoRA that is
+the same U-Net with its adapters disabled (no second copy in memory); with a full fine-tune, a frozen
+copy made before training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from ncppo.batch import Condition, EncodedPairs, PreferenceBatch
+from ncppo.diffusion import NoiseSchedule, to_epsilon
+from ncppo.io import atomic_directory
+from ncppo.models.loading import load_pipeline, pipeline_kind
+
+FINETUNE_MODES = ("lora", "full")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA on the U-Net (the paper: rank 64 on the attention projections, as Diffusion-DPO)."""
+
+    rank: int = 64
+    alpha: float | None = None  # None: alpha = rank (scale 1), as diffusers' DPO example
+    target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    dropout: float = 0.0
+
+    def peft_config(self):
+        from peft import LoraConfig
+
+        if self.rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
+        # 'gaussian' init keeps B = 0, so at step 0 the policy equals the reference exactly.
+        return LoraConfig(
+            r=self.rank,
+            lora_alpha=self.alpha if self.alpha is not None else self.rank,
+            lora_dropout=self.dropout,
+            init_lora_weights="gaussian",
+            target_modules=list(self.target_modules),
+        )
+
+
+class PreferenceModel:
+    """Wraps a SD1.5-/SDXL-class pipeline for training; see the module docstring."""
+
+    def __init__(self, pipeline, *, finetune: str = "lora", lora: LoraSettings | None = None):
+        if finetune not in FINETUNE_MODES:
+            raise ValueError(f"unknown finetune mode {finetune!r}; expected one of {FINETUNE_MODES}")
+        self.pipeline = pipeline
+        self.kind = pipeline_kind(pipeline)
+        self.unet = pipeline.unet
+        self.finetune = finetune
+        self.schedule = NoiseSchedule.from_scheduler_config(pipeline.scheduler.config)
+        for module in self._frozen_components():
+            module.requires_grad_(False)
+        self.reference_unet = None
+        if finetune == "lora":
+            self.lora = lora or LoraSettings()
+            self.unet.requires_grad_(False)
+            self.unet.add_adapter(self.lora.peft_config())
+        else:
+            self.lora = None
+            self.reference_unet = copy.deepcopy(self.unet).requires_grad_(False).eval()
+            self.unet.requires_grad_(True)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, *, torch_dtype=None, **kwargs) -> PreferenceModel:
+        return cls(load_pipeline(name_or_path, torch_dtype=torch_dtype), **kwargs)
+
+    # -- components ------------------------------------------------------------------------------
+    def _frozen_components(self) -> list[torch.nn.Module]:
+        names = ("vae", "text_encoder", "text_encoder_2")
+        return [m for m in (getattr(self.pipeline, n, None) for n in names) if m is not None]
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    def to(self, device) -> PreferenceModel:
+        self.pipeline.to(device)
+        if self.reference_unet is not None:
+            self.reference_unet.to(device)
+        self.schedule = self.schedule.to(device)
+        return self
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.unet.parameters() if p.requires_grad]
+
+    @property
+    def has_reference(self) -> bool:
+        """Always true for the LoRA and full modes; kept as the question objectives ask."""
+        return self.reference_unet is not None or self.lora is not None
+
+    @contextlib.contextmanager
+    def frozen_unet(self) -> Iterator[torch.nn.Module]:
+        """The frozen pretrained U-Net: the reference ``eps_ref`` and the encoder ``f`` run on it."""
+        if self.reference_unet is not None:
+            yield self.reference_unet
+            return
+        # Checkpointed blocks would re-run their forward during backward with the adapters back on.
+        with _gradient_checkpointing_off(self.unet):
+            self.unet.disable_adapters()
+            try:
+                yield self.unet
+            finally:
+                self.unet.enable_adapters()
+
+    # -- prediction ------------------------------------------------------------------------------
+    def predict_epsilon(self, unet, x_t: torch.Tensor, t: torch.Tensor, condition: Condition) -> torch.Tensor:
+        """``eps_theta(x_t, t, c)``; a v- or x0-prediction model's output is converted to epsilon."""
+        out = unet(x_t.to(unet.dtype), t, **condition.unet_kwargs(), return_dict=False)[0]
+        return to_epsilon(self.schedule, out, x_t, t)
+
+    # -- encoding raw inputs ---------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Prompt embeddings (and SDXL's pooled embeddings) with the pipeline's own ``encode_prompt``."""
+        if any(not isinstance(p, str) for p in prompts):
+            raise ValueError("prompts must be strings")
+        if self.kind == "sdxl":
+            embeds, _, pooled, _ = self.pipeline.encode_prompt(
+                prompts, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+            )
+            return embeds, pooled
+        embeds, _ = self.pipeline.encode_prompt(
+            prompts, self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
+        return embeds, None
+
+    @torch.no_grad()
+    def encode_images(self, pixel_values: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """VAE latents of images in [-1, 1], scaled by ``scaling_factor`` (a sample, as Diffusion-DPO)."""
+        vae = self.pipeline.vae
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != vae.config.in_channels:
+            raise ValueError(
+                f"pixel values must be (N, {vae.config.in_channels}, H, W); got {tuple(pixel_values.shape)}"
+            )
+        latents = vae.encode(pixel_values.to(device=vae.device, dtype=vae.dtype)).latent_dist.sample(generator)
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return (latents - shift) * vae.config.scaling_factor
+
+    def default_time_ids(self, latents: torch.Tensor) -> torch.Tensor:
+        """SDXL micro-conditioning for uncropped images of the latents' size: ``(h, w, 0, 0, h, w)``."""
+        h, w = (s * self.pipeline.vae_scale_factor for s in latents.shape[-2:])
+        row = torch.tensor([h, w, 0, 0, h, w], dtype=torch.float32, device=latents.device)
+        return row.expand(latents.shape[0], 6).clone()
+
+    def encode_batch(self, batch: PreferenceBatch, generator: torch.Generator | None = None) -> EncodedPairs:
+        """Check a batch and encode whatever it carries raw (pixels, prompt strings)."""
+        latents = {}
+        for side in ("w", "l"):
+            lat, pix = getattr(batch, f"latents_{side}"), getattr(batch, f"pixel_values_{side}")
+            if lat is None and pix is None:
+                raise ValueError(f"the batch has neither latents_{side} nor pixel_values_{side}")
+            latents[side] = lat if lat is not None else self.encode_images(pix, generator)
+        lw, ll = latents["w"], latents["l"]
+        channels = self.unet.config.in_channels
+        for side, lat in latents.items():
+            if lat.ndim != 4 or lat.shape[1] != channels:
+                raise ValueError(f"latents_{side} must be (B, {channels}, h, w) for this U-Net; got {tuple(lat.shape)}")
+        if lw.shape != ll.shape:
+            raise ValueError(f"winner latents {tuple(lw.shape)} and loser latents {tuple(ll.shape)} differ in shape")
+
+        embeds, pooled = batch.prompt_embeds, batch.pooled_prompt_embeds
+        if embeds is None:
+            if batch.prompts is None:
+                raise ValueError("the batch has neither prompt_embeds nor prompts")
+            embeds, pooled = self.encode_prompts(list(batch.prompts))
+        if embeds.ndim != 3 or embeds.shape[0] != lw.shape[0]:
+            raise ValueError(f"prompt_embeds must be (B={lw.shape[0]}, L, D); got {tuple(embeds.shape)}")
+        cross_dim = self.unet.config.cross_attention_dim
+        if embeds.shape[-1] != cross_dim:
+            raise ValueError(f"prompt_embeds have width {embeds.shape[-1]}, this U-Net expects {cross_dim}")
+        if self.kind == "sdxl":
+            if pooled is None:
+                raise ValueError("an SDXL-class model needs pooled_prompt_embeds (or prompts to encode)")
+            cond_w = Condition(embeds, pooled, _time_ids(batch.time_ids_w, self.default_time_ids(lw), "w"))
+            cond_l = Condition(embeds, pooled, _time_ids(batch.time_ids_l, self.default_time_ids(ll), "l"))
+        else:
+            cond_w = cond_l = Condition(embeds)
+        device = self.device
+        return EncodedPairs(
+            lw.to(device), ll.to(device), cond_w.map(lambda v: v.to(device)), cond_l.map(lambda v: v.to(device)),
+            list(batch.ids),
+        )
+
+    # -- saving ----------------------------------------------------------------------------------
+    def save_lora(self, out_dir) -> None:
+        """Save the U-Net LoRA in diffusers' format: ``pipe.load_lora_weights(out_dir)`` loads it."""
+        if self.lora is None:
+            raise ValueError("this model is fully fine-tuned; use save_unet()")
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))
+        metadata = self.unet.peft_config["default"].to_dict()
+        with atomic_directory(out_dir) as tmp:
+            type(self.pipeline).save_lora_weights(tmp, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata)
+
+    def save_unet(self, out_dir) -> None:
+        """Save the fully fine-tuned U-Net in diffusers' format (``UNet2DConditionModel.from_pretrained``)."""
+        with atomic_directory(out_dir) as tmp:
+            self.unet.save_pretrained(tmp, safe_serialization=True)
+
+
+def _time_ids(given: torch.Tensor | None, default: torch.Tensor, side: str) -> torch.Tensor:
+    if given is None:
+        return default
+    if given.shape != default.shape:
+        raise ValueError(f"time_ids_{side} must be (B, 6); got {tuple(given.shape)}")
+    return given.to(default)
+
+
+@contextlib.contextmanager
+def _gradient_checkpointing_off(module: torch.nn.Module):
+    switched = [m for m in module.modules() if getattr(m, "gradient_checkpointing", False)]
+    for m in switched:
+        m.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        for m in switched:
+            m.gradient_checkpointing = True

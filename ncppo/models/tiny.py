@@ -1,0 +1,191 @@
+"""Tiny SD1.5-class and SDXL-class pipelines, built fully offline, for tests, examples and benchmarks.
+
+They have the real component classes (CLIP text encoders, AutoencoderKL, UNet2DConditionModel,
+a CLIP BPE tokenizer trained here with ``tokenizers``) and random weights, and save in diffusers
+format, so every loading and saving path of the project runs on them exactly as on SD1.5/SDXL.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+
+# SD1.5's and SDXL's training schedule (their scheduler configs carry these values).
+SD_SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000,
+    beta_schedule="scaled_linear",
+    beta_start=0.00085,
+    beta_end=0.012,
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+)
+
+_COLOURS = "red green blue yellow orange purple pink brown black white grey cyan magenta gold silver".split()
+_SHAPES = "circle square triangle star ring cross heart diamond stripe dot blob line".split()
+_WORDS = (
+    "a an the of on in with and at by photo picture painting drawing image of small large big tiny "
+    "bright dark cat dog bird tree house car city mountain river sky sea beach forest flower portrait "
+    "anime style detailed realistic art digital oil watercolor sketch night day sun moon cloud rain snow "
+    "background left right top bottom centre center two three several many one person woman man child "
+    "robot castle space planet galaxy street room table chair window door book cup apple banana"
+).split()
+
+
+def default_corpus() -> list[str]:
+    """A small built-in text corpus so a tokenizer can be trained without any download."""
+    lines = [f"a {c} {s} on a {c2} background" for c in _COLOURS for s in _SHAPES for c2 in _COLOURS[:3]]
+    lines += [" ".join(_WORDS[i : i + 7]) for i in range(0, len(_WORDS), 3)]
+    return lines
+
+
+def train_clip_tokenizer(corpus: Iterable[str] | None = None, vocab_size: int = 1000, model_max_length: int = 77):
+    """Train a byte-level CLIP BPE tokenizer (vocabulary >= 256 bytes + special tokens), offline."""
+    from tokenizers import pre_tokenizers
+    from transformers import CLIPTokenizer
+
+    base = CLIPTokenizer(model_max_length=model_max_length)
+    return base.train_new_from_iterator(
+        list(corpus) if corpus is not None else default_corpus(),
+        vocab_size=vocab_size,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte is in the vocabulary: no unknowns
+    )
+
+
+def _text_encoder(vocab_size: int, hidden: int, with_projection: bool, seed: int):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        projection_dim=hidden,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    torch.manual_seed(seed)
+    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    return cls(config).eval()
+
+
+def _vae(latent_channels: int, seed: int):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=8,
+        sample_size=32,
+    ).eval()
+
+
+def tiny_unet(
+    kind: str = "sd15",
+    block_out_channels: Sequence[int] = (32, 64),
+    cross_attention_dim: int = 32,
+    sample_size: int = 16,
+    in_channels: int = 4,
+    layers_per_block: int = 1,
+    seed: int = 0,
+):
+    """A small ``UNet2DConditionModel`` with SD1.5's (cross-attention down blocks first, a plain last
+    block) or SDXL's (a plain first block, ``text_time`` added conditions) block layout."""
+    from diffusers import UNet2DConditionModel
+
+    n = len(block_out_channels)
+    common = dict(
+        sample_size=sample_size,
+        in_channels=in_channels,
+        out_channels=in_channels,
+        block_out_channels=tuple(block_out_channels),
+        layers_per_block=layers_per_block,
+        norm_num_groups=8,
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=8,
+    )
+    torch.manual_seed(seed)
+    if kind == "sd15":
+        down = ("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",)
+        up = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1)
+        return UNet2DConditionModel(down_block_types=down, up_block_types=up, **common)
+    if kind == "sdxl":
+        down = ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1)
+        up = ("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",)
+        time_dim = 8
+        return UNet2DConditionModel(
+            down_block_types=down,
+            up_block_types=up,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=time_dim,
+            projection_class_embeddings_input_dim=6 * time_dim + cross_attention_dim // 2,
+            use_linear_projection=True,
+            **common,
+        )
+    raise ValueError(f"unknown model kind {kind!r}; expected 'sd15' or 'sdxl'")
+
+
+def build_tiny_pipeline(
+    kind: str = "sd15",
+    *,
+    block_out_channels: Sequence[int] = (32, 64),
+    image_size: int = 32,
+    prediction_type: str = "epsilon",
+    seed: int = 0,
+    tokenizer_corpus: Iterable[str] | None = None,
+):
+    """A tiny ``StableDiffusionPipeline`` (``kind='sd15'``) or ``StableDiffusionXLPipeline`` (``'sdxl'``).
+
+    The VAE downsamples by 2 (SD's by 8), so a 32x32 image has 16x16 latents.
+    """
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    tokenizer = train_clip_tokenizer(tokenizer_corpus)
+    scheduler = DDIMScheduler(prediction_type=prediction_type, **SD_SCHEDULER_CONFIG)
+    vae = _vae(4, seed + 1)
+    latent_size = image_size // 2
+    if kind == "sd15":
+        return StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=_text_encoder(len(tokenizer), 32, False, seed + 2),
+            tokenizer=tokenizer,
+            unet=tiny_unet("sd15", block_out_channels, 32, latent_size, seed=seed).eval(),
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    if kind == "sdxl":
+        # SDXL concatenates both encoders' hidden states (16 + 16) and adds te2's pooled projection.
+        return StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=_text_encoder(len(tokenizer), 16, False, seed + 2),
+            text_encoder_2=_text_encoder(len(tokenizer), 16, True, seed + 3),
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer,
+            unet=tiny_unet("sdxl", block_out_channels, 32, latent_size, seed=seed).eval(),
+            scheduler=scheduler,
+        )
+    raise ValueError(f"unknown model kind {kind!r}; expected 'sd15' or 'sdxl'")
+
+
+def save_tiny_pipeline(out_dir: str | Path, kind: str = "sd15", **kwargs) -> Path:
+    """Build a tiny pipeline and save it in diffusers format (``model_index.json`` + component folders)."""
+    from ncppo.io import atomic_directory
+
+    out_dir = Path(out_dir)
+    pipe = build_tiny_pipeline(kind, **kwargs)
+    with atomic_directory(out_dir) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+    return out_dir

@@ -1,0 +1,147 @@
+"""The noise-conditioned perceptual encoder ``f(x, t', c)``: METHOD.md equations (12)-(13).
+
+``f`` is the downsampling half of the *frozen* pretrained U-Net: its time (and SDXL "text_time")
+embedding, ``conv_in`` and every down block, run without the up path. It is built from the U-Net's
+own sub-modules, so its tensors are exactly those of a full forward (tests check this with hooks).
+
+Feature choices (METHOD.md, "Options the authors' code has"):
+
+- ``last``     the last down block's output (paper default)
+- ``last+mid`` the last down block and the mid block (the authors' SD1.5 scripts)
+- ``mid``      the mid block only (Lin & Yang's self-perceptual objective)
+- ``all``      ``conv_in`` and every down block
+
+The perceptual distance (13) is the per-sample MSE of each feature level, averaged over levels
+(with optional weights). The encoder does not own weights or switch adapters: the caller passes the
+frozen U-Net (for LoRA, the policy U-Net inside its adapters-disabled context).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+FEATURE_CHOICES = ("last", "last+mid", "mid", "all")
+
+
+def feature_names(features: str, num_down_blocks: int) -> list[str]:
+    """Names of the feature levels a choice returns, in order (``down_i`` is down block ``i``'s output)."""
+    last = f"down_{num_down_blocks - 1}"
+    if features == "last":
+        return [last]
+    if features == "last+mid":
+        return [last, "mid"]
+    if features == "mid":
+        return ["mid"]
+    if features == "all":
+        return ["conv_in"] + [f"down_{i}" for i in range(num_down_blocks)]
+    raise ValueError(f"unknown perceptual feature choice {features!r}; expected one of {FEATURE_CHOICES}")
+
+
+@dataclass(frozen=True)
+class NoiseConditionedEncoder:
+    """``f``: maps ``(x, t', c)`` to a list of feature tensors of a frozen U-Net's down path."""
+
+    features: str = "last"
+    level_weights: tuple[float, ...] | None = None  # one per level; None = equal weights
+
+    def __post_init__(self):
+        if self.features not in FEATURE_CHOICES:
+            raise ValueError(
+                f"unknown perceptual feature choice {self.features!r}; expected one of {FEATURE_CHOICES}"
+            )
+        if self.level_weights is not None and any(w < 0 for w in self.level_weights):
+            raise ValueError("perceptual level weights must be non-negative")
+
+    def __call__(
+        self,
+        unet: torch.nn.Module,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+    ) -> list[torch.Tensor]:
+        names = feature_names(self.features, len(unet.down_blocks))
+        if self.level_weights is not None and len(self.level_weights) != len(names):
+            raise ValueError(
+                f"features={self.features!r} has {len(names)} levels ({names}) but "
+                f"{len(self.level_weights)} level weights were given"
+            )
+        return _down_path(unet, sample, timestep, encoder_hidden_states, added_cond_kwargs, names)
+
+    def distance(self, feats_a: Sequence[torch.Tensor], feats_b: Sequence[torch.Tensor]) -> torch.Tensor:
+        """(13) per-sample perceptual loss ``|| f(a) - f(b) ||^2`` (mean over feature dims), shape ``(N,)``."""
+        return perceptual_distance(feats_a, feats_b, self.level_weights)
+
+
+def perceptual_distance(
+    feats_a: Sequence[torch.Tensor],
+    feats_b: Sequence[torch.Tensor],
+    level_weights: Sequence[float] | None = None,
+) -> torch.Tensor:
+    """Weighted mean over levels of each level's per-sample MSE (computed in float32)."""
+    if len(feats_a) != len(feats_b) or not feats_a:
+        raise ValueError("both feature lists must have the same, non-zero number of levels")
+    weights = list(level_weights) if level_weights is not None else [1.0] * len(feats_a)
+    total = sum(weights)
+    if total <= 0:
+        raise ValueError("perceptual level weights must not all be zero")
+    per_level = [
+        (a.float() - b.float()).pow(2).flatten(1).mean(dim=1) * (w / total)
+        for a, b, w in zip(feats_a, feats_b, weights, strict=True)
+    ]
+    return torch.stack(per_level).sum(dim=0)
+
+
+def _down_path(unet, sample, timestep, encoder_hidden_states, added_cond_kwargs, names) -> list[torch.Tensor]:
+    """The first half of ``UNet2DConditionModel.forward``, stopping at the deepest feature asked for."""
+    config = unet.config
+    if sample.ndim != 4 or sample.shape[1] != config.in_channels:
+        raise ValueError(
+            f"encoder input must be (N, {config.in_channels}, H, W) for this U-Net; got {tuple(sample.shape)}"
+        )
+    if config.addition_embed_type == "text_time" and not (
+        added_cond_kwargs and "text_embeds" in added_cond_kwargs and "time_ids" in added_cond_kwargs
+    ):
+        raise ValueError("an SDXL-class U-Net needs added_cond_kwargs with 'text_embeds' and 'time_ids'")
+    if config.class_embed_type is not None or config.num_class_embeds is not None:
+        raise ValueError("class-conditioned U-Nets are not supported by the perceptual encoder")
+
+    sample = sample.to(unet.dtype)
+    if config.center_input_sample:
+        sample = 2 * sample - 1.0
+    emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timestep), None)
+    aug_emb = unet.get_aug_embed(
+        emb=emb, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond_kwargs or {}
+    )
+    if aug_emb is not None:
+        emb = emb + aug_emb
+    if unet.time_embed_act is not None:
+        emb = unet.time_embed_act(emb)
+    encoder_hidden_states = unet.process_encoder_hidden_states(
+        encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond_kwargs or {}
+    )
+
+    wanted = set(names)
+    found: dict[str, torch.Tensor] = {}
+    hidden = unet.conv_in(sample)
+    found["conv_in"] = hidden
+    deepest = len(unet.down_blocks) - 1 if "mid" in wanted else max(
+        (int(n.split("_")[1]) for n in wanted if n.startswith("down_")), default=-1
+    )
+    for i, block in enumerate(unet.down_blocks[: deepest + 1]):
+        if getattr(block, "has_cross_attention", False):
+            hidden, _ = block(hidden_states=hidden, temb=emb, encoder_hidden_states=encoder_hidden_states)
+        else:
+            hidden, _ = block(hidden_states=hidden, temb=emb)
+        found[f"down_{i}"] = hidden
+    if "mid" in wanted:
+        if unet.mid_block is None:
+            raise ValueError("this U-Net has no mid block; choose features 'last' or 'all'")
+        if getattr(unet.mid_block, "has_cross_attention", False):
+            found["mid"] = unet.mid_block(hidden, emb, encoder_hidden_states=encoder_hidden_states)
+        else:
+            found["mid"] = unet.mid_block(hidden, emb)
+    return [found[n] for n in names]

@@ -1,0 +1,65 @@
+"""One training step for any objective: noise the pairs, run policy (and reference), score, combine.
+
+Winners and losers of a pair share ``t``, ``eps`` and the reverse-step noise ``z`` (METHOD.md: lower
+variance). The policy runs once on ``[winners; losers]``; the reference (only when the objective needs
+``eps_ref``) runs under ``no_grad`` on the frozen U-Net. The step reads only the objective's declared
+needs; the loss space and the preference loss do the rest. The caller calls ``backward``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ncppo.batch import Condition, EncodedPairs, PreferenceBatch
+from ncppo.diffusion import add_noise
+from ncppo.objectives.preference import PairLosses
+from ncppo.objectives.registry import Objective
+from ncppo.objectives.spaces import NoisedBatch
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor  # scalar, with graph
+    metrics: dict[str, torch.Tensor]  # detached scalars
+
+
+def _randn(shape, like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    device = generator.device if generator is not None else like.device
+    return torch.randn(shape, generator=generator, device=device, dtype=torch.float32).to(like.device, like.dtype)
+
+
+def noise_pairs(model, pairs: EncodedPairs, uses_loser: bool, generator=None) -> NoisedBatch:
+    """Stack winners (and losers) and noise them with a ``t``, ``eps`` and ``z`` shared within each pair."""
+    sides = [pairs.latents_w] + ([pairs.latents_l] if uses_loser else [])
+    conditions = [pairs.condition_w] + ([pairs.condition_l] if uses_loser else [])
+    k, b = len(sides), pairs.batch_size
+    x0 = torch.cat(sides)
+    gen_device = generator.device if generator is not None else x0.device
+    t = model.schedule.sample_timesteps(b, device=gen_device, generator=generator).to(x0.device).repeat(k)
+    eps = _randn(pairs.latents_w.shape, x0, generator).repeat(k, *([1] * (x0.ndim - 1)))
+    z = _randn(pairs.latents_w.shape, x0, generator).repeat(k, *([1] * (x0.ndim - 1)))
+    x_t = add_noise(model.schedule, x0, eps, t)
+    return NoisedBatch(x0, x_t, t, eps, z, Condition.cat(conditions), generator)
+
+
+def training_step(
+    model,
+    objective: Objective,
+    batch: PreferenceBatch | EncodedPairs,
+    *,
+    generator: torch.Generator | None = None,
+) -> StepOutput:
+    """Loss and metrics of ``objective`` on a batch of pairs (raw or encoded)."""
+    pairs = batch if isinstance(batch, EncodedPairs) else model.encode_batch(batch, generator)
+    noised = noise_pairs(model, pairs, objective.uses_loser, generator)
+    eps_theta = model.predict_epsilon(model.unet, noised.x_t, noised.t, noised.condition)
+    eps_ref = None
+    if objective.needs_reference_prediction:
+        with torch.no_grad(), model.frozen_unet() as reference:
+            eps_ref = model.predict_epsilon(reference, noised.x_t, noised.t, noised.condition)
+    policy, reference_losses = objective.space.losses(model, noised, eps_theta, eps_ref)
+    losses = PairLosses.from_stacked(policy, reference_losses, pairs.batch_size)
+    loss, metrics = objective.preference(losses)
+    return StepOutput(loss, metrics)
