@@ -23,15 +23,9 @@ SD_SCHEDULER_CONFIG = dict(
     steps_offset=1,
 )
 
-_COLOURS = "red green blue yellow orange purple pink brown black white grey cyan magenta gold silver".split()
-_SHAPES = "circle square triangle star ring cross heart diamond stripe dot blob line".split()
-_WORDS = (
-    "a an the of on in with and at by photo picture painting drawing image of small large big tiny "
-    "bright dark cat dog bird tree house car city mountain river sky sea beach forest flower portrait "
-    "anime style detailed realistic art digital oil watercolor sketch night day sun moon cloud rain snow "
-    "background left right top bottom centre center two three several many one person woman man child "
-    "robot castle space planet galaxy street room table chair window door book cup apple banana"
-).split()
+_COLOURS = ["red", "green", "blue", "yellow", "orange", "purple", "pink", "brown", "black", "white", "grey", "cyan", "magenta", "gold", "silver"]
+_SHAPES = ["circle", "square", "triangle", "star", "ring", "cross", "heart", "diamond", "stripe", "dot", "blob", "line"]
+_WORDS = ["a", "an", "the", "of", "on", "in", "with", "and", "at", "by", "photo", "picture", "painting", "drawing", "image", "of", "small", "large", "big", "tiny", "bright", "dark", "cat", "dog", "bird", "tree", "house", "car", "city", "mountain", "river", "sky", "sea", "beach", "forest", "flower", "portrait", "anime", "style", "detailed", "realistic", "art", "digital", "oil", "watercolor", "sketch", "night", "day", "sun", "moon", "cloud", "rain", "snow", "background", "left", "right", "top", "bottom", "centre", "center", "two", "three", "several", "many", "one", "person", "woman", "man", "child", "robot", "castle", "space", "planet", "galaxy", "street", "room", "table", "chair", "window", "door", "book", "cup", "apple", "banana"]
 
 
 def default_corpus() -> list[str]:

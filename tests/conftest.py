@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny SD1.5-/SDXL-class pipelines, built offline once per session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dirs(tmp_path_factory):
+    """Paths of a tiny SD1.5-class and a tiny SDXL-class pipeline saved in diffusers format."""
+    from ncppo.models.tiny import save_tiny_pipeline
+
+    root = tmp_path_factory.mktemp("pipelines")
+    return {kind: save_tiny_pipeline(root / kind, kind) for kind in ("sd15", "sdxl")}
+
+
+@pytest.fixture(params=["sd15", "sdxl"])
+def kind(request):
+    return request.param
+
+
+@pytest.fixture
+def pipeline(tiny_pipeline_dirs, kind):
+    from ncppo.models.loading import load_pipeline
+
+    return load_pipeline(tiny_pipeline_dirs[kind])
+
+
+def random_pairs(batch_size: int = 2, size: int = 32, seed: int = 0):
+    from ncppo.batch import PreferenceBatch
+
+    g = torch.Generator().manual_seed(seed)
+    prompts = ["a red circle", "a blue square", "a green star", "a pink ring"][:batch_size]
+    return PreferenceBatch(
+        pixel_values_w=torch.rand(batch_size, 3, size, size, generator=g) * 2 - 1,
+        pixel_values_l=torch.rand(batch_size, 3, size, size, generator=g) * 2 - 1,
+        prompts=prompts,
+    )

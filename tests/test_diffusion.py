@@ -1,0 +1,123 @@
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from ncppo.diffusion import (
+    NoiseSchedule,
+    add_noise,
+    diffusion_loss,
+    predicted_x0,
+    reverse_step,
+    to_epsilon,
+)
+from ncppo.models.tiny import SD_SCHEDULER_CONFIG
+
+
+@pytest.fixture
+def ddpm():
+    return DDPMScheduler.from_config(SD_SCHEDULER_CONFIG)
+
+
+@pytest.fixture
+def schedule(ddpm):
+    return NoiseSchedule.from_scheduler_config(ddpm.config)
+
+
+def test_schedule_matches_diffusers(ddpm, schedule):
+    assert schedule.num_train_timesteps == 1000
+    torch.testing.assert_close(schedule.alphas_cumprod, ddpm.alphas_cumprod.float())
+    torch.testing.assert_close(schedule.betas, ddpm.betas.float())
+    assert schedule.clip_sample_range is None
+
+
+def test_schedule_reads_other_scheduler_configs():
+    from diffusers import EulerDiscreteScheduler
+
+    euler = EulerDiscreteScheduler.from_config(SD_SCHEDULER_CONFIG, prediction_type="v_prediction")
+    s = NoiseSchedule.from_scheduler_config(euler.config)
+    assert s.prediction_type == "v_prediction"
+    torch.testing.assert_close(s.alphas_cumprod, euler.alphas_cumprod.float())
+
+
+def test_add_noise_matches_diffusers(ddpm, schedule):
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(6, 4, 8, 8, generator=g), torch.randn(6, 4, 8, 8, generator=g)
+    t = torch.tensor([0, 1, 10, 500, 998, 999])
+    torch.testing.assert_close(add_noise(schedule, x0, eps, t), ddpm.add_noise(x0, eps, t), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("t", [0, 1, 2, 3, 10, 100, 250, 500, 750, 990, 998, 999])
+def test_reverse_step_matches_ddpm_scheduler(ddpm, schedule, t):
+    g = torch.Generator().manual_seed(t)
+    x_t, eps_hat = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    expected = ddpm.step(eps_hat, t, x_t, generator=torch.Generator().manual_seed(123)).prev_sample
+    # diffusers draws its variance noise with randn from the generator: draw the same z
+    z = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(123))
+    got = reverse_step(schedule, x_t, eps_hat, torch.full((3,), t), z)
+    assert (got - expected).abs().max().item() <= 2e-4
+
+
+def test_reverse_step_is_batched_over_per_sample_timesteps(ddpm, schedule):
+    g = torch.Generator().manual_seed(0)
+    ts = torch.tensor([0, 1, 37, 999, 500])
+    x_t, eps_hat, z = (torch.randn(5, 4, 8, 8, generator=g) for _ in range(3))
+    got = reverse_step(schedule, x_t, eps_hat, ts, z)
+    for i, t in enumerate(ts.tolist()):
+        single = reverse_step(schedule, x_t[i : i + 1], eps_hat[i : i + 1], torch.tensor([t]), z[i : i + 1])
+        torch.testing.assert_close(got[i : i + 1], single)
+    # t = 0 adds no noise: the result does not depend on z
+    other = reverse_step(schedule, x_t, eps_hat, ts, torch.zeros_like(z))
+    torch.testing.assert_close(got[0], other[0])
+    assert not torch.allclose(got[1], other[1])
+
+
+def test_reverse_step_with_true_noise_at_t0_returns_x0(schedule):
+    g = torch.Generator().manual_seed(1)
+    x0, eps = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    t = torch.zeros(2, dtype=torch.long)
+    x_t = add_noise(schedule, x0, eps, t)
+    torch.testing.assert_close(reverse_step(schedule, x_t, eps, t, torch.randn_like(x0)), x0, atol=1e-4, rtol=0)
+
+
+def test_to_epsilon_inverts_each_prediction_type(schedule):
+    g = torch.Generator().manual_seed(2)
+    x0, eps = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
+    t = torch.tensor([3, 200, 600, 999])
+    x_t = add_noise(schedule, x0, eps, t)
+    abar = schedule.alphas_cumprod[t].view(-1, 1, 1, 1)
+    v = abar.sqrt() * eps - (1 - abar).sqrt() * x0  # diffusers' get_velocity
+    torch.testing.assert_close(to_epsilon(schedule, v, x_t, t, "v_prediction"), eps, atol=1e-4, rtol=0)
+    torch.testing.assert_close(to_epsilon(schedule, x0, x_t, t, "sample"), eps, atol=2e-3, rtol=0)
+    assert to_epsilon(schedule, eps, x_t, t, "epsilon") is eps
+    torch.testing.assert_close(predicted_x0(schedule, x_t, eps, t), x0, atol=1e-3, rtol=0)
+    with pytest.raises(ValueError, match="prediction_type"):
+        to_epsilon(schedule, eps, x_t, t, "flow")
+
+
+def test_v_prediction_matches_diffusers_velocity(ddpm, schedule):
+    g = torch.Generator().manual_seed(3)
+    x0, eps = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    t = torch.tensor([5, 400, 900])
+    v = ddpm.get_velocity(x0, eps, t)
+    torch.testing.assert_close(to_epsilon(schedule, v, add_noise(schedule, x0, eps, t), t, "v_prediction"),
+                               eps, atol=1e-4, rtol=0)
+
+
+def test_diffusion_loss_is_per_sample_mean():
+    target = torch.zeros(2, 1, 2, 2)
+    pred = torch.tensor([[[[1.0, 1.0], [1.0, 1.0]]], [[[2.0, 0.0], [0.0, 0.0]]]])
+    torch.testing.assert_close(diffusion_loss(target, pred), torch.tensor([1.0, 1.0]))
+    with pytest.raises(ValueError, match="shape"):
+        diffusion_loss(target, pred[:, :, :1])
+
+
+def test_bad_timesteps_are_rejected(schedule):
+    x = torch.randn(2, 4, 8, 8)
+    with pytest.raises(ValueError, match="3 timesteps for a batch of 2"):
+        add_noise(schedule, x, x, torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match=r"\[0, 1000\)"):
+        add_noise(schedule, x, x, torch.tensor([0, 1000]))
+    with pytest.raises(ValueError, match="integer"):
+        add_noise(schedule, x, x, torch.tensor([0.5, 1.0]))
+    with pytest.raises(ValueError, match="same shape"):
+        reverse_step(schedule, x, x, torch.tensor([1, 2]), x[:, :2])

@@ -1,0 +1,103 @@
+import math
+
+import pytest
+import torch
+
+from ncppo.objectives import CPO, DPO, OBJECTIVE_NAMES, SFT, PairLosses, make_objective
+from ncppo.objectives.spaces import NoiseSpace, PerceptualSpace, parse_encoder_timestep
+
+LOSSES = PairLosses(
+    policy_w=torch.tensor([0.10, 0.30]),
+    policy_l=torch.tensor([0.20, 0.25]),
+    reference_w=torch.tensor([0.12, 0.30]),
+    reference_l=torch.tensor([0.18, 0.20]),
+)
+
+
+def _logsig(x):
+    return -math.log(1 + math.exp(-x))
+
+
+def test_sft_is_mean_winner_loss():
+    loss, metrics = SFT()(LOSSES)
+    assert loss.item() == pytest.approx(0.2)
+    assert metrics["loss_w_policy"].item() == pytest.approx(0.2)
+
+
+def test_dpo_hand_computed():
+    beta = 100.0
+    loss, m = DPO(beta=beta)(LOSSES)
+    # pair 0: (0.10-0.12) - (0.20-0.18) = -0.04 ; pair 1: (0.30-0.30) - (0.25-0.20) = -0.05
+    insides = [-(beta / 2) * -0.04, -(beta / 2) * -0.05]
+    expected = -sum(_logsig(x) for x in insides) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert m["implicit_acc"].item() == 1.0
+    assert m["reward_margin"].item() == pytest.approx(sum(insides) / 2, rel=1e-5)
+    for key, value in [("loss_w_policy", 0.2), ("loss_l_policy", 0.225), ("loss_w_reference", 0.21),
+                       ("loss_l_reference", 0.19)]:
+        assert m[key].item() == pytest.approx(value)
+
+
+def test_dpo_equals_log2_when_policy_is_reference():
+    same = PairLosses(LOSSES.policy_w, LOSSES.policy_l, LOSSES.policy_w, LOSSES.policy_l)
+    loss, m = DPO()(same)
+    assert loss.item() == pytest.approx(math.log(2))
+    assert m["implicit_acc"].item() == 0.5  # ties count half
+
+
+def test_cpo_hand_computed_with_behaviour_cloning():
+    beta, lam = 10.0, 0.5
+    loss, m = CPO(beta=beta, lam=lam)(LOSSES)
+    insides = [-(beta / 2) * (0.10 - 0.20), -(beta / 2) * (0.30 - 0.25)]
+    preference = -sum(_logsig(x) for x in insides) / 2
+    assert m["preference_loss"].item() == pytest.approx(preference, rel=1e-5)
+    assert m["bc_loss"].item() == pytest.approx(0.2)
+    assert loss.item() == pytest.approx(preference + lam * 0.2, rel=1e-5)
+    assert m["implicit_acc"].item() == 0.5
+    loss0, _ = CPO(beta=beta, lam=0.0)(LOSSES)  # the authors' code: no BC term
+    assert loss0.item() == pytest.approx(preference, rel=1e-5)
+
+
+def test_objectives_refuse_missing_losses():
+    with pytest.raises(ValueError, match="DPO needs.*reference_w"):
+        DPO()(PairLosses(LOSSES.policy_w, LOSSES.policy_l))
+    with pytest.raises(ValueError, match="CPO needs.*policy_l"):
+        CPO()(PairLosses(LOSSES.policy_w))
+
+
+def test_from_stacked_splits_winners_and_losers():
+    stacked = torch.arange(6.0)
+    pl = PairLosses.from_stacked(stacked, stacked * 2, 3)
+    assert pl.policy_w.tolist() == [0, 1, 2] and pl.policy_l.tolist() == [3, 4, 5]
+    assert pl.reference_l.tolist() == [6, 8, 10]
+    assert PairLosses.from_stacked(stacked[:3], None, 3).policy_l is None
+    with pytest.raises(ValueError):
+        PairLosses.from_stacked(stacked[:4], None, 3)
+
+
+def test_registry_builds_the_six_methods():
+    assert OBJECTIVE_NAMES == ("sft", "dpo", "cpo", "ncp-sft", "ncp-dpo", "ncp-cpo")
+    needs = {n: make_objective(n).needs_reference_prediction for n in OBJECTIVE_NAMES}
+    assert needs == {"sft": False, "dpo": True, "cpo": False, "ncp-sft": False, "ncp-dpo": True, "ncp-cpo": False}
+    assert not make_objective("sft").uses_loser and make_objective("ncp-cpo").uses_loser
+    assert isinstance(make_objective("dpo").space, NoiseSpace)
+    ncp = make_objective("ncp-dpo", beta=2500, features="all", encoder_timestep="t-5")
+    assert isinstance(ncp.space, PerceptualSpace) and ncp.needs_frozen_unet
+    assert ncp.preference.beta == 2500 and ncp.space.encoder.features == "all"
+    assert make_objective("cpo").preference.beta == 5000  # METHOD.md's convention
+    assert make_objective("cpo", cpo_lambda=0).preference.lam == 0
+
+
+def test_unknown_objective_suggests_a_name():
+    with pytest.raises(ValueError, match="Did you mean 'ncp-dpo'"):
+        make_objective("ncp_dpo")
+    with pytest.raises(ValueError, match="unknown perceptual feature choice"):
+        make_objective("ncp-sft", features="first")
+
+
+def test_encoder_timestep_spec():
+    assert parse_encoder_timestep("t-1") == 1 and parse_encoder_timestep("t-5") == 5
+    assert parse_encoder_timestep("uniform") is None
+    for bad in ("t", "t-0", "t+1", "5"):
+        with pytest.raises(ValueError, match="encoder timestep"):
+            parse_encoder_timestep(bad)
