@@ -1,0 +1,156 @@
+"""Median time per training step of the six objectives, interleaved in one run, on two U-Net sizes.
+
+Each step is a full optimisation step (forward, backward, AdamW) on cached latents and prompt
+embeddings (the VAE and text encoders are not timed). Sizes are image sizes of the tiny pipelines,
+whose VAE downsamples by 2: a 64x64 image is a 32x32 latent. Objectives run in a shuffled order within each
+repetition so machine noise hits all of them alike; ratios to DPO are also taken per repetition.
+It also times the encoder ``f`` alone against a full U-Net forward on the same inputs.
+
+    python benchmarks/step_cost.py                 # writes benchmarks/results/step_cost.json
+    python benchmarks/step_cost.py --reps 5 --out /tmp/quick.json --configs tiny@32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ncppo.batch import Condition, EncodedPairs  # noqa: E402
+from ncppo.models.preference_model import LoraSettings, PreferenceModel  # noqa: E402
+from ncppo.models.tiny import build_tiny_pipeline  # noqa: E402
+from ncppo.objectives import OBJECTIVE_NAMES, make_objective  # noqa: E402
+from ncppo.perception import NoiseConditionedEncoder  # noqa: E402
+from ncppo.step import training_step  # noqa: E402
+
+UNETS = {"tiny": (32, 64), "small": (64, 128, 256)}
+
+
+def _pairs(model, batch_pairs: int, size: int, seed: int) -> EncodedPairs:
+    g = torch.Generator().manual_seed(seed)
+    lat = lambda: torch.randn(batch_pairs, 4, size, size, generator=g)  # noqa: E731
+    cond = Condition(torch.randn(batch_pairs, 77, model.unet.config.cross_attention_dim, generator=g))
+    return EncodedPairs(lat(), lat(), cond, cond)
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def bench_config(unet_name: str, image_size: int, reps: int, batch_pairs: int, lora_rank: int, seed: int) -> dict:
+    pipe = build_tiny_pipeline("sd15", block_out_channels=UNETS[unet_name], seed=seed)
+    model = PreferenceModel(pipe, lora=LoraSettings(rank=lora_rank))
+    model.unet.train()
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-5)
+    size = image_size // pipe.vae_scale_factor
+    pairs = _pairs(model, batch_pairs, size, seed)
+    objectives = {name: make_objective(name) for name in OBJECTIVE_NAMES}
+    generator = torch.Generator().manual_seed(seed)
+
+    def step(name):
+        out = training_step(model, objectives[name], pairs, generator=generator)
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        optimizer.step()
+
+    for name in OBJECTIVE_NAMES:  # warm-up: allocator, kernels, peft hooks
+        step(name)
+        step(name)
+    times = {name: [] for name in OBJECTIVE_NAMES}
+    rng = random.Random(seed)
+    for _ in range(reps):
+        order = list(OBJECTIVE_NAMES)
+        rng.shuffle(order)
+        for name in order:
+            times[name].append(_timed(lambda n=name: step(n)))
+
+    # the encoder f alone vs a full U-Net forward, same inputs (2B images), no grad
+    x = torch.randn(2 * batch_pairs, 4, size, size)
+    t = torch.randint(0, 1000, (2 * batch_pairs,))
+    ehs = torch.randn(2 * batch_pairs, 77, model.unet.config.cross_attention_dim)
+    encoder = NoiseConditionedEncoder("last")
+    fwd, enc = [], []
+    with torch.no_grad(), model.frozen_unet() as frozen:
+        for _ in range(max(5, reps)):
+            fwd.append(_timed(lambda: frozen(x, t, encoder_hidden_states=ehs)))
+            enc.append(_timed(lambda: encoder(frozen, x, t, ehs)))
+
+    medians = {n: statistics.median(v) for n, v in times.items()}
+    paired = {n: statistics.median(a / b for a, b in zip(times[n], times["dpo"])) for n in OBJECTIVE_NAMES}
+    return {
+        "unet": unet_name,
+        "block_out_channels": list(UNETS[unet_name]),
+        "unet_params": sum(p.numel() for n, p in pipe.unet.named_parameters() if "lora" not in n),
+        "image_size": image_size,
+        "latent_size": size,
+        "batch_pairs": batch_pairs,
+        "lora_rank": lora_rank,
+        "reps": reps,
+        "median_seconds_per_step": medians,
+        "ratio_to_dpo_of_medians": {n: medians[n] / medians["dpo"] for n in OBJECTIVE_NAMES},
+        "median_paired_ratio_to_dpo": paired,
+        "encoder_fraction_of_unet_forward": statistics.median(enc) / statistics.median(fwd),
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", nargs="+", default=["tiny@32", "tiny@64", "small@32", "small@64"],
+                        help="UNET@IMAGE_SIZE with UNET in tiny (32,64) or small (64,128,256)")
+    parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--batch-pairs", type=int, default=2)
+    parser.add_argument("--lora-rank", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "step_cost.json"))
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(args.seed)
+    results = []
+    for spec in args.configs:
+        name, size = spec.split("@")
+        row = bench_config(name, int(size), args.reps, args.batch_pairs, args.lora_rank, args.seed)
+        results.append(row)
+        ratios = ", ".join(f"{n} {r:.2f}x" for n, r in row["median_paired_ratio_to_dpo"].items())
+        print(f"{spec}: dpo {row['median_seconds_per_step']['dpo'] * 1e3:.0f} ms/step; {ratios}; "
+              f"encoder/forward {row['encoder_fraction_of_unet_forward']:.2f}", flush=True)
+
+    import diffusers
+    import peft
+
+    report = {
+        "benchmark": "step_cost",
+        "command": "python benchmarks/step_cost.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "device": "cpu",
+        },
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "diffusers": diffusers.__version__, "peft": peft.__version__},
+        "results": results,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    os.replace(tmp, out)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
