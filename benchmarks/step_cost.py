@@ -76,16 +76,27 @@ def bench_config(unet_name: str, image_size: int, reps: int, batch_pairs: int, l
         for name in order:
             times[name].append(_timed(lambda n=name: step(n)))
 
-    # the encoder f alone vs a full U-Net forward, same inputs (2B images), no grad
-    x = torch.randn(2 * batch_pairs, 4, size, size)
-    t = torch.randint(0, 1000, (2 * batch_pairs,))
-    ehs = torch.randn(2 * batch_pairs, 77, model.unet.config.cross_attention_dim)
+    # where NCP-DPO's extra time goes: the encoder passes it adds, timed alone on the same inputs
+    n = 2 * batch_pairs
+    x = torch.randn(n, 4, size, size)
+    t = torch.randint(0, 1000, (n,))
+    ehs = torch.randn(n, 77, model.unet.config.cross_attention_dim)
     encoder = NoiseConditionedEncoder("last")
-    fwd, enc = [], []
-    with torch.no_grad(), model.frozen_unet() as frozen:
-        for _ in range(max(5, reps)):
+
+    def encoder_with_grad():
+        xg = x.clone().requires_grad_(True)
+        with model.frozen_unet() as frozen:
+            feats = encoder(frozen, xg, t, ehs)
+        feats[0].pow(2).mean().backward()
+
+    fwd, enc, enc_frozen, enc_grad = [], [], [], []
+    for _ in range(max(5, reps)):
+        with torch.no_grad(), model.frozen_unet() as frozen:
             fwd.append(_timed(lambda: frozen(x, t, encoder_hidden_states=ehs)))
             enc.append(_timed(lambda: encoder(frozen, x, t, ehs)))
+            # target + reference embeddings: one no-grad pass over 2 x 2B images
+            enc_frozen.append(_timed(lambda: encoder(frozen, torch.cat([x, x]), t.repeat(2), torch.cat([ehs, ehs]))))
+        enc_grad.append(_timed(encoder_with_grad))  # the policy's embedding, forward and backward
 
     medians = {n: statistics.median(v) for n, v in times.items()}
     paired = {n: statistics.median(a / b for a, b in zip(times[n], times["dpo"])) for n in OBJECTIVE_NAMES}
@@ -102,6 +113,13 @@ def bench_config(unet_name: str, image_size: int, reps: int, batch_pairs: int, l
         "ratio_to_dpo_of_medians": {n: medians[n] / medians["dpo"] for n in OBJECTIVE_NAMES},
         "median_paired_ratio_to_dpo": paired,
         "encoder_fraction_of_unet_forward": statistics.median(enc) / statistics.median(fwd),
+        "ncp_dpo_extra_seconds": medians["ncp-dpo"] - medians["dpo"],
+        "encoder_passes_seconds": {
+            "frozen_target_and_reference_4B": statistics.median(enc_frozen),
+            "policy_forward_backward_2B": statistics.median(enc_grad),
+        },
+        "ncp_dpo_floor_ratio": (medians["dpo"] + statistics.median(enc_frozen) + statistics.median(enc_grad))
+        / medians["dpo"],
     }
 
 
@@ -124,7 +142,8 @@ def main(argv=None) -> int:
         results.append(row)
         ratios = ", ".join(f"{n} {r:.2f}x" for n, r in row["median_paired_ratio_to_dpo"].items())
         print(f"{spec}: dpo {row['median_seconds_per_step']['dpo'] * 1e3:.0f} ms/step; {ratios}; "
-              f"encoder/forward {row['encoder_fraction_of_unet_forward']:.2f}", flush=True)
+              f"encoder/forward {row['encoder_fraction_of_unet_forward']:.2f}; "
+              f"floor from encoder passes alone {row['ncp_dpo_floor_ratio']:.2f}x", flush=True)
 
     import diffusers
     import peft
