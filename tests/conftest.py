@@ -42,3 +42,12 @@ def random_pairs(batch_size: int = 2, size: int = 32, seed: int = 0):
         pixel_values_l=torch.rand(batch_size, 3, size, size, generator=g) * 2 - 1,
         prompts=prompts,
     )
+
+
+def perturb_lora(unet, seed: int = 0, scale: float = 0.1) -> None:
+    """Give the LoRA B matrices (zero at init) random values so the adapters change the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)

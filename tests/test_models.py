@@ -8,7 +8,7 @@ from ncppo.models.loading import ModelLoadError, load_pipeline
 from ncppo.models.preference_model import LoraSettings, PreferenceModel
 from ncppo.models.tiny import build_tiny_pipeline, train_clip_tokenizer
 
-from .conftest import random_pairs
+from .conftest import perturb_lora, random_pairs
 
 
 def _unet_out(unet, kind, seed=0):
@@ -21,13 +21,6 @@ def _unet_out(unet, kind, seed=0):
     with torch.no_grad():
         return unet(x, torch.tensor([10, 700]), encoder_hidden_states=ehs, added_cond_kwargs=added).sample
 
-
-def _perturb_lora(unet, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in unet.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
 
 
 def test_tokenizer_is_offline_and_covers_every_byte():
@@ -75,7 +68,7 @@ def test_unsupported_pipeline_class(tmp_path, tiny_pipeline_dirs):
 def test_lora_disabled_equals_base_model_exactly(pipeline, kind):
     base = _unet_out(pipeline.unet, kind)
     model = PreferenceModel(pipeline, lora=LoraSettings(rank=4))
-    _perturb_lora(model.unet)
+    perturb_lora(model.unet)
     with_lora = _unet_out(model.unet, kind)
     assert not torch.allclose(with_lora, base)
     with model.frozen_unet() as frozen:
@@ -88,7 +81,7 @@ def test_lora_disabled_equals_base_model_exactly(pipeline, kind):
 
 def test_lora_save_and_load_into_fresh_pipeline(tmp_path, tiny_pipeline_dirs, kind):
     model = PreferenceModel(load_pipeline(tiny_pipeline_dirs[kind]), lora=LoraSettings(rank=4, alpha=8))
-    _perturb_lora(model.unet, seed=1)
+    perturb_lora(model.unet, seed=1)
     trained = _unet_out(model.unet, kind)
     model.save_lora(tmp_path / "lora")
     assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").is_file()

@@ -9,15 +9,7 @@ from ncppo.models.preference_model import LoraSettings, PreferenceModel
 from ncppo.objectives import OBJECTIVE_NAMES, make_objective
 from ncppo.step import noise_pairs, training_step
 
-from .conftest import random_pairs
-
-
-def _perturb_lora(unet, seed=0, scale=0.05):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in unet.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * scale)
+from .conftest import perturb_lora, random_pairs
 
 
 @pytest.fixture
@@ -34,7 +26,7 @@ def test_dpo_is_log2_when_policy_equals_reference(model, name):
 
 @pytest.mark.parametrize("name", OBJECTIVE_NAMES)
 def test_every_objective_trains_lora_only(model, name):
-    _perturb_lora(model.unet)
+    perturb_lora(model.unet, scale=0.05)
     out = training_step(model, make_objective(name), random_pairs(), generator=torch.Generator().manual_seed(1))
     assert torch.isfinite(out.loss)
     out.loss.backward()
@@ -68,7 +60,7 @@ def test_winner_and_loser_share_t_eps_and_z(model):
 
 
 def test_raw_and_encoded_batches_give_the_same_step(model, kind):
-    _perturb_lora(model.unet)
+    perturb_lora(model.unet, scale=0.05)
     raw = random_pairs()
     latents_w = model.encode_images(raw.pixel_values_w, torch.Generator().manual_seed(5))
     latents_l = model.encode_images(raw.pixel_values_l, torch.Generator().manual_seed(6))
@@ -84,7 +76,7 @@ def test_raw_and_encoded_batches_give_the_same_step(model, kind):
 
 
 def test_ncp_space_matches_a_hand_written_computation(model, kind):
-    _perturb_lora(model.unet, scale=0.2)
+    perturb_lora(model.unet, scale=0.2)
     objective = make_objective("ncp-dpo")
     pairs = model.encode_batch(random_pairs())
     g = torch.Generator().manual_seed(3)
@@ -108,7 +100,7 @@ def test_ncp_space_matches_a_hand_written_computation(model, kind):
 
 
 def test_gradient_checkpointing_does_not_change_ncp_gradients(model):
-    _perturb_lora(model.unet)
+    perturb_lora(model.unet, scale=0.05)
     objective = make_objective("ncp-sft")
 
     def grads():
@@ -127,7 +119,7 @@ def test_gradient_checkpointing_does_not_change_ncp_gradients(model):
 
 @pytest.mark.parametrize("timestep", ["t-2", "t-5", "uniform"])
 def test_encoder_timestep_variants_run(model, timestep):
-    _perturb_lora(model.unet)
+    perturb_lora(model.unet, scale=0.05)
     objective = make_objective("ncp-dpo", encoder_timestep=timestep, features="last+mid")
     out = training_step(model, objective, random_pairs(), generator=torch.Generator().manual_seed(4))
     out.loss.backward()

@@ -97,11 +97,6 @@ class PreferenceModel:
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.unet.parameters() if p.requires_grad]
 
-    @property
-    def has_reference(self) -> bool:
-        """Always true for the LoRA and full modes; kept as the question objectives ask."""
-        return self.reference_unet is not None or self.lora is not None
-
     @contextlib.contextmanager
     def frozen_unet(self) -> Iterator[torch.nn.Module]:
         """The frozen pretrained U-Net: the reference ``eps_ref`` and the encoder ``f`` run on it."""
