@@ -71,6 +71,7 @@ class PreferenceBatch:
     time_ids_w: torch.Tensor | None = None
     time_ids_l: torch.Tensor | None = None
     ids: list = field(default_factory=list)  # row/pair ids, for error reports
+    is_tie: torch.Tensor | None = None  # with tie policy 'keep': which pairs are ties (label 0.5)
 
     @property
     def batch_size(self) -> int:
