@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     objectives = sub.add_parser("objectives", help="list the six objectives")
     objectives.set_defaults(func=_objectives)
+
+    from ncppo.data.cli import add_data_commands
+
+    add_data_commands(sub)
     return parser
 
 
@@ -68,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, ModelLoadError) as err:  # user errors: one clear line, no traceback
+    except (ValueError, FileNotFoundError, ModelLoadError) as err:  # user errors (DataError too): one line
         print(f"ncppo: error: {err}", file=sys.stderr)
         return 2
 

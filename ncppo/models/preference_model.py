@@ -20,7 +20,7 @@ from ncppo.diffusion import NoiseSchedule, to_epsilon
 from ncppo.io import atomic_directory
 from ncppo.models.loading import load_pipeline, pipeline_kind
 
-FINETUNE_MODES = ("lora", "full")
+FINETUNE_MODES = ("lora", "full", "none")  # none: frozen, for encoding and sampling
 
 
 @dataclass(frozen=True)
@@ -69,10 +69,13 @@ class PreferenceModel:
             self.unet.add_adapter(self.lora.peft_config())
             self._adapter_layers = [m for m in self.unet.modules() if isinstance(m, BaseTunerLayer)]
             self._checkpointable = [m for m in self.unet.modules() if hasattr(m, "gradient_checkpointing")]
-        else:
+        elif finetune == "full":
             self.lora = None
             self.reference_unet = copy.deepcopy(self.unet).requires_grad_(False).eval()
             self.unet.requires_grad_(True)
+        else:
+            self.lora = None
+            self.unet.requires_grad_(False)
 
     @classmethod
     def from_pretrained(cls, name_or_path, *, torch_dtype=None, **kwargs) -> PreferenceModel:
@@ -103,6 +106,9 @@ class PreferenceModel:
         if self.reference_unet is not None:
             yield self.reference_unet
             return
+        if self.lora is None:  # finetune='none': the U-Net is frozen already
+            yield self.unet
+            return
         # Checkpointed blocks would re-run their forward during backward with the adapters back on.
         with _gradient_checkpointing_off(self._checkpointable), _adapters_off(self.unet, self._adapter_layers):
             yield self.unet
@@ -130,14 +136,17 @@ class PreferenceModel:
         return embeds, None
 
     @torch.no_grad()
-    def encode_images(self, pixel_values: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """VAE latents of images in [-1, 1], scaled by ``scaling_factor`` (a sample, as Diffusion-DPO)."""
+    def encode_images(self, pixel_values: torch.Tensor, generator: torch.Generator | None = None,
+                      sample: bool = True) -> torch.Tensor:
+        """VAE latents of images in [-1, 1], scaled by ``scaling_factor``: a posterior sample (as
+        Diffusion-DPO) or, with ``sample=False``, its mean (what the latent cache stores)."""
         vae = self.pipeline.vae
         if pixel_values.ndim != 4 or pixel_values.shape[1] != vae.config.in_channels:
             raise ValueError(
                 f"pixel values must be (N, {vae.config.in_channels}, H, W); got {tuple(pixel_values.shape)}"
             )
-        latents = vae.encode(pixel_values.to(device=vae.device, dtype=vae.dtype)).latent_dist.sample(generator)
+        posterior = vae.encode(pixel_values.to(device=vae.device, dtype=vae.dtype)).latent_dist
+        latents = posterior.sample(generator) if sample else posterior.mode()
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return (latents - shift) * vae.config.scaling_factor
 
