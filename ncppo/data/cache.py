@@ -36,9 +36,8 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 def _fingerprint(pairs) -> str:
     digest = hashlib.sha256()
     for column in (pairs.meta.caption, pairs.meta.uid_w, pairs.meta.uid_l):
-        for buf in column.buffers():
-            if buf is not None:
-                digest.update(memoryview(buf))
+        for value in column.to_pylist():
+            digest.update(value.encode() + b"\0")
     return digest.hexdigest()[:16]
 
 

@@ -47,20 +47,28 @@ class ComparisonGraph:
         return (self.losses == 0) & (self.draws == 0) & (self.wins >= min_wins)
 
 
-def _codes(array: pa.Array) -> tuple[np.ndarray, int]:
-    encoded = pc.dictionary_encode(array)
-    if isinstance(encoded, pa.ChunkedArray):
-        encoded = encoded.combine_chunks()
-    return np.asarray(encoded.indices.to_numpy(zero_copy_only=False), dtype=np.int64), len(encoded.dictionary)
+def _codes(array: pa.ChunkedArray) -> tuple[np.ndarray, int]:
+    """Integer codes of a string column and the number of distinct values."""
+    encoded = pc.dictionary_encode(array.combine_chunks())
+    codes, count = np.asarray(encoded.indices.to_numpy(zero_copy_only=False), dtype=np.int64), len(encoded.dictionary)
+    del encoded
+    pa.default_memory_pool().release_unused()  # the combined copy and the hash table: ~100 MB on Pick-a-Pic
+    return codes, count
 
 
 def build_graph(meta: NormalizedPairs) -> ComparisonGraph:
     """Nodes are (prompt, uid): the same uid under two captions counts as two images."""
     n = len(meta)
     prompt, num_prompts = _codes(meta.caption)
-    uid, num_uids = _codes(pa.concat_arrays([meta.uid_w, meta.uid_l]))
-    keys = np.concatenate([prompt, prompt]) * max(num_uids, 1) + uid
-    _, node = np.unique(keys, return_inverse=True)
+    uid, num_uids = _codes(pa.chunked_array(meta.uid_w.chunks + meta.uid_l.chunks, pa.string()))
+    prompt2 = np.concatenate([prompt, prompt])
+    prompt_of_uid = np.full(num_uids, -1, dtype=np.int64)
+    prompt_of_uid[uid] = prompt2
+    if np.array_equal(prompt_of_uid[uid], prompt2):
+        node = uid  # each uid under one prompt (as in Pick-a-Pic): the uid is the node
+    else:
+        _, node = np.unique(prompt2 * max(num_uids, 1) + uid, return_inverse=True)
+    del prompt2, prompt_of_uid
     winner, loser = node[:n], node[n:]
     num_nodes = int(node.max()) + 1 if n else 0
     decisive = ~meta.is_tie
@@ -96,15 +104,16 @@ class Selection:
 
 
 def select_pairs(meta: NormalizedPairs, *, min_wins: int = 2, pairs: str = "latest",
-                 variant: str | None = None) -> Selection:
-    """Rows to keep under the absolute-winner rule (see the module docstring). ``meta`` must keep ties."""
+                 variant: str | None = None, graph: ComparisonGraph | None = None) -> Selection:
+    """Rows to keep under the absolute-winner rule (see the module docstring). ``meta`` must keep ties;
+    pass its ``graph`` when already built."""
     if pairs not in PAIR_CHOICES:
         raise ValueError(f"unknown pair choice {pairs!r}; expected one of {PAIR_CHOICES}")
     if variant is not None and variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
     if variant is not None and pairs != "latest":
         raise ValueError("the Table-2 variants use each winner's latest loser; use them with pairs='latest'")
-    graph = build_graph(meta)
+    graph = graph or build_graph(meta)
     absolute = graph.absolute_winners(min_wins)
     decisive_rows = np.flatnonzero(~graph.is_tie)
     candidates = decisive_rows[absolute[graph.winner[decisive_rows]]]
@@ -137,9 +146,10 @@ def select_pairs(meta: NormalizedPairs, *, min_wins: int = 2, pairs: str = "late
     return Selection(np.unique(np.concatenate([xy, real_xz])), synthetic, details)
 
 
-def dataset_stats(meta: NormalizedPairs, *, min_wins: int = 2, skipped_rows: int = 0) -> dict:
+def dataset_stats(meta: NormalizedPairs, *, min_wins: int = 2, skipped_rows: int = 0,
+                  graph: ComparisonGraph | None = None) -> dict:
     """Rows, pairs, ties, prompts, unique images, images that both win and lose, absolute winners."""
-    graph = build_graph(meta)
+    graph = graph or build_graph(meta)
     return {
         "rows": len(meta) + skipped_rows,
         "valid_rows": len(meta),

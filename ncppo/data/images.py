@@ -6,14 +6,13 @@ import io
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from ncppo.data.schema import DataError
 
 
 @dataclass
 class PreparedImage:
-    pixels: torch.Tensor  # (3, R, R) in [-1, 1]
+    pixels: object  # torch.Tensor (3, R, R) in [-1, 1]
     original_size: tuple[int, int]  # (h, w) before resizing: SDXL's original_size
     crop_top_left: tuple[int, int]  # SDXL's crops_coords_top_left
 
@@ -35,6 +34,7 @@ def decode_image(data: bytes | None, where: str):
 def prepare_image(img, resolution: int, *, center_crop: bool = True, flip: bool = False,
                   rng: np.random.Generator | None = None) -> PreparedImage:
     """Resize the shorter side to ``resolution``, crop a square (centre or random), optionally flip."""
+    import torch
     from PIL import Image
 
     w, h = img.size
@@ -53,6 +53,8 @@ def prepare_image(img, resolution: int, *, center_crop: bool = True, flip: bool 
     return PreparedImage(pixels, (h, w), (top, left))
 
 
-def sdxl_time_ids(image: PreparedImage, resolution: int) -> torch.Tensor:
+def sdxl_time_ids(image: PreparedImage, resolution: int):
     """``(orig_h, orig_w, crop_top, crop_left, target_h, target_w)``, as SDXL was trained."""
+    import torch
+
     return torch.tensor([*image.original_size, *image.crop_top_left, resolution, resolution], dtype=torch.float32)

@@ -73,9 +73,9 @@ class NormalizedPairs:
     Strings stay Arrow arrays (no Python objects per row: Pick-a-Pic has ~1M rows); numbers are numpy.
     """
 
-    caption: pa.Array  # string
-    uid_w: pa.Array  # string
-    uid_l: pa.Array
+    caption: pa.ChunkedArray  # string, one chunk per source shard (no concatenating copy)
+    uid_w: pa.ChunkedArray  # string
+    uid_l: pa.ChunkedArray
     is_tie: np.ndarray  # bool
     swapped: np.ndarray  # bool: the winner is image_1
     created_at: np.ndarray  # int64 (ns since epoch; -1 when unknown)
@@ -96,11 +96,11 @@ class NormalizedPairs:
     def concat(parts: list[NormalizedPairs]) -> NormalizedPairs:
         if not parts:
             ints = np.array([], dtype=np.int64)
-            empty = pa.array([], pa.string())
+            empty = pa.chunked_array([], pa.string())
             return NormalizedPairs(empty, empty, empty, np.array([], bool), np.array([], bool), ints, ints,
                                    np.array([], np.int32), ints)
         return NormalizedPairs(**{
-            k: pa.concat_arrays([getattr(p, k) for p in parts]) if k in _STRING_FIELDS
+            k: pa.chunked_array([c for p in parts for c in getattr(p, k).chunks], pa.string()) if k in _STRING_FIELDS
             else np.concatenate([getattr(p, k) for p in parts])
             for k in NormalizedPairs.__dataclass_fields__})
 
@@ -169,12 +169,14 @@ def normalize(table: pa.Table, shard: int, where: str, tie_policy: str, skips: S
     keep = ~invalid & ~tie if tie_policy == "drop" else ~invalid
     if tie_policy == "drop":
         skips.add("tie dropped (tie policy 'drop')", [], int((tie & ~invalid).sum()))
-    keep_idx = pa.array(np.nonzero(keep)[0])
+    keep_idx = None if keep.all() else pa.array(np.nonzero(keep)[0])  # the common case: no copy
+    kept = (lambda a: a) if keep_idx is None else (lambda a: a.take(keep_idx))
     swapped = pa.array(win1)
+    chunked = lambda a: pa.chunked_array([a], pa.string())  # noqa: E731
     return NormalizedPairs(
-        caption=caption.take(keep_idx),
-        uid_w=pc.if_else(swapped, uid1, uid0).take(keep_idx),
-        uid_l=pc.if_else(swapped, uid0, uid1).take(keep_idx),
+        caption=chunked(kept(caption)),
+        uid_w=chunked(kept(pc.if_else(swapped, uid1, uid0))),
+        uid_l=chunked(kept(pc.if_else(swapped, uid0, uid1))),
         is_tie=tie[keep],
         swapped=win1[keep],
         created_at=_int_column(table, "created_at")[keep],

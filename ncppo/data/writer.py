@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from ncppo.data.filter import Selection, dataset_stats, select_pairs
+from ncppo.data.filter import Selection, build_graph, dataset_stats, select_pairs
 from ncppo.data.pairs import PreferencePairs
 from ncppo.io import atomic_directory
 
@@ -71,14 +71,17 @@ def filter_dataset(source, out_dir, *, min_wins: int = 2, pairs: str = "latest",
                    on_bad_row: str = "skip", progress: bool = True, **source_kwargs) -> dict:
     """``ncppo data filter``: returns the statistics it writes (before, after, selection details, skips)."""
     reader = PreferencePairs(source, tie_policy="keep", on_bad_row=on_bad_row, **source_kwargs)
-    selection = select_pairs(reader.meta, min_wins=min_wins, pairs=pairs, variant=variant)
+    graph = build_graph(reader.meta)  # once, for the statistics and the selection
+    before = dataset_stats(reader.meta, min_wins=min_wins, skipped_rows=reader.skips.total, graph=graph)
+    selection = select_pairs(reader.meta, min_wins=min_wins, pairs=pairs, variant=variant, graph=graph)
+    del graph
     after = dataset_stats(reader.meta.take(selection.rows), min_wins=min_wins)
     after["rows"] += len(selection.synthetic)
     after["synthesised_pairs"] = len(selection.synthetic)
     stats = {
         "source": str(source),
         "rule": {"min_wins": min_wins, "pairs": pairs, "variant": variant},
-        "before": dataset_stats(reader.meta, min_wins=min_wins, skipped_rows=reader.skips.total),
+        "before": before,
         "after": after,
         "selection": selection.details,
         "skipped": reader.skips.as_dict(),
