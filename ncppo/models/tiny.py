@@ -68,16 +68,17 @@ def _text_encoder(vocab_size: int, hidden: int, with_projection: bool, seed: int
     return cls(config).eval()
 
 
-def _vae(latent_channels: int, seed: int):
+def _vae(latent_channels: int, seed: int, block_out_channels: Sequence[int] = (16, 32)):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
+    n = len(block_out_channels)
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=tuple(block_out_channels),
         layers_per_block=1,
         latent_channels=latent_channels,
         norm_num_groups=8,
@@ -138,17 +139,19 @@ def build_tiny_pipeline(
     prediction_type: str = "epsilon",
     seed: int = 0,
     tokenizer_corpus: Iterable[str] | None = None,
+    vae_block_out_channels: Sequence[int] = (16, 32),
 ):
     """A tiny ``StableDiffusionPipeline`` (``kind='sd15'``) or ``StableDiffusionXLPipeline`` (``'sdxl'``).
 
-    The VAE downsamples by 2 (SD's by 8), so a 32x32 image has 16x16 latents.
+    The default VAE downsamples by 2 (SD's by 8), so a 32x32 image has 16x16 latents; give four
+    ``vae_block_out_channels`` (e.g. (32, 64, 128, 128)) for SD's factor of 8.
     """
     from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     tokenizer = train_clip_tokenizer(tokenizer_corpus)
     scheduler = DDIMScheduler(prediction_type=prediction_type, **SD_SCHEDULER_CONFIG)
-    vae = _vae(4, seed + 1)
-    latent_size = image_size // 2
+    vae = _vae(4, seed + 1, vae_block_out_channels)
+    latent_size = image_size // 2 ** (len(vae_block_out_channels) - 1)
     if kind == "sd15":
         return StableDiffusionPipeline(
             vae=vae,
