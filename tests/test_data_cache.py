@@ -115,3 +115,29 @@ def test_cached_and_raw_batches_train_alike(tmp_path, pipeline):
     losses = [training_step(model, objective, b, generator=torch.Generator().manual_seed(0)).metrics["loss_w_policy"]
               for b in (cached, from_raw)]
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-9)
+
+
+def test_two_processes_split_the_shards_and_match_one(tmp_path, tiny_pipeline_dirs):
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    src = write_dataset(tmp_path / "src", SPEC)
+    model_dir = str(tiny_pipeline_dirs["sd15"])
+    common = ["data", "cache", "--model", model_dir, str(src), "--resolution", "32", "--pairs-per-shard", "2"]
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "ncppo.cli",
+                          *common[:4], str(src), str(tmp_path / "two"), *common[5:]],
+                         capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "cache (rank 1)" in run.stderr and "cache (rank 0)" in run.stderr
+    from ncppo.cli import main
+
+    assert main([*common[:4], str(src), str(tmp_path / "one"), *common[5:]]) == 0
+    two, one = LatentCache(tmp_path / "two"), LatentCache(tmp_path / "one")
+    assert len(two) == len(one) == 7 and two.index["num_shards"] == 4
+    for shard in one.index["shards"]:
+        a, b = load_file(str(tmp_path / "one" / shard["file"])), load_file(str(tmp_path / "two" / shard["file"]))
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key])

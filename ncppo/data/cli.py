@@ -45,14 +45,16 @@ def _stats(args) -> int:
 
 
 def _cache(args) -> int:
+    import torch
+    from accelerate import PartialState
+
     from ncppo.data.cache import build_cache
     from ncppo.data.pairs import PreferencePairs
     from ncppo.models.preference_model import PreferenceModel
 
+    # without cpu=True accelerate ignores a multi-process CPU launch (torchrun, accelerate launch)
+    state = PartialState(cpu=not torch.cuda.is_available())
     model = PreferenceModel.from_pretrained(args.model, finetune="none")
-    from accelerate import PartialState
-
-    state = PartialState()
     model.to(state.device)
     pairs = PreferencePairs(args.input, tie_policy=args.ties, on_bad_row=args.on_bad_row, split=args.split,
                             image_dir=args.image_dir)
