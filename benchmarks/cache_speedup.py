@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 from ncppo.data.cache import LatentCache, build_cache  # noqa: E402
 from ncppo.data.pairs import PreferencePairs  # noqa: E402
 from ncppo.data.pickapic import Comparison, comparisons_table, jpeg_bytes, write_parquet_shards  # noqa: E402
+from ncppo.io import atomic_write_text  # noqa: E402
 from ncppo.models.preference_model import LoraSettings, PreferenceModel  # noqa: E402
 from ncppo.models.tiny import build_tiny_pipeline  # noqa: E402
 from ncppo.objectives import make_objective  # noqa: E402
@@ -123,10 +124,7 @@ def main(argv=None) -> int:
         "objective": "ncp-dpo", "target_ratio": 0.6, "results": results,
     }
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, out)
+    atomic_write_text(out, json.dumps(report, indent=2))
     print(f"wrote {out}")
     return 0
 

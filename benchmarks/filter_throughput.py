@@ -29,6 +29,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from ncppo.io import atomic_write_text  # noqa: E402
+
 PAIRS, TIES, PROMPTS = 851_293, 107_747, 58_960
 
 
@@ -136,10 +138,7 @@ def main(argv=None) -> int:
         "peak_rss_gib": measured["peak_rss_bytes"] / 2**30,
     }
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_suffix(".tmp")
-    tmp_out.write_text(json.dumps(report, indent=2))
-    os.replace(tmp_out, out)
+    atomic_write_text(out, json.dumps(report, indent=2))
     print(f"read+validate {measured['read_and_validate_seconds']:.2f} s, select {measured['select_seconds']:.2f} s, "
           f"total {measured['total_seconds']:.2f} s (median of {args.reps}); kept {measured['kept_pairs']} pairs; "
           f"peak RSS {report['peak_rss_gib']:.2f} GiB (after imports "

@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ncppo.batch import Condition, EncodedPairs  # noqa: E402
+from ncppo.io import atomic_write_text  # noqa: E402
 from ncppo.models.preference_model import LoraSettings, PreferenceModel  # noqa: E402
 from ncppo.models.tiny import build_tiny_pipeline  # noqa: E402
 from ncppo.objectives import OBJECTIVE_NAMES, make_objective  # noqa: E402
@@ -163,10 +164,7 @@ def main(argv=None) -> int:
         "results": results,
     }
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, out)
+    atomic_write_text(out, json.dumps(report, indent=2))
     print(f"wrote {out}")
     return 0
 
