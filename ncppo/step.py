@@ -54,7 +54,7 @@ def training_step(
     """Loss and metrics of ``objective`` on a batch of pairs (raw or encoded)."""
     pairs = batch if isinstance(batch, EncodedPairs) else model.encode_batch(batch, generator)
     noised = noise_pairs(model, pairs, objective.uses_loser, generator)
-    eps_theta = model.predict_epsilon(model.unet, noised.x_t, noised.t, noised.condition)
+    eps_theta = model.predict_epsilon(model.policy, noised.x_t, noised.t, noised.condition)
     eps_ref = None
     if objective.needs_reference_prediction:
         with torch.no_grad(), model.frozen_unet() as reference:

@@ -156,24 +156,33 @@ class LatentCache:
         tensors = load_file(str(self.path / self.index["shards"][k]["file"]))
         return {key: v if key == "pair_index" else v.to(self.dtype) for key, v in tensors.items()}
 
+    def plan(self, batch_size: int, *, shuffle: bool = True, seed: int = 0, drop_last: bool = False) -> list:
+        """The epoch's batches as ``(shard, rows)`` without loading anything (resume skips cheaply)."""
+        rng = np.random.default_rng(seed)
+        shards = self.index["shards"]
+        shard_order = rng.permutation(len(shards)) if shuffle else range(len(shards))
+        plan = []
+        for k in shard_order:
+            n = shards[k]["pairs"]
+            order = rng.permutation(n) if shuffle else np.arange(n)
+            for start in range(0, n, batch_size):
+                rows = order[start : start + batch_size]
+                if drop_last and len(rows) < batch_size:
+                    break
+                plan.append((int(k), rows))
+        return plan
+
+    def make_batch(self, shard: int, rows) -> PreferenceBatch:
+        if getattr(self, "_loaded", (None,))[0] != shard:
+            self._loaded = (shard, self.load_shard(shard))  # one shard in memory at a time
+        t, sel = self._loaded[1], torch.as_tensor(np.asarray(rows), dtype=torch.long)
+        return PreferenceBatch(
+            latents_w=t["latents_w"][sel], latents_l=t["latents_l"][sel], prompt_embeds=t["prompt_embeds"][sel],
+            pooled_prompt_embeds=t["pooled_prompt_embeds"][sel] if "pooled_prompt_embeds" in t else None,
+            time_ids_w=t["time_ids_w"][sel], time_ids_l=t["time_ids_l"][sel], ids=t["pair_index"][sel].tolist(),
+        )
+
     def batches(self, batch_size: int, *, shuffle: bool = True, seed: int = 0,
                 drop_last: bool = False) -> Iterator[PreferenceBatch]:
-        rng = np.random.default_rng(seed)
-        shard_order = rng.permutation(len(self.index["shards"])) if shuffle else range(len(self.index["shards"]))
-        for k in shard_order:
-            if self.index["shards"][k]["pairs"] == 0:
-                continue
-            t = self.load_shard(int(k))
-            n = t["pair_index"].shape[0]
-            order = torch.from_numpy(rng.permutation(n)) if shuffle else torch.arange(n)
-            for start in range(0, n, batch_size):
-                sel = order[start : start + batch_size]
-                if drop_last and len(sel) < batch_size:
-                    break
-                yield PreferenceBatch(
-                    latents_w=t["latents_w"][sel], latents_l=t["latents_l"][sel],
-                    prompt_embeds=t["prompt_embeds"][sel],
-                    pooled_prompt_embeds=t["pooled_prompt_embeds"][sel] if "pooled_prompt_embeds" in t else None,
-                    time_ids_w=t["time_ids_w"][sel], time_ids_l=t["time_ids_l"][sel],
-                    ids=t["pair_index"][sel].tolist(),
-                )
+        for shard, rows in self.plan(batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last):
+            yield self.make_batch(shard, rows)

@@ -95,19 +95,24 @@ class PreferencePairs:
         return images
 
     # -- batches ---------------------------------------------------------------------------------
+    def plan(self, batch_size: int, *, shuffle: bool = True, seed: int = 0, drop_last: bool = False,
+             indices=None) -> list[np.ndarray]:
+        """The epoch's batches as arrays of pair indices, decoding nothing (resume skips cheaply)."""
+        rng = np.random.default_rng(seed)
+        order = np.arange(len(self)) if indices is None else np.asarray(indices, dtype=np.int64)
+        if shuffle:
+            order = rng.permutation(order)
+        chunks = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+        return [c for c in chunks if len(c) == batch_size] if drop_last else chunks
+
     def batches(self, batch_size: int, resolution: int, *, shuffle: bool = True, seed: int = 0,
                 drop_last: bool = False, random_crop: bool = False, random_flip: bool = False,
                 indices=None) -> Iterator:
         """Batches of decoded pairs (pixels in [-1, 1], prompts, SDXL ``time_ids``); bad images are
         skipped and counted (or raise with ``on_bad_row='error'``)."""
-        rng = np.random.default_rng(seed)
-        order = np.arange(len(self)) if indices is None else np.asarray(indices, dtype=np.int64)
-        if shuffle:
-            order = rng.permutation(order)
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
-            if drop_last and len(chunk) < batch_size:
-                return
+        for k, chunk in enumerate(self.plan(batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last,
+                                            indices=indices)):
+            rng = np.random.default_rng([seed, k])  # crops and flips: a function of (seed, batch)
             batch = self.collate(chunk, resolution, rng=rng, random_crop=random_crop, random_flip=random_flip)
             if batch is not None:
                 yield batch

@@ -56,6 +56,7 @@ class PreferenceModel:
         self.pipeline = pipeline
         self.kind = pipeline_kind(pipeline)
         self.unet = pipeline.unet
+        self.policy = self.unet  # what runs the policy forward: the trainer swaps in a DDP-wrapped U-Net
         self.finetune = finetune
         self.schedule = NoiseSchedule.from_scheduler_config(pipeline.scheduler.config)
         for module in self._frozen_components():
@@ -116,7 +117,7 @@ class PreferenceModel:
     # -- prediction ------------------------------------------------------------------------------
     def predict_epsilon(self, unet, x_t: torch.Tensor, t: torch.Tensor, condition: Condition) -> torch.Tensor:
         """``eps_theta(x_t, t, c)``; a v- or x0-prediction model's output is converted to epsilon."""
-        out = unet(x_t.to(unet.dtype), t, **condition.unet_kwargs(), return_dict=False)[0]
+        out = unet(x_t.to(self.unet.dtype), t, **condition.unet_kwargs(), return_dict=False)[0]
         return to_epsilon(self.schedule, out, x_t, t)
 
     # -- encoding raw inputs ---------------------------------------------------------------------

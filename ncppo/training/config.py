@@ -1,0 +1,247 @@
+"""Training configuration: dataclasses, YAML files and ``section.key=value`` overrides.
+
+Every mistake is caught before any model is loaded: unknown keys (with a did-you-mean), wrong types,
+an objective that needs a frozen reference with a model that has none, an effective batch the process
+count cannot make.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ncppo.objectives import OBJECTIVE_NAMES
+from ncppo.perception import FEATURE_CHOICES
+
+
+class ConfigError(ValueError):
+    """A bad configuration; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    pretrained: str = ""  # diffusers pipeline folder (or hub id when online)
+    finetune: str = "lora"  # lora | full
+    lora_rank: int = 64
+    lora_alpha: float | None = None  # None: alpha = rank
+    lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+
+
+@dataclass
+class DataConfig:
+    source: str = ""  # Pick-a-Pic parquet / save_to_disk / .csv / hub id (raw images)
+    cache: str = ""  # a latent cache folder (ncppo data cache); used instead of source when set
+    resolution: int = 512
+    tie_policy: str = "drop"
+    random_crop: bool = False
+    random_flip: bool = False
+    prompt_dropout: float = 0.0  # fraction of prompts replaced by "" (Diffusion-DPO: 0.2 for SDXL)
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = "ncp-dpo"
+    beta: float | None = None  # METHOD.md convention; None: 5000
+    cpo_lambda: float = 1.0
+    features: str = "last"
+    encoder_timestep: str = "t-1"
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes)
+    learning_rate: float = 1e-8
+    scale_lr: bool = True  # lr x effective batch (pairs), as Diffusion-DPO
+    weight_decay: float = 1e-2
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    lr_scheduler: str = "constant_with_warmup"  # any diffusers.optimization scheduler name
+    lr_warmup_steps: int = 0
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "outputs/run"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    batch_size: int = 1  # pairs per process per micro-step
+    gradient_accumulation_steps: int = 1
+    effective_batch: int | None = None  # pairs per optimizer step; sets gradient_accumulation_steps
+    max_steps: int = 2000
+    max_train_minutes: float | None = None  # stop on a time budget (equal-compute comparisons)
+    mixed_precision: str = "no"  # no | fp16 | bf16 (frozen weights in half precision)
+    gradient_checkpointing: bool = False
+    checkpoint_every_steps: int | None = None
+    checkpoint_every_minutes: float | None = None
+    keep_last_checkpoints: int = 3
+    resume: bool = True  # continue from the newest checkpoint in output_dir
+    log_every: int = 1
+    report_to: list[str] = field(default_factory=lambda: ["jsonl", "csv"])  # + tensorboard, wandb
+    validation_every: int | None = None
+    validation_prompts: list[str] = field(default_factory=list)
+    validation_steps: int = 20
+    max_nonfinite_in_a_row: int = 5
+
+    def resolved_accumulation(self, num_processes: int) -> int:
+        """Gradient accumulation steps, from ``effective_batch`` when it is set."""
+        if self.effective_batch is None:
+            return self.gradient_accumulation_steps
+        per_step = self.batch_size * num_processes
+        if self.effective_batch % per_step:
+            raise ConfigError(
+                f"effective_batch={self.effective_batch} is not a multiple of batch_size x processes = "
+                f"{self.batch_size} x {num_processes} = {per_step}")
+        return self.effective_batch // per_step
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_CHOICES = {
+    "model.finetune": ("lora", "full"),
+    "data.tie_policy": ("drop", "keep", "error"),
+    "objective.name": OBJECTIVE_NAMES,
+    "objective.features": FEATURE_CHOICES,
+    "optim.optimizer": ("adamw", "adamw8bit"),
+    "mixed_precision": ("no", "fp16", "bf16"),
+}
+_REPORTERS = ("jsonl", "csv", "tensorboard", "wandb")
+
+
+def _check_type(value, hint, key: str):
+    """``value`` coerced to ``hint`` (ints become floats where floats are wanted) or a ConfigError."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _check_type(value, option, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: expected {_type_name(hint)}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(hint)
+        return [_check_type(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML reads 1e-8 as a string
+        except ValueError:
+            pass
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(f"{key}: expected {_type_name(hint)}, got {value!r}")
+    return value
+
+
+def _type_name(hint) -> str:
+    return getattr(hint, "__name__", str(hint)).replace("NoneType", "null")
+
+
+def _apply(obj, values: dict, prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for key, value in values.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean {prefix}{close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown config key {full!r}{hint}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{full}: expected a mapping of {type(current).__name__} keys, got {value!r}")
+            _apply(current, value, f"{full}.")
+        else:
+            setattr(obj, key, _check_type(value, hints[key], full))
+
+
+def _nested(dotted: dict) -> dict:
+    out: dict = {}
+    for key, value in dotted.items():
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """``["objective.beta=2500", "max_steps=10"]`` -> nested dict, values parsed as YAML."""
+    dotted = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value")
+        key, raw = item.split("=", 1)
+        dotted[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+    return _nested(dotted)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, **values) -> TrainConfig:
+    """A validated :class:`TrainConfig` from a YAML file, ``key=value`` overrides and keyword values."""
+    config = TrainConfig()
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise ConfigError(f"{path}: cannot read the config ({err})") from err
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the config must be a mapping")
+        _apply(config, data)
+    if overrides:
+        _apply(config, parse_overrides(overrides))
+    if values:
+        _apply(config, values)
+    validate(config)
+    return config
+
+
+def validate(config: TrainConfig) -> None:
+    d = config.to_dict()
+    for key, choices in _CHOICES.items():
+        section, _, leaf = key.rpartition(".")
+        value = d[section][leaf] if section else d[leaf]
+        if value not in choices:
+            close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}{hint}")
+    for reporter in config.report_to:
+        if reporter not in _REPORTERS:
+            raise ConfigError(f"report_to: {reporter!r} is not one of {', '.join(_REPORTERS)}")
+    if not config.model.pretrained:
+        raise ConfigError("model.pretrained: give the diffusers pipeline folder to train")
+    if not (config.data.source or config.data.cache):
+        raise ConfigError("data: give data.source (pairs) or data.cache (a latent cache)")
+    positive = {"batch_size": config.batch_size, "gradient_accumulation_steps": config.gradient_accumulation_steps,
+                "max_steps": config.max_steps, "data.resolution": config.data.resolution,
+                "model.lora_rank": config.model.lora_rank, "keep_last_checkpoints": config.keep_last_checkpoints,
+                "log_every": config.log_every, "max_nonfinite_in_a_row": config.max_nonfinite_in_a_row}
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key}: must be >= 1, got {value}")
+    if not 0.0 <= config.data.prompt_dropout < 1.0:
+        raise ConfigError(f"data.prompt_dropout: must be in [0, 1), got {config.data.prompt_dropout}")
+    from ncppo.objectives.spaces import parse_encoder_timestep
+
+    try:
+        parse_encoder_timestep(config.objective.encoder_timestep)
+    except ValueError as err:
+        raise ConfigError(f"objective.encoder_timestep: {err}") from err
