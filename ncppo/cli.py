@@ -26,6 +26,15 @@ def _tiny_model(args) -> int:
     return 0
 
 
+def _train(args) -> int:
+    from ncppo.training import Trainer, load_config
+
+    config = load_config(args.config, args.overrides)
+    result = Trainer(config).train()
+    print(f"trained {result.steps} steps in {result.train_seconds:.1f} s ({result.stopped_by}); outputs in {result.output_dir}")
+    return 0
+
+
 def _objectives(_args) -> int:
     from ncppo.objectives import OBJECTIVE_NAMES, make_objective
 
@@ -56,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default="epsilon")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=_tiny_model)
+
+    train = sub.add_parser("train", help="train with a YAML config and key=value overrides")
+    train.add_argument("config", help="YAML config (see configs/)")
+    train.add_argument("overrides", nargs="*", help="section.key=value, e.g. objective.beta=2500 max_steps=100")
+    train.set_defaults(func=_train)
 
     objectives = sub.add_parser("objectives", help="list the six objectives")
     objectives.set_defaults(func=_objectives)
