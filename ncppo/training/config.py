@@ -162,7 +162,7 @@ def _apply(obj, values: dict, prefix: str = "") -> None:
         full = f"{prefix}{key}"
         if key not in names:
             close = difflib.get_close_matches(key, names, n=1)
-            hint = f"; did you mean {prefix}{close[0]!r}?" if close else ""
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
             raise ConfigError(f"unknown config key {full!r}{hint}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):

@@ -51,12 +51,14 @@ class Trainer:
     # -- setup -------------------------------------------------------------------------------------
     def _setup(self):
         from accelerate import Accelerator
+        from accelerate.utils import set_seed
 
         from ncppo.models.preference_model import LoraSettings, PreferenceModel
         from ncppo.objectives import make_objective
 
         cfg = self.config
         self.acc = acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+        set_seed(cfg.seed)  # the LoRA's initial A matrices (peft draws them from the global generator)
         self.accumulation = cfg.resolved_accumulation(acc.num_processes)
         self.out = Path(cfg.output_dir)
         if acc.is_main_process:

@@ -1,0 +1,59 @@
+import pytest
+
+from ncppo.training.config import ConfigError, load_config, parse_overrides
+
+BASE = ["model.pretrained=/m", "data.source=/d"]
+
+
+def test_yaml_and_overrides(tmp_path):
+    (tmp_path / "c.yaml").write_text(
+        "output_dir: out\nmodel: {pretrained: /m, lora_rank: 8}\ndata: {source: /d}\n"
+        "objective: {name: dpo, beta: 2500}\noptim: {learning_rate: 1.0e-8}\n")
+    cfg = load_config(tmp_path / "c.yaml", ["objective.name=ncp-dpo", "max_steps=10", "optim.learning_rate=3e-8",
+                                            "report_to=[jsonl]"])
+    assert cfg.objective.name == "ncp-dpo" and cfg.objective.beta == 2500.0 and isinstance(cfg.objective.beta, float)
+    assert cfg.max_steps == 10 and cfg.optim.learning_rate == 3e-8 and cfg.model.lora_rank == 8
+    assert cfg.report_to == ["jsonl"]
+
+
+def test_unknown_keys_suggest_a_name():
+    with pytest.raises(ConfigError, match="unknown config key 'objective.bta'; did you mean 'objective.beta'"):
+        load_config(None, [*BASE, "objective.bta=1"])
+    with pytest.raises(ConfigError, match="unknown config key 'max_step'; did you mean 'max_steps'"):
+        load_config(None, [*BASE, "max_step=1"])
+
+
+def test_wrong_types_and_choices():
+    with pytest.raises(ConfigError, match="max_steps: expected int, got 'ten'"):
+        load_config(None, [*BASE, "max_steps=ten"])
+    with pytest.raises(ConfigError, match="gradient_checkpointing: expected bool"):
+        load_config(None, [*BASE, "gradient_checkpointing=3"])
+    with pytest.raises(ConfigError, match="objective.name: 'ncp_dpo' is not one of.*did you mean 'ncp-dpo'"):
+        load_config(None, [*BASE, "objective.name=ncp_dpo"])
+    with pytest.raises(ConfigError, match="model.finetune: 'none' is not one of lora, full"):
+        load_config(None, [*BASE, "model.finetune=none"])
+    with pytest.raises(ConfigError, match="objective.encoder_timestep"):
+        load_config(None, [*BASE, "objective.encoder_timestep=t+1"])
+    with pytest.raises(ConfigError, match="model: expected a mapping"):
+        load_config(None, [*BASE[1:], "model=3"])
+    with pytest.raises(ConfigError, match="model.pretrained"):
+        load_config(None, ["data.source=/d"])
+    with pytest.raises(ConfigError, match="not key=value"):
+        parse_overrides(["max_steps"])
+
+
+def test_effective_batch_must_be_reachable():
+    cfg = load_config(None, [*BASE, "batch_size=4", "effective_batch=2048"])
+    assert cfg.resolved_accumulation(num_processes=4) == 128
+    with pytest.raises(ConfigError, match="effective_batch=2048 is not a multiple of batch_size x processes = 4 x 3"):
+        cfg.resolved_accumulation(num_processes=3)
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+    assert len(configs) >= 4
+    for path in configs:
+        cfg = load_config(path)
+        assert cfg.objective.name in ("dpo", "ncp-dpo", "sft", "cpo", "ncp-sft", "ncp-cpo")
