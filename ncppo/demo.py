@@ -1,31 +1,32 @@
 """The end-to-end demo: the most complete real path the project has, on a tiny offline pipeline.
 
-Build a tiny SD1.5-class pipeline and save it; make preference pairs (the caption's colour wins over a
-wrong colour); train a few NCP-DPO steps with LoRA; save the LoRA in diffusers' format; load it into
-a fresh pipeline from disk, check it reproduces the trained U-Net, and sample; write ``report.md``.
+Build a tiny SD1.5-class pipeline and save it; write preference pairs in the Pick-a-Pic v2 schema (the
+caption's colour wins over a wrong colour); train NCP-DPO with LoRA through the real trainer (which
+exports the LoRA in diffusers' format); load the LoRA into a fresh pipeline from disk, check it
+reproduces the trained weights of the final checkpoint, and sample; write ``report.md``.
 The toy world (a pretrained tiny model, simulated annotators, the filter, all six methods) replaces
-the pair maker and the loop here once it lands.
+the pair maker here once it lands.
 """
 
 from __future__ import annotations
 
 import json
 import statistics
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from ncppo.batch import PreferenceBatch
+from ncppo.data.pickapic import Comparison, comparisons_table, jpeg_bytes, write_parquet_shards
 from ncppo.io import atomic_write_text
 from ncppo.models.loading import load_pipeline
 from ncppo.models.preference_model import LoraSettings, PreferenceModel
 from ncppo.models.tiny import save_tiny_pipeline
-from ncppo.objectives import make_objective
-from ncppo.step import training_step
+from ncppo.plots import save_image_grid
+from ncppo.training import Trainer, load_config
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40)}
 SHAPES = ("circle", "square")
@@ -56,23 +57,22 @@ def draw(shape: str, colour: str, size: int, rng: np.random.Generator) -> np.nda
     return img
 
 
-def make_pairs(n: int, size: int, seed: int) -> PreferenceBatch:
-    """``n`` pairs: the caption's colour (winner) against another colour (loser), same shape."""
+def write_pairs(path: Path, n: int, size: int, seed: int) -> Path:
+    """``n`` pairs in the Pick-a-Pic v2 schema: the caption's colour (winner) against another colour."""
     rng = np.random.default_rng(seed)
     names = list(COLOURS)
-    prompts, winners, losers = [], [], []
-    for _ in range(n):
+    comparisons, images = [], {}
+    for k in range(n):
         shape = SHAPES[int(rng.integers(len(SHAPES)))]
         good, bad = rng.choice(len(names), size=2, replace=False)
-        prompts.append(f"a {names[good]} {shape}")
-        winners.append(draw(shape, names[good], size, rng))
-        losers.append(draw(shape, names[bad], size, rng))
-
-    def to_tensor(images):
-        return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
-
-    return PreferenceBatch(pixel_values_w=to_tensor(winners), pixel_values_l=to_tensor(losers), prompts=prompts,
-                           ids=list(range(n)))
+        winner_first = bool(rng.integers(2))  # the winner sits on either side, as in Pick-a-Pic
+        uid_w, uid_l = f"pair{k}-w", f"pair{k}-l"
+        images[uid_w] = jpeg_bytes(draw(shape, names[good], size, rng), quality=95)
+        images[uid_l] = jpeg_bytes(draw(shape, names[bad], size, rng), quality=95)
+        a, b = (uid_w, uid_l) if winner_first else (uid_l, uid_w)
+        comparisons.append(Comparison(f"a {names[good]} {shape}", a, b, 1.0 if winner_first else 0.0,
+                                      created_at=k * 10**9, user_id=k % 7, ranking_id=k))
+    return write_parquet_shards(comparisons_table(comparisons, images), path, rows_per_shard=max(n, 1))
 
 
 def _unet_probe(unet, seed: int = 0) -> torch.Tensor:
@@ -81,25 +81,6 @@ def _unet_probe(unet, seed: int = 0) -> torch.Tensor:
     ehs = torch.randn(2, 77, unet.config.cross_attention_dim, generator=g)
     with torch.no_grad():
         return unet(x, torch.tensor([50, 600]), encoder_hidden_states=ehs).sample
-
-
-def _save_grid(rows: list[np.ndarray], labels: list[str], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = rows[0].shape[0]
-    fig, axes = plt.subplots(len(rows), n, figsize=(1.4 * n, 1.5 * len(rows)), squeeze=False)
-    for r, (images, label) in enumerate(zip(rows, labels)):
-        for c in range(n):
-            axes[r][c].imshow(images[c])
-            axes[r][c].set_xticks([])
-            axes[r][c].set_yticks([])
-        axes[r][0].set_ylabel(label, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
 
 
 def run_demo(config: DemoConfig | None = None) -> Path:
@@ -113,40 +94,33 @@ def run_demo(config: DemoConfig | None = None) -> Path:
 
     stages.set_postfix_str("build tiny pipeline")
     base_dir = save_tiny_pipeline(out / "base_model", "sd15", image_size=cfg.image_size, seed=cfg.seed)
-    model = PreferenceModel(load_pipeline(base_dir), lora=LoraSettings(rank=cfg.lora_rank))
     stages.update()
 
     stages.set_postfix_str("make pairs")
-    pairs = make_pairs(cfg.steps * cfg.batch_size, cfg.image_size, cfg.seed)
+    write_pairs(out / "pairs", cfg.steps * cfg.batch_size, cfg.image_size, cfg.seed)
     stages.update()
 
     stages.set_postfix_str(f"train {cfg.objective}")
-    objective = make_objective(cfg.objective, beta=cfg.beta)
-    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.learning_rate)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    history, seconds = [], []
-    model.unet.train()
-    for step in tqdm(range(cfg.steps), desc=f"train {cfg.objective}", leave=False):
-        sl = slice(step * cfg.batch_size, (step + 1) * cfg.batch_size)
-        batch = PreferenceBatch(pixel_values_w=pairs.pixel_values_w[sl], pixel_values_l=pairs.pixel_values_l[sl],
-                                prompts=pairs.prompts[sl], ids=pairs.ids[sl])
-        start = time.perf_counter()
-        result = training_step(model, objective, batch, generator=generator)
-        optimizer.zero_grad(set_to_none=True)
-        result.loss.backward()
-        optimizer.step()
-        seconds.append(time.perf_counter() - start)
-        history.append({"step": step, **{k: float(v) for k, v in result.metrics.items()}})
-    model.unet.eval()
-    atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+    run_dir = out / "run"
+    train_config = load_config(None, [
+        f"output_dir={run_dir}", f"seed={cfg.seed}", f"model.pretrained={base_dir}", f"model.lora_rank={cfg.lora_rank}",
+        f"data.source={out / 'pairs'}", f"data.resolution={cfg.image_size}", f"objective.name={cfg.objective}",
+        f"objective.beta={cfg.beta}", f"optim.learning_rate={cfg.learning_rate}", "optim.scale_lr=false",
+        f"batch_size={cfg.batch_size}", f"max_steps={cfg.steps}", "resume=false"])
+    result = Trainer(train_config).train()
+    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    seconds = [h["seconds_per_step"] for h in history]
     stages.update()
 
-    stages.set_postfix_str("save + reload LoRA")
-    model.save_lora(out / "lora")
-    trained_probe = _unet_probe(model.unet)
+    stages.set_postfix_str("reload LoRA")
+    # the trained weights, from the final checkpoint, against the exported LoRA loaded by diffusers
+    trained = PreferenceModel(load_pipeline(base_dir), lora=LoraSettings(rank=cfg.lora_rank))
+    state = load_file(str(run_dir / "checkpoints" / f"step-{result.steps:06d}" / "trainable.safetensors"))
+    trained.unet.load_state_dict(state, strict=False)
+    trained_probe = _unet_probe(trained.unet)
     fresh = load_pipeline(base_dir)
     base_probe = _unet_probe(fresh.unet)
-    fresh.load_lora_weights(out / "lora")
+    fresh.load_lora_weights(run_dir / "lora")
     reload_error = (_unet_probe(fresh.unet) - trained_probe).abs().max().item()
     lora_effect = (trained_probe - base_probe).abs().max().item()
     stages.update()
@@ -158,7 +132,7 @@ def run_demo(config: DemoConfig | None = None) -> Path:
         images = pipe(prompts, num_inference_steps=10, height=cfg.image_size, width=cfg.image_size, output_type="np",
                       generator=[torch.Generator().manual_seed(i) for i in range(len(prompts))]).images
         rows.append((images * 255).round().astype(np.uint8))
-    _save_grid(rows, ["base", f"+ {cfg.objective} LoRA"], out / "samples.png")
+    save_image_grid(rows, ["base", f"+ {cfg.objective} LoRA"], out / "samples.png")
     stages.update()
     stages.close()
 
@@ -179,7 +153,9 @@ def _report(cfg, history, seconds, reload_error, lora_effect, prompts) -> str:
         "",
         f"Tiny SD1.5-class pipeline (random weights, built offline), {cfg.steps} steps of `{cfg.objective}` with "
         f"LoRA rank {cfg.lora_rank}, batch {cfg.batch_size} pairs, beta {cfg.beta:g}, AdamW lr {cfg.learning_rate:g}.",
-        "Pairs: the caption's colour (winner) against another colour (loser), same shape.",
+        "Pairs (`pairs/`, Pick-a-Pic v2 schema): the caption's colour (winner) against another colour (loser),",
+        "same shape. Training ran through `ncppo.training.Trainer` (outputs in `run/`: config, metrics,",
+        "checkpoints, LoRA).",
         "",
         "## Training",
         "",
@@ -206,8 +182,8 @@ def _report(cfg, history, seconds, reload_error, lora_effect, prompts) -> str:
         "",
         "## LoRA round trip",
         "",
-        "- saved to `lora/` in diffusers' format; loaded into a fresh pipeline with `load_lora_weights`",
-        f"- max |trained U-Net - reloaded U-Net| on a probe input: {reload_error:.2e}",
+        "- the trainer saved `run/lora/` in diffusers' format; loaded into a fresh pipeline with `load_lora_weights`",
+        f"- max |trained U-Net (final checkpoint) - reloaded U-Net| on a probe input: {reload_error:.2e}",
         f"- max |trained U-Net - base U-Net| on the same input (the LoRA's effect): {lora_effect:.2e}",
         "",
         "## Samples (same prompt and seed per column)",

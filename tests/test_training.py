@@ -165,3 +165,18 @@ def test_exported_lora_loads_into_a_fresh_pipeline(tmp_path, tiny_pipeline_dirs,
     loaded = sum(p.detach().double().sum().item() for n, p in pipe.unet.named_parameters() if "lora" in n)
     assert loaded == pytest.approx(summary["param_checksums_per_rank"][0], rel=1e-9, abs=1e-9)
     assert pipe.unet.peft_config["default_0"].lora_alpha == 8
+
+
+def test_8bit_adamw_bf16_and_validation_images(tmp_path, tiny_pipeline_dirs, dataset):
+    cfg = _config(tmp_path, tiny_pipeline_dirs["sd15"], dataset, "optim.optimizer=adamw8bit", "mixed_precision=bf16",
+                  "objective.name=ncp-dpo", "objective.beta=5e6", "validation_every=1", "validation_steps=2",
+                  "validation_prompts=[a red shape, a blue shape]")
+    trainer = Trainer(cfg)
+    result = trainer.train()
+    import bitsandbytes as bnb
+
+    assert isinstance(trainer.optimizer.optimizer, bnb.optim.AdamW8bit)
+    assert result.steps == 2 and all(math.isfinite(v) for v in _losses(tmp_path / "run"))
+    assert any(k.endswith("lora.up.weight") and v.abs().sum() > 0 for k, v in _lora(tmp_path / "run").items())
+    for name in ("step-000001.png", "step-000002.png", "last.png"):
+        assert (tmp_path / "run" / "validation" / name).stat().st_size > 0

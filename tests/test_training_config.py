@@ -52,8 +52,9 @@ def test_effective_batch_must_be_reachable():
 def test_shipped_configs_load():
     from pathlib import Path
 
-    configs = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
-    assert len(configs) >= 4
+    root = Path(__file__).parents[1] / "configs"
+    configs = sorted(root.glob("*.yaml")) + sorted((root / "toy").glob("*.yaml"))
+    assert len(configs) == 10
     for path in configs:
         cfg = load_config(path)
         assert cfg.objective.name in ("dpo", "ncp-dpo", "sft", "cpo", "ncp-sft", "ncp-cpo")

@@ -208,7 +208,7 @@ class Trainer:
         cfg = self.config
         if not cfg.validation_prompts or not self.acc.is_main_process:
             return
-        from ncppo.demo import _save_grid
+        from ncppo.plots import save_image_grid
 
         self.model.unet.eval()
         images = self.model.pipeline(cfg.validation_prompts, num_inference_steps=cfg.validation_steps,
@@ -219,8 +219,8 @@ class Trainer:
         folder = self.out / "validation"
         folder.mkdir(exist_ok=True)
         grid = (images * 255).round().astype(np.uint8)
-        _save_grid([grid], [f"step {step}"], folder / f"step-{step:06d}.png")
-        _save_grid([grid], [f"step {step}"], folder / "last.png")
+        save_image_grid([grid], [f"step {step}"], folder / f"step-{step:06d}.png")
+        save_image_grid([grid], [f"step {step}"], folder / "last.png")
 
     # -- the loop ----------------------------------------------------------------------------------
     def train(self) -> TrainResult:
