@@ -51,12 +51,17 @@ class Trainer:
     # -- setup -------------------------------------------------------------------------------------
     def _setup(self):
         from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
         from accelerate.utils import set_seed
 
         from ncppo.models.preference_model import LoraSettings, PreferenceModel
         from ncppo.objectives import make_objective
 
         cfg = self.config
+        # Several trainers in one process (the toy world trains six methods): accelerate keeps one global
+        # state and refuses a second precision. Without a process group there is nothing to keep: reset it.
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            AcceleratorState._reset_state(reset_partial_state=True)
         self.acc = acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
         set_seed(cfg.seed)  # the LoRA's initial A matrices (peft draws them from the global generator)
         self.accumulation = cfg.resolved_accumulation(acc.num_processes)
