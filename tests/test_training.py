@@ -180,3 +180,22 @@ def test_8bit_adamw_bf16_and_validation_images(tmp_path, tiny_pipeline_dirs, dat
     assert any(k.endswith("lora.up.weight") and v.abs().sum() > 0 for k, v in _lora(tmp_path / "run").items())
     for name in ("step-000001.png", "step-000002.png", "last.png"):
         assert (tmp_path / "run" / "validation" / name).stat().st_size > 0
+
+
+def test_training_from_a_latent_cache(tmp_path, tiny_pipeline_dirs, dataset, kind):
+    from ncppo.data.cache import build_cache
+    from ncppo.data.pairs import PreferencePairs
+    from ncppo.models.preference_model import PreferenceModel
+    from ncppo.training.config import ConfigError
+
+    frozen = PreferenceModel.from_pretrained(tiny_pipeline_dirs[kind], finetune="none")
+    build_cache(frozen, PreferencePairs(dataset), tmp_path / "cache", resolution=32, progress=False)
+    cfg = _config(tmp_path, tiny_pipeline_dirs[kind], dataset, f"data.cache={tmp_path / 'cache'}",
+                  "objective.name=ncp-dpo", "objective.beta=5e6", "data.prompt_dropout=0.5")
+    result = Trainer(cfg).train()
+    assert result.steps == 2 and all(math.isfinite(v) for v in _losses(tmp_path / "run"))
+    other = "sdxl" if kind == "sd15" else "sd15"
+    wrong = _config(tmp_path, tiny_pipeline_dirs[other], dataset, f"data.cache={tmp_path / 'cache'}",
+                    f"output_dir={tmp_path / 'wrong'}")
+    with pytest.raises(ConfigError, match=f"built for a {kind} model"):
+        Trainer(wrong).train()
