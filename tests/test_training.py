@@ -53,9 +53,12 @@ def test_each_objective_trains_the_lora(tmp_path, tiny_pipeline_dirs, dataset, k
 
 
 def test_time_budget_stops_the_run(tmp_path, tiny_pipeline_dirs, dataset):
-    cfg = _config(tmp_path, tiny_pipeline_dirs["sd15"], dataset, "max_steps=1000", "max_train_minutes=0.002")
+    cfg = _config(tmp_path, tiny_pipeline_dirs["sd15"], dataset, "max_steps=1000", "max_train_minutes=0.002",
+                  "optim.scale_lr=true", "gradient_accumulation_steps=3")
     result = Trainer(cfg).train()
     assert result.stopped_by == "time_budget" and 1 <= result.steps < 1000
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert lrs[0] == pytest.approx(1e-3 * 2 * 3)  # lr x effective batch (2 pairs x 3 micro-steps), as Diffusion-DPO
     assert result.train_seconds >= 0.12
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["stopped_by"] == "time_budget" and checkpoint_dirs(tmp_path / "run")[-1].name == f"step-{result.steps:06d}"
