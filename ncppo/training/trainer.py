@@ -267,6 +267,8 @@ class Trainer:
                 self.optimizer.step()
                 self.scheduler.step()
                 bad_in_a_row = 0
+            elif count == 0:  # every pair of the step had bad images (counted in the data's skip report)
+                acc.print(f"step {step + 1}: no valid pairs in its batches; step skipped")
             else:
                 bad_in_a_row += 1
                 acc.print(f"step {step + 1}: non-finite loss or gradient (loss={metrics.get('loss')}, grad_norm="
