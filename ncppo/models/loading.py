@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import importlib
+import json
 import os
 from pathlib import Path
 
 import torch
 
-SUPPORTED_PIPELINES = {"StableDiffusionPipeline": "sd15", "StableDiffusionXLPipeline": "sdxl"}
+SUPPORTED_PIPELINES = {"StableDiffusionPipeline": "sd15", "StableDiffusionXLPipeline": "sdxl",
+                       "PixelTextToImagePipeline": "pixel"}
+# the project's own pipeline classes, which diffusers' generic loader cannot resolve by name
+_OWN_PIPELINES = {"PixelTextToImagePipeline": ("ncppo.models.pixel_pipeline", "PixelTextToImagePipeline")}
 
 
 class ModelLoadError(RuntimeError):
@@ -45,8 +50,16 @@ def load_pipeline(name_or_path: str | os.PathLike, *, torch_dtype: torch.dtype |
                 f"{path} is not a diffusers pipeline directory (no model_index.json). Save one with "
                 "`pipe.save_pretrained(DIR)` or build a tiny one with `ncppo tiny-model DIR`."
             )
+        pipeline_class = DiffusionPipeline
         try:
-            pipe = DiffusionPipeline.from_pretrained(path, **kwargs)
+            class_name = json.loads((path / "model_index.json").read_text()).get("_class_name")
+        except (OSError, ValueError) as err:
+            raise ModelLoadError(f"{path / 'model_index.json'} is not readable JSON ({err})") from err
+        if class_name in _OWN_PIPELINES:
+            module, attr = _OWN_PIPELINES[class_name]
+            pipeline_class = getattr(importlib.import_module(module), attr)
+        try:
+            pipe = pipeline_class.from_pretrained(path, **kwargs)
         except Exception as err:  # diffusers raises many types for broken folders
             raise ModelLoadError(f"could not load the pipeline in {path}: {err}") from err
         pipeline_kind(pipe)

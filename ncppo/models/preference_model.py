@@ -142,6 +142,11 @@ class PreferenceModel:
         """VAE latents of images in [-1, 1], scaled by ``scaling_factor``: a posterior sample (as
         Diffusion-DPO) or, with ``sample=False``, its mean (what the latent cache stores)."""
         vae = self.pipeline.vae
+        if vae is None:  # a pixel-space model: the images are the diffusion variable
+            channels = self.unet.config.in_channels
+            if pixel_values.ndim != 4 or pixel_values.shape[1] != channels:
+                raise ValueError(f"pixel values must be (N, {channels}, H, W); got {tuple(pixel_values.shape)}")
+            return pixel_values.to(device=self.device, dtype=torch.float32)
         if pixel_values.ndim != 4 or pixel_values.shape[1] != vae.config.in_channels:
             raise ValueError(
                 f"pixel values must be (N, {vae.config.in_channels}, H, W); got {tuple(pixel_values.shape)}"

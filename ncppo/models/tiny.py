@@ -141,7 +141,8 @@ def build_tiny_pipeline(
     tokenizer_corpus: Iterable[str] | None = None,
     vae_block_out_channels: Sequence[int] = (16, 32),
 ):
-    """A tiny ``StableDiffusionPipeline`` (``kind='sd15'``) or ``StableDiffusionXLPipeline`` (``'sdxl'``).
+    """A tiny ``StableDiffusionPipeline`` (``kind='sd15'``), ``StableDiffusionXLPipeline`` (``'sdxl'``) or
+    VAE-less :class:`~ncppo.models.pixel_pipeline.PixelTextToImagePipeline` (``'pixel'``).
 
     The default VAE downsamples by 2 (SD's by 8), so a 32x32 image has 16x16 latents; give four
     ``vae_block_out_channels`` (e.g. (32, 64, 128, 128)) for SD's factor of 8.
@@ -174,7 +175,16 @@ def build_tiny_pipeline(
             unet=tiny_unet("sdxl", block_out_channels, 32, latent_size, seed=seed).eval(),
             scheduler=scheduler,
         )
-    raise ValueError(f"unknown model kind {kind!r}; expected 'sd15' or 'sdxl'")
+    if kind == "pixel":
+        from ncppo.models.pixel_pipeline import PixelTextToImagePipeline
+
+        return PixelTextToImagePipeline(
+            unet=tiny_unet("sd15", block_out_channels, 32, image_size, in_channels=3, seed=seed).eval(),
+            text_encoder=_text_encoder(len(tokenizer), 32, False, seed + 2),
+            tokenizer=tokenizer,
+            scheduler=scheduler,
+        )
+    raise ValueError(f"unknown model kind {kind!r}; expected 'sd15', 'sdxl' or 'pixel'")
 
 
 def save_tiny_pipeline(out_dir: str | Path, kind: str = "sd15", **kwargs) -> Path:
