@@ -48,7 +48,7 @@ def train_clip_tokenizer(corpus: Iterable[str] | None = None, vocab_size: int = 
     )
 
 
-def _text_encoder(vocab_size: int, hidden: int, with_projection: bool, seed: int):
+def tiny_text_encoder(vocab_size: int, hidden: int, with_projection: bool, seed: int):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(
@@ -156,7 +156,7 @@ def build_tiny_pipeline(
     if kind == "sd15":
         return StableDiffusionPipeline(
             vae=vae,
-            text_encoder=_text_encoder(len(tokenizer), 32, False, seed + 2),
+            text_encoder=tiny_text_encoder(len(tokenizer), 32, False, seed + 2),
             tokenizer=tokenizer,
             unet=tiny_unet("sd15", block_out_channels, 32, latent_size, seed=seed).eval(),
             scheduler=scheduler,
@@ -168,8 +168,8 @@ def build_tiny_pipeline(
         # SDXL concatenates both encoders' hidden states (16 + 16) and adds te2's pooled projection.
         return StableDiffusionXLPipeline(
             vae=vae,
-            text_encoder=_text_encoder(len(tokenizer), 16, False, seed + 2),
-            text_encoder_2=_text_encoder(len(tokenizer), 16, True, seed + 3),
+            text_encoder=tiny_text_encoder(len(tokenizer), 16, False, seed + 2),
+            text_encoder_2=tiny_text_encoder(len(tokenizer), 16, True, seed + 3),
             tokenizer=tokenizer,
             tokenizer_2=tokenizer,
             unet=tiny_unet("sdxl", block_out_channels, 32, latent_size, seed=seed).eval(),
@@ -180,7 +180,7 @@ def build_tiny_pipeline(
 
         return PixelTextToImagePipeline(
             unet=tiny_unet("sd15", block_out_channels, 32, image_size, in_channels=3, seed=seed).eval(),
-            text_encoder=_text_encoder(len(tokenizer), 32, False, seed + 2),
+            text_encoder=tiny_text_encoder(len(tokenizer), 32, False, seed + 2),
             tokenizer=tokenizer,
             scheduler=scheduler,
         )
