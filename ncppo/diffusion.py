@@ -69,8 +69,10 @@ class NoiseSchedule:
         )
 
     def sample_timesteps(self, n: int, *, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Uniform ``t ~ U{0, ..., T-1}``, as Diffusion-DPO trains."""
-        return torch.randint(0, self.num_train_timesteps, (n,), generator=generator, device=device)
+        """Uniform ``t ~ U{0, ..., T-1}``, as Diffusion-DPO trains; drawn on the generator's device
+        (a CPU generator keeps runs reproducible across devices) and moved to ``device``."""
+        draw_on = generator.device if generator is not None else device
+        return torch.randint(0, self.num_train_timesteps, (n,), generator=generator, device=draw_on).to(device)
 
     # -- per-sample coefficients, broadcast to the sample's shape ---------------------------------
     def abar(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -36,8 +36,7 @@ def noise_pairs(model, pairs: EncodedPairs, uses_loser: bool, generator=None) ->
     conditions = [pairs.condition_w] + ([pairs.condition_l] if uses_loser else [])
     k, b = len(sides), pairs.batch_size
     x0 = torch.cat(sides)
-    gen_device = generator.device if generator is not None else x0.device
-    t = model.schedule.sample_timesteps(b, device=gen_device, generator=generator).to(x0.device).repeat(k)
+    t = model.schedule.sample_timesteps(b, device=x0.device, generator=generator).repeat(k)
     eps = _randn(pairs.latents_w.shape, x0, generator).repeat(k, *([1] * (x0.ndim - 1)))
     z = _randn(pairs.latents_w.shape, x0, generator).repeat(k, *([1] * (x0.ndim - 1)))
     x_t = add_noise(model.schedule, x0, eps, t)

@@ -62,19 +62,25 @@ class PreferencePairs:
         return f"{self.source.shard_name(int(self.meta.shard[i]))} row {int(self.meta.row[i])}"
 
     # -- images ----------------------------------------------------------------------------------
-    def image_bytes(self, indices) -> list[tuple[bytes | None, bytes | None]]:
-        """``(winner, loser)`` image bytes for pairs ``indices``, reading each shard once."""
+    def read_rows(self, indices, columns: list[str] | None = None) -> list[dict]:
+        """Source rows of pairs ``indices`` (in that order) as dicts, reading each shard once."""
         indices = np.asarray(indices, dtype=np.int64)
         out: list = [None] * len(indices)
         shards = self.meta.shard[indices]
         for shard in np.unique(shards):
             positions = np.nonzero(shards == shard)[0]
-            rows = self.meta.row[indices[positions]]
-            table = self.source.rows(int(shard), rows, ["jpg_0", "jpg_1"])
-            jpg0, jpg1 = table.column("jpg_0").to_pylist(), table.column("jpg_1").to_pylist()
-            for k, pos in enumerate(positions):
-                first, second = _as_bytes(jpg0[k]), _as_bytes(jpg1[k])
-                out[pos] = (second, first) if self.meta.swapped[indices[pos]] else (first, second)
+            table = self.source.rows(int(shard), self.meta.row[indices[positions]], columns)
+            for pos, record in zip(positions, table.to_pylist()):
+                out[pos] = record
+        return out
+
+    def image_bytes(self, indices) -> list[tuple[bytes | None, bytes | None]]:
+        """``(winner, loser)`` image bytes for pairs ``indices``."""
+        indices = np.asarray(indices, dtype=np.int64)
+        out = []
+        for i, record in zip(indices, self.read_rows(indices, ["jpg_0", "jpg_1"])):
+            first, second = _as_bytes(record["jpg_0"]), _as_bytes(record["jpg_1"])
+            out.append((second, first) if self.meta.swapped[i] else (first, second))
         return out
 
     def _check_uid(self, uid: str, data: bytes, where: str) -> None:

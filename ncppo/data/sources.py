@@ -30,6 +30,7 @@ class ParquetSource:
         if not self.files:
             raise DataError(f"{path}: no parquet files found")
         self._handles: dict[int, pq.ParquetFile] = {}
+        self._group_starts: dict[int, np.ndarray] = {}
 
     @property
     def num_shards(self) -> int:
@@ -56,7 +57,9 @@ class ParquetSource:
     def rows(self, i: int, rows: np.ndarray, columns: list[str] | None = None) -> pa.Table:
         """Rows by index, reading only the row groups that hold them."""
         f = self._file(i)
-        starts = np.cumsum([0] + [f.metadata.row_group(g).num_rows for g in range(f.num_row_groups)])
+        if i not in self._group_starts:  # read for every batch: compute once per file
+            self._group_starts[i] = np.cumsum([0] + [f.metadata.row_group(g).num_rows for g in range(f.num_row_groups)])
+        starts = self._group_starts[i]
         groups = np.unique(np.searchsorted(starts, rows, side="right") - 1)
         table = f.read_row_groups(list(groups), columns=columns)
         offsets = np.concatenate([[0], np.cumsum([starts[g + 1] - starts[g] for g in groups])])

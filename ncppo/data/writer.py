@@ -28,10 +28,9 @@ SIDE_COLUMNS = (("jpg_0", "jpg_1"), ("image_0_uid", "image_1_uid"), ("image_0_ur
 def _synthetic_rows(pairs: PreferencePairs, synthetic: np.ndarray, schema: pa.Schema) -> pa.Table:
     """Rows ``x > z`` built from x's row (its winner side) and z's row (its loser side)."""
     meta = pairs.meta
+    rows = pairs.read_rows(synthetic.reshape(-1))  # one read per shard, not two per pair
     records = []
-    for winner_idx, loser_idx in synthetic:
-        w = pairs.source.rows(int(meta.shard[winner_idx]), np.array([meta.row[winner_idx]])).to_pylist()[0]
-        lo = pairs.source.rows(int(meta.shard[loser_idx]), np.array([meta.row[loser_idx]])).to_pylist()[0]
+    for (winner_idx, loser_idx), w, lo in zip(synthetic, rows[0::2], rows[1::2]):
         w_side = 1 if meta.swapped[winner_idx] else 0
         l_side = 0 if meta.swapped[loser_idx] else 1  # the loser of that row
         record = dict(w)  # caption, user, time: x's comparison

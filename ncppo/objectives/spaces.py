@@ -80,8 +80,7 @@ class PerceptualSpace:
             t_enc = (batch.t - 1).clamp(min=0)
             return t_enc, lambda eps_hat: reverse_step(schedule, batch.x_t, eps_hat, batch.t, batch.z)
         if offset is None:
-            n, device = batch.t.shape[0], batch.t.device
-            t_enc = schedule.sample_timesteps(n, generator=batch.generator, device=_gen_device(batch)).to(device)
+            t_enc = schedule.sample_timesteps(batch.t.shape[0], device=batch.t.device, generator=batch.generator)
         else:
             t_enc = (batch.t - offset).clamp(min=0)
 
@@ -112,7 +111,3 @@ class PerceptualSpace:
         if eps_ref is not None:
             reference = self.encoder.distance([f[n:] for f in frozen_feats], target)
         return policy, reference
-
-
-def _gen_device(batch: NoisedBatch):
-    return batch.generator.device if batch.generator is not None else batch.t.device

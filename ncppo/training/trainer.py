@@ -128,6 +128,7 @@ class Trainer:
             self.pairs = PreferencePairs(cfg.data.source, tie_policy=cfg.data.tie_policy)
             self.cache = None
         self._epoch_plan: tuple[int, list] | None = None
+        self._per_epoch = len(self._local_plan(0))  # batches per epoch and process (every epoch alike)
         if cfg.data.prompt_dropout > 0:
             self.empty_embeds = model.encode_prompts([""])
 
@@ -146,8 +147,6 @@ class Trainer:
 
     def _batch(self, micro_index: int):
         cfg = self.config
-        if not hasattr(self, "_per_epoch"):
-            self._per_epoch = len(self._local_plan(0))
         epoch, k = divmod(micro_index, self._per_epoch)
         item = self._local_plan(epoch)[k]
         if self.cache is not None:
