@@ -6,17 +6,6 @@ import argparse
 import sys
 
 
-def _demo(args) -> int:
-    from ncppo.demo import DemoConfig, run_demo
-
-    cfg = DemoConfig(out_dir=args.out, objective=args.objective, steps=args.steps, seed=args.seed)
-    if args.quick:
-        cfg.steps, cfg.batch_size = min(cfg.steps, 4), 2
-    report = run_demo(cfg)
-    print(f"report: {report}")
-    return 0
-
-
 def _tiny_model(args) -> int:
     from ncppo.models.tiny import save_tiny_pipeline
 
@@ -45,18 +34,8 @@ def _objectives(_args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ncppo.objectives import OBJECTIVE_NAMES
-
     parser = argparse.ArgumentParser(prog="ncppo", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-
-    demo = sub.add_parser("demo", help="end to end on a tiny offline pipeline, with a report")
-    demo.add_argument("--out", default="outputs/demo", help="output folder (default: outputs/demo)")
-    demo.add_argument("--objective", default="ncp-dpo", choices=OBJECTIVE_NAMES)
-    demo.add_argument("--steps", type=int, default=30)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--quick", action="store_true", help="a few steps only (used by the tests)")
-    demo.set_defaults(func=_demo)
 
     tiny = sub.add_parser("tiny-model", help="save a tiny SD1.5-/SDXL-class pipeline (random weights) to a folder")
     tiny.add_argument("out_dir")
@@ -75,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     objectives.set_defaults(func=_objectives)
 
     from ncppo.data.cli import add_data_commands
+    from ncppo.toy.cli import add_toy_commands
 
+    add_toy_commands(sub)
     add_data_commands(sub)
     return parser
 

@@ -31,6 +31,15 @@ def test_tokenizer_is_offline_and_covers_every_byte():
     assert tok.unk_token_id not in ids[1 : ids.index(tok.eos_token_id)]
 
 
+def test_tokenizer_training_is_deterministic():
+    # the BPE trainer numbers its alphabet in hash-set order; a cached base model keyed by its config
+    # must not get other token ids on another run
+    corpus = [f"a {c} {s} on a {b} background" for c in ("red", "green", "black") for s in ("circle", "square")
+              for b in ("white", "blue")]
+    vocabs = [train_clip_tokenizer(corpus, vocab_size=300).get_vocab() for _ in range(4)]
+    assert all(v == vocabs[0] for v in vocabs[1:])
+
+
 def test_tiny_pipelines_save_and_load(tiny_pipeline_dirs, kind):
     path = tiny_pipeline_dirs[kind]
     assert (path / "model_index.json").is_file()

@@ -41,11 +41,35 @@ def train_clip_tokenizer(corpus: Iterable[str] | None = None, vocab_size: int = 
     from transformers import CLIPTokenizer
 
     base = CLIPTokenizer(model_max_length=model_max_length)
-    return base.train_new_from_iterator(
+    trained = base.train_new_from_iterator(
         list(corpus) if corpus is not None else default_corpus(),
         vocab_size=vocab_size,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte is in the vocabulary: no unknowns
     )
+    return _canonical_ids(trained)
+
+
+def _canonical_ids(tokenizer):
+    """The same tokenizer with deterministic token ids. The BPE trainer gives the alphabet's tokens (e.g.
+    ``d</w>``) ids in hash-set order, which changes from run to run; merges name tokens by text, so
+    sorting the ids of the non-merged tokens by text changes nothing else."""
+    import json
+    import tempfile
+
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        path = Path(tmp) / "tokenizer.json"
+        data = json.loads(path.read_text())
+        vocab = data["model"]["vocab"]
+        merged = {"".join(m) if isinstance(m, list) else m.replace(" ", "") for m in data["model"]["merges"]}
+        special = {t["content"] for t in data["added_tokens"]}
+        alphabet = sorted((t for t in vocab if t not in merged and t not in special), key=lambda t: vocab[t])
+        for token, new_id in zip(sorted(alphabet), [vocab[t] for t in alphabet]):
+            vocab[token] = new_id
+        path.write_text(json.dumps(data))
+        return CLIPTokenizer.from_pretrained(tmp, model_max_length=tokenizer.model_max_length)
 
 
 def tiny_text_encoder(vocab_size: int, hidden: int, with_projection: bool, seed: int):

@@ -63,12 +63,14 @@ def simulate_votes(pools: dict[str, Sequence[PooledImage]], cfg: AnnotatorConfig
 
 def build_pools(captions: Sequence[str], generate: Callable[[list[str], int, float], np.ndarray],
                 reward: Callable, images_per_prompt: int = 4, guidance_scales: Sequence[float] = (3.0, 1.5),
-                seed: int = 0) -> tuple[dict[str, list[PooledImage]], dict[str, bytes]]:
+                seed: int = 0, progress: bool = False) -> tuple[dict[str, list[PooledImage]], dict[str, bytes]]:
     """Sample ``images_per_prompt`` images per caption, split over the generators (guidance scales), and
     score them. ``generate(captions, seed, guidance)`` returns uint8 images ``(n, H, W, 3)``."""
     pools: dict[str, list[PooledImage]] = {c: [] for c in captions}
     images: dict[str, bytes] = {}
-    for k in range(images_per_prompt):
+    from tqdm.auto import tqdm
+
+    for k in tqdm(range(images_per_prompt), desc="sample image pools", unit="draw", disable=not progress):
         guidance = guidance_scales[k % len(guidance_scales)]
         batch = generate(list(captions), seed * 1000 + k, guidance)
         scores = reward(batch, list(captions))
@@ -79,15 +81,20 @@ def build_pools(captions: Sequence[str], generate: Callable[[list[str], int, flo
     return pools, images
 
 
-def pipeline_generator(pipe, num_inference_steps: int = 20):
-    """Adapt a text-to-image pipeline to ``build_pools``: one fixed seed per (caption, draw)."""
+def pipeline_generator(pipe, num_inference_steps: int = 20, batch_size: int = 56):
+    """Adapt a text-to-image pipeline to ``build_pools``: one fixed seed per (caption, draw). Batches of
+    ~56 run faster on CPU than one batch of every caption (cache-sized activations)."""
     import torch
 
     def generate(captions: list[str], seed: int, guidance: float) -> np.ndarray:
-        generators = [torch.Generator().manual_seed(seed * 100_003 + i) for i in range(len(captions))]
-        images = pipe(captions, num_inference_steps=num_inference_steps, guidance_scale=guidance,
-                      output_type="np", generator=generators).images
-        return (np.asarray(images) * 255).round().astype(np.uint8)
+        out = []
+        for start in range(0, len(captions), batch_size):
+            chunk = captions[start:start + batch_size]
+            generators = [torch.Generator().manual_seed(seed * 100_003 + start + i) for i in range(len(chunk))]
+            images = pipe(chunk, num_inference_steps=num_inference_steps, guidance_scale=guidance,
+                          output_type="np", generator=generators).images
+            out.append((np.asarray(images) * 255).round().astype(np.uint8))
+        return np.concatenate(out)
 
     return generate
 

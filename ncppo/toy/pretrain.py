@@ -22,7 +22,7 @@ from ncppo.diffusion import NoiseSchedule, add_noise
 from ncppo.io import atomic_directory
 from ncppo.toy.world import all_scenes, render, sample_scenes
 
-FORMAT_VERSION = 1  # bump when the pretraining recipe changes: old caches are then not reused
+FORMAT_VERSION = 2  # bump when the pretraining recipe changes: old caches are then not reused
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ QUICK = PretrainConfig(block_out_channels=(16, 32), layers_per_block=1, steps=30
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("NCPPO_CACHE", Path.home() / ".cache" / "ncppo"))
+    return Path(os.environ.get("NCPPO_CACHE") or Path.home() / ".cache" / "ncppo")  # empty means unset
 
 
 def build_base_pipeline(cfg: PretrainConfig):

@@ -1,0 +1,109 @@
+"""The toy world end to end at ``--quick`` sizes, and its stage bookkeeping."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from ncppo.cli import main
+from ncppo.data.filter import dataset_stats
+from ncppo.data.pairs import PreferencePairs
+from ncppo.evaluation import paired_win_rate
+from ncppo.toy.config import QUICK_CONFIG, ToyConfig, toy_config_from_dict
+from ncppo.toy.oracle import OracleReward
+from ncppo.toy.stages import STAGES, ToyWorld, slug
+
+
+@pytest.fixture(scope="module")
+def quick_world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("NCPPO_CACHE", str(root / "cache"))  # a fresh machine: the base model is pretrained here
+    try:
+        assert main(["demo", "--quick", "--out", str(root / "demo")]) == 0
+    finally:
+        mp.undo()
+    return root / "demo"
+
+
+def test_quick_demo_writes_every_stage_and_the_report(quick_world):
+    out = quick_world
+    assert list(json.loads((out / "stages.json").read_text())) == list(STAGES)
+    for figure in ("curves.png", "win_rates.png", "samples.png"):
+        assert (out / "figures" / figure).stat().st_size > 1000
+    assert (out / "base_model" / "model_index.json").is_file()  # the link configs/toy/*.yaml train from
+    for method in QUICK_CONFIG.train.methods:
+        assert (out / "runs" / "filtered" / method / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_the_reports_numbers_are_computed_from_the_runs(quick_world):
+    out = quick_world
+    report = (out / "report.md").read_text()
+    results = json.loads((out / "eval" / "results.json").read_text())
+    oracle = OracleReward()
+    for name, record in results["models"].items():
+        saved = np.load(out / "eval" / "images" / f"{slug(name)}.npz")
+        prompts = [results_prompt for results_prompt in _prompts(results, saved["prompt_ids"])]
+        rescored = oracle(saved["images"], prompts)  # the images on disk give the rewards in the report
+        np.testing.assert_allclose(rescored, record["rewards"])
+        assert f"| {name} | {rescored.mean():.4f} |" in report
+    for row in results["comparisons"]:
+        a, b = results["models"][row["a"]], results["models"][row["b"]]
+        win = paired_win_rate(a["rewards"], b["rewards"], groups=a["prompt_ids"], n_boot=QUICK_CONFIG.eval.bootstrap)
+        assert (win.rate, win.low, win.high) == (row["rate"], row["low"], row["high"])
+        assert f"| {row['b']} vs {row['a']} | {row['kind']} | {100 * win.rate:.1f}% " in report
+    for method in QUICK_CONFIG.train.methods:
+        steps = json.loads((out / "runs" / "filtered" / method / "summary.json").read_text())["steps"]
+        assert re.search(rf"\| filtered/{method} \| {steps} \|", report)
+    pairs = dataset_stats(PreferencePairs(out / "pairs", tie_policy="keep").meta)
+    assert f"- {pairs['rows']} rows over {pairs['prompts']} prompts: {pairs['pairs']} decided pairs and " \
+           f"{pairs['ties']} ties" in report
+    kept = len(PreferencePairs(out / "filtered").meta)
+    assert f"- kept {kept} pairs over" in report
+
+
+def _prompts(results, prompt_ids):
+    from ncppo.toy.world import all_scenes
+
+    captions = [s.caption for s in all_scenes()]
+    return [captions[i] for i in prompt_ids]
+
+
+def test_curves_start_at_the_base_model_and_follow_training_time(quick_world):
+    results = json.loads((quick_world / "eval" / "results.json").read_text())
+    for name, points in results["curves"].items():
+        assert points[0]["train_seconds"] == 0.0 and points[0]["step"] == 0
+        seconds = [p["train_seconds"] for p in points]
+        assert seconds == sorted(seconds) and len(points) >= 2
+        assert points[-1]["step"] == json.loads((quick_world / "runs" / name / "summary.json").read_text())["steps"]
+
+
+def test_a_stage_reruns_only_when_its_inputs_change(quick_world, tmp_path):
+    world = ToyWorld(quick_world, QUICK_CONFIG)
+    assert all(world._fresh(stage) for stage in STAGES)
+    changed = ToyWorld(quick_world, toy_config_from_dict({"eval": {"guidance_scale": 2.0}}, QUICK_CONFIG))
+    assert [s for s in STAGES if changed._fresh(s)] == ["pretrain", "pairs", "filter", "train"]
+    retrain = ToyWorld(quick_world, toy_config_from_dict({"train": {"learning_rate": 1e-4}}, QUICK_CONFIG))
+    assert [s for s in STAGES if retrain._fresh(s)] == ["pretrain", "pairs", "filter"]
+    with pytest.raises(FileNotFoundError, match="ncppo toy pairs"):
+        ToyWorld(tmp_path / "empty", QUICK_CONFIG).run(stages=("filter",))
+
+
+def test_toy_config_errors_name_the_key(tmp_path, capsys):
+    with pytest.raises(ValueError, match=r"toy config.train: unknown key\(s\) \['lr'\]"):
+        toy_config_from_dict({"train": {"lr": 1}})
+    assert toy_config_from_dict({"pairs": {"guidance_scales": [2, 1]}}).pairs.guidance_scales == (2, 1)
+    assert toy_config_from_dict({}) == ToyConfig()
+    assert main(["toy", "train", "--out", str(tmp_path), "train.bogus=1"]) == 2
+    assert "bogus" in capsys.readouterr().err
+
+
+def test_the_shipped_world_config_is_the_default():
+    from pathlib import Path
+
+    from ncppo.toy.cli import load_toy_config
+
+    path = Path(__file__).parents[1] / "configs" / "world" / "toy.yaml"
+    assert load_toy_config(str(path), [], quick=False) == ToyConfig()
+    assert load_toy_config(str(path), ["train.minutes_per_run=2"], quick=False).train.minutes_per_run == 2
