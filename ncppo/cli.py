@@ -54,10 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     objectives.set_defaults(func=_objectives)
 
     from ncppo.data.cli import add_data_commands
+    from ncppo.evaluation.cli import add_eval_commands
     from ncppo.toy.cli import add_toy_commands
 
     add_toy_commands(sub)
     add_data_commands(sub)
+    add_eval_commands(sub)
     return parser
 
 

@@ -37,10 +37,13 @@ def save_reward_curves(curves: dict[str, list[dict]], path: str | Path, ylabel: 
     """Reward against training time, one line per run (points: ``train_seconds``, ``mean``): the paper's Fig 4."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
+    colours: dict[str, str] = {}
     for name, points in curves.items():
-        dashed = "ncp-" not in name  # noise-space baselines dashed, NCP solid
-        ax.plot([p["train_seconds"] for p in points], [p["mean"] for p in points], "--o" if dashed else "-o",
-                label=name, markersize=3)
+        # X and NCP-X share a colour (by method and data); noise space dashed, NCP solid
+        family = name.replace("ncp-", "")
+        colour = colours.setdefault(family, f"C{len(colours) % 10}")
+        ax.plot([p["train_seconds"] for p in points], [p["mean"] for p in points], "-o" if "ncp-" in name else "--o",
+                color=colour, label=name, markersize=3)
     if baseline is not None:
         ax.axhline(baseline, color="grey", linewidth=0.8, label="base model")
     ax.set_xlabel("training time (s)")

@@ -20,6 +20,21 @@ def tiny_pipeline_dirs(tmp_path_factory):
     return {kind: save_tiny_pipeline(root / kind, kind) for kind in ("sd15", "sdxl")}
 
 
+@pytest.fixture(scope="session")
+def quick_world(tmp_path_factory):
+    """``ncppo demo --quick`` run once per session in a fresh cache: the toy world's folder."""
+    from ncppo.cli import main
+
+    root = tmp_path_factory.mktemp("toy")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("NCPPO_CACHE", str(root / "cache"))  # a fresh machine: the base model is pretrained here
+    try:
+        assert main(["demo", "--quick", "--out", str(root / "demo")]) == 0
+    finally:
+        mp.undo()
+    return root / "demo"
+
+
 @pytest.fixture(params=["sd15", "sdxl"])
 def kind(request):
     return request.param

@@ -62,3 +62,19 @@ def test_reward_interface_and_errors():
         reward(images, [s.caption for s in scenes[:2]])
     with pytest.raises(ValueError, match=r"expected an \(H, W, 3\) image"):
         score_components(np.zeros((32, 32)), scenes[0].caption)
+
+
+def test_captions_outside_the_world_are_read_loosely():
+    from ncppo.toy.oracle import caption_requirements
+
+    assert caption_requirements("a red circle on a blue background") == {
+        "object_colour": "red", "background": "blue", "shape": "circle"}
+    assert caption_requirements("Two red squares on a white background, oil painting") == {
+        "object_colour": "red", "background": "white", "shape": "square"}
+    assert caption_requirements("a black dog chasing a frisbee") == {"object_colour": "black"}
+    assert caption_requirements("bond") == {}
+    rng = np.random.default_rng(0)
+    red = render(Scene("red", "circle", "blue"), rng=rng)
+    assert oracle_score(red, "a red sports car") > oracle_score(red, "a green sports car")
+    only_quality = score_components(red, "a sunset")
+    assert set(only_quality) == {"quality"} and oracle_score(red, "a sunset") == only_quality["quality"]

@@ -15,18 +15,6 @@ from ncppo.toy.oracle import OracleReward
 from ncppo.toy.stages import STAGES, ToyWorld, slug
 
 
-@pytest.fixture(scope="module")
-def quick_world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("toy")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("NCPPO_CACHE", str(root / "cache"))  # a fresh machine: the base model is pretrained here
-    try:
-        assert main(["demo", "--quick", "--out", str(root / "demo")]) == 0
-    finally:
-        mp.undo()
-    return root / "demo"
-
-
 def test_quick_demo_writes_every_stage_and_the_report(quick_world):
     out = quick_world
     assert list(json.loads((out / "stages.json").read_text())) == list(STAGES)

@@ -1,8 +1,8 @@
 """Rewards behind one interface: ``reward(images, prompts) -> np.ndarray`` of one score per image.
 
-Images are uint8 arrays ``(H, W, 3)``. The toy world's oracle is the first implementation; reward models
-that load local weights (PickScore, HPSv2, ...) register here too, so scoring, win rates and curves
-never depend on which reward produced the numbers.
+Images are uint8 arrays ``(H, W, 3)``. Every reward model loads from local files (``weights``), never a
+hub: ``oracle`` (the toy world's programmatic judge, no weights), ``pickscore``, ``clip``, ``aesthetic``,
+``hpsv2`` (``ncppo.evaluation.clip_rewards``) and ``imagereward`` (when its package is installed).
 """
 
 from __future__ import annotations
@@ -28,7 +28,46 @@ def _oracle(weights: str | None = None) -> Reward:
     return OracleReward()
 
 
-_FACTORIES: dict[str, Callable[..., Reward]] = {"oracle": _oracle}
+def _clip_family(cls_name: str):
+    def make(weights: str | None) -> Reward:
+        from ncppo.evaluation import clip_rewards
+
+        return getattr(clip_rewards, cls_name).from_dir(weights)
+
+    return make
+
+
+def _image_reward(weights: str | None) -> Reward:
+    try:
+        import ImageReward as image_reward  # noqa: N813 (the package's own name)
+    except ImportError as err:
+        raise ValueError("reward 'imagereward' needs the ImageReward package (pip install image-reward); "
+                         "it is optional and not installed") from err
+    from ncppo.evaluation.clip_rewards import _require_dir
+
+    path = _require_dir(weights, "imagereward", "the ImageReward.pt checkpoint (and med_config.json beside it)")
+    model = image_reward.load(str(path), med_config=str(path.parent / "med_config.json"))
+
+    class _ImageReward:
+        name = "imagereward"
+
+        def __call__(self, images, prompts) -> np.ndarray:
+            from PIL import Image
+
+            return np.array([model.score(p, [Image.fromarray(np.asarray(i))]) for i, p in zip(images, prompts)],
+                            dtype=np.float64)
+
+    return _ImageReward()
+
+
+_FACTORIES: dict[str, Callable[..., Reward]] = {
+    "oracle": _oracle,
+    "pickscore": _clip_family("PickScore"),
+    "clip": _clip_family("ClipReward"),
+    "aesthetic": _clip_family("AestheticScore"),
+    "hpsv2": _clip_family("HPSv2"),
+    "imagereward": _image_reward,
+}
 REWARD_NAMES = tuple(_FACTORIES)
 
 

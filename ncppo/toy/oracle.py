@@ -4,10 +4,15 @@ It reads an image the way a tiny model draws it (soft, blobby): the background c
 the border, the object is whatever differs from it, its colour is the mean over that region, its shape
 is told by how much of its bounding box it fills (circle ~0.79, square ~1, triangle ~0.5), and quality
 is the absence of pixel noise (the mean absolute Laplacian away from the object's edge).
+
+A caption outside the world's grammar (e.g. a PartiPrompts line) is read loosely: the first colour word is
+the object's colour, a colour word before "background" the background's, the first shape word the shape;
+terms it does not name are left out and the weights of the others renormalised (quality always counts).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,9 +50,28 @@ def _colour_score(rgb: np.ndarray, name: str) -> float:
     return float(np.exp(-np.linalg.norm(rgb - np.array(COLOURS[name], dtype=np.float32)) / COLOUR_SCALE))
 
 
+def caption_requirements(caption: str) -> dict[str, str]:
+    """What a caption asks for: ``object_colour``, ``background``, ``shape`` (only those it names)."""
+    try:
+        scene = Scene.parse(caption)
+        return {"object_colour": scene.object_colour, "background": scene.background, "shape": scene.shape}
+    except ValueError:
+        pass
+    words = re.findall(r"[a-z]+", caption.lower())
+    found = {}
+    for i, word in enumerate(words):
+        if word in COLOURS and i + 1 < len(words) and words[i + 1] == "background":
+            found.setdefault("background", word)
+        elif word in COLOURS:
+            found.setdefault("object_colour", word)
+        elif word.rstrip("s") in SHAPES:
+            found.setdefault("shape", word.rstrip("s"))
+    return found
+
+
 def score_components(image: np.ndarray, caption: str) -> dict[str, float]:
-    """Per-term scores in [0, 1] of one ``(H, W, 3)`` uint8 image against a toy-world caption."""
-    scene = Scene.parse(caption)
+    """Per-term scores in [0, 1] of one ``(H, W, 3)`` uint8 image for the terms ``caption`` names (and quality)."""
+    wanted = caption_requirements(caption)
     img = np.asarray(image, dtype=np.float32)
     if img.ndim != 3 or img.shape[2] != 3:
         raise ValueError(f"expected an (H, W, 3) image, got shape {img.shape}")
@@ -58,18 +82,22 @@ def score_components(image: np.ndarray, caption: str) -> dict[str, float]:
     background = np.median(smooth[ring], axis=0)
     foreground = np.linalg.norm(smooth - background, axis=2) > FOREGROUND_DISTANCE
     foreground &= ~ring
-    scores = {"background": _colour_score(background, scene.background)}
+    scores = {}
+    if "background" in wanted:
+        scores["background"] = _colour_score(background, wanted["background"])
     if foreground.sum() < 0.02 * h * w:  # no object drawn
-        scores.update(object_colour=0.0, shape=0.0)
+        scores.update({k: 0.0 for k in ("object_colour", "shape") if k in wanted})
     else:
         # object in both the raw and the smoothed image: no noise specks, no blurred edge blends
         core = foreground & (np.linalg.norm(img - background, axis=2) > FOREGROUND_DISTANCE)
         core = core if core.any() else foreground
-        scores["object_colour"] = _colour_score(img[core].mean(axis=0), scene.object_colour)
-        ys, xs = np.nonzero(foreground)
-        fill = foreground.sum() / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
-        likelihood = {s: np.exp(-abs(fill - EXPECTED_FILL[s]) / 0.08) for s in SHAPES}
-        scores["shape"] = float(likelihood[scene.shape] / sum(likelihood.values()))
+        if "object_colour" in wanted:
+            scores["object_colour"] = _colour_score(img[core].mean(axis=0), wanted["object_colour"])
+        if "shape" in wanted:
+            ys, xs = np.nonzero(foreground)
+            fill = foreground.sum() / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
+            likelihood = {s: np.exp(-abs(fill - EXPECTED_FILL[s]) / 0.08) for s in SHAPES}
+            scores["shape"] = float(likelihood[wanted["shape"]] / sum(likelihood.values()))
     grey = img.mean(axis=2)
     laplacian = np.abs(4 * grey[1:-1, 1:-1] - grey[:-2, 1:-1] - grey[2:, 1:-1] - grey[1:-1, :-2] - grey[1:-1, 2:])
     outline = _dilate(_dilate(foreground) & _dilate(~foreground))  # the object's edge is not noise
@@ -79,9 +107,9 @@ def score_components(image: np.ndarray, caption: str) -> dict[str, float]:
 
 
 def oracle_score(image: np.ndarray, caption: str, weights: OracleWeights = OracleWeights()) -> float:
-    """The weighted sum of :func:`score_components` (weights sum to 1, so the score lies in [0, 1])."""
+    """The weighted mean of :func:`score_components` over the terms scored, so the score lies in [0, 1]."""
     parts = score_components(image, caption)
-    total = weights.object_colour + weights.background + weights.shape + weights.quality
+    total = sum(getattr(weights, k) for k in parts)
     return sum(getattr(weights, k) * v for k, v in parts.items()) / total
 
 

@@ -1,0 +1,143 @@
+"""``ncppo generate | score | compare | curve``: evaluation of real (or toy) models from the command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+SCHEDULERS = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "pndm": "PNDMScheduler", "euler": "EulerDiscreteScheduler",
+              "euler-a": "EulerAncestralDiscreteScheduler", "dpm++": "DPMSolverMultistepScheduler",
+              "unipc": "UniPCMultistepScheduler"}
+
+
+def _spec(args, prompts):
+    from ncppo.evaluation.generation import GenerationSpec
+
+    return GenerationSpec(tuple(prompts.prompts), args.images_per_prompt, args.seed, args.steps, args.guidance,
+                          args.batch_size, args.height, args.width)
+
+
+def _load(args):
+    import diffusers
+    import torch
+
+    from ncppo.models.loading import load_pipeline
+
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    pipe = load_pipeline(args.model, torch_dtype=dtype)
+    if args.scheduler:
+        pipe.scheduler = getattr(diffusers, SCHEDULERS[args.scheduler]).from_config(pipe.scheduler.config)
+    if args.lora:
+        if not Path(args.lora).exists():
+            raise FileNotFoundError(f"--lora {args.lora} does not exist")
+        pipe.load_lora_weights(args.lora)
+    return pipe.to("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _generate(args) -> int:
+    from ncppo.evaluation.image_sets import generate_image_set
+    from ncppo.evaluation.prompts import load_prompts
+
+    prompts = load_prompts(args.prompts, limit=args.limit)
+    counts = generate_image_set(_load(args), prompts, args.out, _spec(args, prompts), model=str(args.model),
+                                lora=str(args.lora or ""), settings={"scheduler": args.scheduler or "default",
+                                                                     "dtype": args.dtype})
+    print(f"{args.out}: {counts['generated']} generated, {counts['reused']} already there, {counts['total']} in all")
+    return 0
+
+
+def _score(args) -> int:
+    from ncppo.evaluation.rewards import make_reward
+    from ncppo.evaluation.scoring import score_image_set
+
+    reward = make_reward(args.reward, args.weights)
+    for folder in args.dirs:
+        print(f"scores: {score_image_set(folder, reward, args.weights, batch_size=args.batch_size)}")
+    return 0
+
+
+def _compare(args) -> int:
+    from ncppo.evaluation.scoring import compare_image_sets, comparison_markdown
+    from ncppo.io import atomic_write_text
+
+    result = compare_image_sets(args.a, args.b, args.reward or None, n_boot=args.bootstrap)
+    if args.json:
+        atomic_write_text(args.json, json.dumps(result, indent=1))
+    print(comparison_markdown(result), end="")
+    return 0
+
+
+def _curve(args) -> int:
+    from ncppo.evaluation.curves import run_curves
+    from ncppo.evaluation.prompts import load_prompts
+    from ncppo.evaluation.rewards import make_reward
+
+    prompts = load_prompts(args.prompts, limit=args.limit)
+    curves = run_curves(args.runs, prompts, _spec(args, prompts), make_reward(args.reward, args.weights), args.out,
+                        args.weights)
+    for name, points in curves.items():
+        print(name + ": " + ", ".join(f"{p['train_seconds']:.0f}s {p['mean']:.4f}" for p in points))
+    print(f"plot: {Path(args.out) / 'curves.png'}")
+    return 0
+
+
+def _report(args) -> int:
+    from ncppo.evaluation.report import write_eval_report
+
+    print(f"report: {write_eval_report(args.sets, args.out, args.label, args.curves)}")
+    return 0
+
+
+def _sampling_options(p) -> None:
+    p.add_argument("--prompts", required=True, help=".txt (one a line), .csv/.tsv (a prompt column) or .json")
+    p.add_argument("--limit", type=int, help="only the first N prompts")
+    p.add_argument("--images-per-prompt", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0, help="seeds per (prompt, image) derive from it: equal across models")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+
+
+def add_eval_commands(sub) -> None:
+    from ncppo.evaluation.rewards import REWARD_NAMES
+
+    gen = sub.add_parser("generate", help="images for a prompt file, paired by seed across models (resumable)")
+    gen.add_argument("--model", required=True, help="a diffusers pipeline folder")
+    gen.add_argument("--lora", help="a LoRA folder (diffusers format, e.g. a run's lora/)")
+    gen.add_argument("--out", required=True)
+    gen.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="default: the pipeline's own")
+    gen.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
+    _sampling_options(gen)
+    gen.set_defaults(func=_generate)
+
+    score = sub.add_parser("score", help="score generated images with a reward model from local weights")
+    score.add_argument("--reward", required=True, choices=REWARD_NAMES)
+    score.add_argument("--weights", help="the reward's local weights (a folder or file; see the README)")
+    score.add_argument("--batch-size", type=int, default=32)
+    score.add_argument("dirs", nargs="+", help="ncppo generate output folders")
+    score.set_defaults(func=_score)
+
+    compare = sub.add_parser("compare", help="paired win rates of B over A per reward, with bootstrap intervals")
+    compare.add_argument("a")
+    compare.add_argument("b")
+    compare.add_argument("--reward", action="append", help="only these rewards (default: every reward both have)")
+    compare.add_argument("--bootstrap", type=int, default=2000)
+    compare.add_argument("--json", help="also write the full result here")
+    compare.set_defaults(func=_compare)
+
+    curve = sub.add_parser("curve", help="reward against training time from runs' checkpoints (the paper's Fig 4)")
+    curve.add_argument("runs", nargs="+", help="ncppo train output folders")
+    curve.add_argument("--reward", required=True, choices=REWARD_NAMES)
+    curve.add_argument("--weights")
+    curve.add_argument("--out", required=True)
+    _sampling_options(curve)
+    curve.set_defaults(func=_curve)
+
+    report = sub.add_parser("report", help="Markdown + PNG + self-contained HTML for generated, scored image sets")
+    report.add_argument("sets", nargs="+", help="ncppo generate folders; the first is the baseline")
+    report.add_argument("--out", required=True)
+    report.add_argument("--label", action="append", help="a display name per set, in order")
+    report.add_argument("--curves", help="an ncppo curve output folder to include")
+    report.set_defaults(func=_report)

@@ -1,0 +1,135 @@
+"""Generated image sets on disk: ``ncppo generate``'s folder layout, written resumably and read back.
+
+``OUT/images/p{prompt:05d}-i{image:02d}.png`` plus ``OUT/manifest.jsonl`` (one row per image: id, prompt,
+its metadata, prompt and image index, seed, model, LoRA, path) and ``OUT/generation.json`` (the settings).
+Images are written atomically and the manifest is rewritten atomically after every batch, so a killed
+run leaves only whole images; a rerun with the same settings skips the images that exist and decode,
+and a rerun with other settings is refused (it would mix two generations in one folder).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ncppo.evaluation.generation import GenerationSpec
+from ncppo.evaluation.prompts import PromptSet
+from ncppo.io import atomic_write_text
+
+MANIFEST = "manifest.jsonl"
+SETTINGS = "generation.json"
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    id: str
+    prompt: str
+    prompt_index: int
+    image_index: int
+    seed: int
+    path: str  # relative to the folder
+    model: str = ""
+    lora: str = ""
+    metadata: dict | None = None
+
+
+def image_id(prompt_index: int, image_index: int) -> str:
+    return f"p{prompt_index:05d}-i{image_index:02d}"
+
+
+def read_manifest(folder: str | Path) -> list[ImageRecord]:
+    """The manifest's rows; a missing or unreadable manifest is an error naming the file and line."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} has no {MANIFEST} (is it an `ncppo generate` output?)")
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        try:
+            records.append(ImageRecord(**json.loads(line)))
+        except (json.JSONDecodeError, TypeError) as err:
+            raise ValueError(f"{path}:{number}: not a manifest row ({err})") from err
+    return records
+
+
+def load_image(folder: str | Path, record: ImageRecord) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(Path(folder) / record.path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def _valid_png(path: Path) -> bool:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+        return True
+    except (OSError, SyntaxError):
+        return False
+
+
+def _save_png(array: np.ndarray, path: Path) -> None:
+    from PIL import Image
+
+    tmp = path.with_name(f".tmp-{path.name}")
+    Image.fromarray(array).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def generate_image_set(pipe, prompts: PromptSet, out_dir: str | Path, spec: GenerationSpec, *, model: str = "",
+                       lora: str = "", settings: dict | None = None, progress: bool = True) -> dict:
+    """Generate (or finish generating) ``spec`` into ``out_dir``; returns counts of made and reused images."""
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    wanted = {"spec": {k: v for k, v in asdict(spec).items() if k not in ("prompts", "batch_size")},
+              "prompt_source": prompts.source, "prompts": len(prompts), "model": model, "lora": lora, **(settings or {})}
+    settings_path = out / SETTINGS
+    if settings_path.is_file():
+        found = json.loads(settings_path.read_text())
+        if found != json.loads(json.dumps(wanted)):
+            changed = sorted(k for k in set(found) | set(wanted) if found.get(k) != json.loads(json.dumps(wanted)).get(k))
+            raise ValueError(f"{out} holds a generation with other settings ({', '.join(changed)} differ); "
+                             "use another --out or delete it")
+    else:
+        atomic_write_text(settings_path, json.dumps(wanted, indent=2))
+    records = {r.id: r for r in (read_manifest(out) if (out / MANIFEST).is_file() else [])}
+    todo, reused = [], 0
+    for p, k in spec.items():
+        rid = image_id(p, k)
+        if rid in records and _valid_png(out / records[rid].path):
+            reused += 1
+        else:
+            records.pop(rid, None)
+            todo.append((p, k))
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
+    import torch
+
+    bar = tqdm(total=len(todo), desc=f"generate {model or 'model'}", unit="img", disable=not progress)
+    for start in range(0, len(todo), spec.batch_size):
+        chunk = todo[start:start + spec.batch_size]
+        images = pipe([spec.prompts[p] for p, _ in chunk], num_inference_steps=spec.num_inference_steps,
+                      guidance_scale=spec.guidance_scale, height=spec.height, width=spec.width, output_type="np",
+                      generator=[torch.Generator().manual_seed(spec.seed_for(p, k)) for p, k in chunk]).images
+        for (p, k), image in zip(chunk, images):
+            rid = image_id(p, k)
+            rel = f"images/{rid}.png"
+            _save_png((np.asarray(image) * 255).round().astype(np.uint8), out / rel)
+            records[rid] = ImageRecord(rid, spec.prompts[p], p, k, spec.seed_for(p, k), rel, model, lora,
+                                       prompts.metadata[p] if prompts.metadata else {})
+        _write_manifest(out, records)
+        bar.update(len(chunk))
+    bar.close()
+    _write_manifest(out, records)
+    return {"generated": len(todo), "reused": reused, "total": len(records)}
+
+
+def _write_manifest(out: Path, records: dict[str, ImageRecord]) -> None:
+    rows = [json.dumps(asdict(r)) for r in sorted(records.values(), key=lambda r: (r.prompt_index, r.image_index))]
+    atomic_write_text(out / MANIFEST, "\n".join(rows) + ("\n" if rows else ""))
