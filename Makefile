@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench
+.PHONY: setup demo test lint bench browser
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,9 +23,15 @@ demo: $(STAMP)
 	$(VENV)/bin/ncppo demo
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check ncppo tests benchmarks
+	$(VENV)/bin/ruff check ncppo tests benchmarks docs
 
-test: lint
+# the study's browser test drives Debian's chromium with Playwright (no browser download needed)
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "warning: no chromium; install Debian's chromium package for tests/test_study_browser.py"
+
+test: lint browser
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

@@ -55,11 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     from ncppo.data.cli import add_data_commands
     from ncppo.evaluation.cli import add_eval_commands
+    from ncppo.study.cli import add_study_commands
     from ncppo.toy.cli import add_toy_commands
 
     add_toy_commands(sub)
     add_data_commands(sub)
     add_eval_commands(sub)
+    add_study_commands(sub)
     return parser
 
 
@@ -69,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, ModelLoadError) as err:  # user errors (DataError too): one line
+    except (ValueError, FileNotFoundError, FileExistsError, ModelLoadError) as err:  # user errors (DataError too): one line
         print(f"ncppo: error: {err}", file=sys.stderr)
         return 2
 

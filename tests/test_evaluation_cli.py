@@ -117,3 +117,20 @@ def test_curve_scores_every_checkpoint_of_runs(quick_world, tmp_path, capsys):
         assert points[-1]["mean"] == pytest.approx(np.mean(list(read_scores(last)["oracle"].values())))
     assert curves["dpo"][0] == curves["ncp-dpo"][0]  # one base model, scored once
     assert (tmp_path / "curves" / "curves.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_generate_with_sd_class_pipelines_and_another_scheduler(tiny_pipeline_dirs, kind, tmp_path):
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps(["a red circle", {"prompt": "a blue square", "style": "photo"}]))
+    args = ["generate", "--model", str(tiny_pipeline_dirs[kind]), "--prompts", str(prompts), "--steps", "2",
+            "--height", "32", "--width", "32", "--scheduler", "euler"]
+    assert main([*args, "--out", str(tmp_path / "x")]) == 0
+    assert main([*args, "--out", str(tmp_path / "y"), "--batch-size", "1"]) == 0
+    rows = read_manifest(tmp_path / "x")
+    assert [r.metadata for r in rows] == [{}, {"style": "photo"}]
+    settings = json.loads((tmp_path / "x" / "generation.json").read_text())
+    assert settings["scheduler"] == "euler" and settings["spec"]["num_inference_steps"] == 2
+    for r, r2 in zip(rows, read_manifest(tmp_path / "y")):
+        diff = np.abs(load_image(tmp_path / "x", r).astype(int) - load_image(tmp_path / "y", r2).astype(int))
+        assert diff.max() <= 1  # same seed, other batching: the same image up to float summation order

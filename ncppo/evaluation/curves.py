@@ -29,9 +29,15 @@ def _mean_score(folder: Path, reward, weights, pipe, prompts: PromptSet, spec: G
 def run_curves(run_dirs: list[str | Path], prompts: PromptSet, spec: GenerationSpec, reward, out_dir: str | Path,
                weights: str | None = None, progress: bool = True) -> dict:
     """Curves for every run; writes ``OUT/curves.json`` and ``OUT/curves.png`` and returns the curves."""
+    import yaml
+
     from ncppo.plots import save_reward_curves
 
     out = Path(out_dir)
+    bases = {str(yaml.safe_load((Path(r) / "config.yaml").read_text())["model"]["pretrained"])
+             for r in run_dirs if (Path(r) / "config.yaml").is_file()}
+    if len(bases) > 1:  # the curves share one time-0 point: the base model
+        raise ValueError(f"the runs start from different base models ({', '.join(sorted(bases))}); plot them separately")
     curves: dict[str, list[dict]] = {}
     base_mean = None
     for run in map(Path, run_dirs):

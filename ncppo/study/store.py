@@ -1,0 +1,236 @@
+"""A study's SQLite store (WAL): items, annotators, assignments and votes.
+
+Every rule that keeps the data sound lives in SQL constraints and short ``BEGIN IMMEDIATE``
+transactions, so many server threads (or processes) can share one file:
+
+- a vote is one row, unique per (item, annotator) — nobody judges an item twice — and unique per
+  ``client_id``, so a retried submission returns the first vote instead of counting again;
+- an item is handed out only while its votes plus open assignments are below ``votes_per_item``;
+- an assignment not answered within ``timeout_s`` is released and its slot given to someone else;
+- the left/right order is drawn per assignment and stored; votes are kept both as clicked (left/right)
+  and as A/B.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import secrets
+import sqlite3
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+QUESTIONS = ("q1", "q2", "q3")
+QUESTION_TEXT = {
+    "q1": "Which image do you prefer given the prompt?",
+    "q2": "Which image is more visually appealing?",  # shown without the prompt
+    "q3": "Which image better fits the text description?",
+}
+ANSWERS = ("left", "right", "tie")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS items (
+    id INTEGER PRIMARY KEY, prompt TEXT NOT NULL, seed INTEGER NOT NULL, image_a TEXT NOT NULL,
+    image_b TEXT NOT NULL, metadata TEXT NOT NULL DEFAULT '{}');
+CREATE TABLE IF NOT EXISTS annotators (
+    token TEXT PRIMARY KEY, name TEXT NOT NULL, created_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS assignments (
+    id INTEGER PRIMARY KEY, item_id INTEGER NOT NULL REFERENCES items(id),
+    annotator TEXT NOT NULL REFERENCES annotators(token), left_is_a INTEGER NOT NULL,
+    created_at REAL NOT NULL, status TEXT NOT NULL CHECK (status IN ('open', 'done', 'released')));
+CREATE INDEX IF NOT EXISTS assignments_open ON assignments(status, item_id);
+CREATE TABLE IF NOT EXISTS votes (
+    id INTEGER PRIMARY KEY, assignment_id INTEGER NOT NULL UNIQUE REFERENCES assignments(id),
+    item_id INTEGER NOT NULL REFERENCES items(id), annotator TEXT NOT NULL REFERENCES annotators(token),
+    client_id TEXT NOT NULL UNIQUE, left_is_a INTEGER NOT NULL,
+    q1 TEXT NOT NULL, q2 TEXT NOT NULL, q3 TEXT NOT NULL,            -- as clicked: left | right | tie
+    q1_ab TEXT NOT NULL, q2_ab TEXT NOT NULL, q3_ab TEXT NOT NULL,   -- as judged: A | B | tie
+    created_at REAL NOT NULL, UNIQUE (item_id, annotator));
+"""
+
+
+class StudyError(ValueError):
+    """A request the study refuses; ``status`` is the HTTP status the server answers with."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Assignment:
+    id: int
+    item_id: int
+    prompt: str
+    left_image: str
+    right_image: str
+    left_is_a: bool
+
+
+def connect(path: str | Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a committed vote survives a process crash
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+@contextmanager
+def transaction(conn: sqlite3.Connection):
+    """``BEGIN IMMEDIATE``: one writer at a time, so check-then-insert sequences cannot interleave."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+class StudyStore:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{self.path} does not exist (create the study with `ncppo study create`)")
+        self.conn = connect(self.path)
+
+    # -- creation ----------------------------------------------------------------------------------
+    @classmethod
+    def create(cls, path: str | Path, items: list[dict], votes_per_item: int = 3, timeout_s: float = 600.0,
+               study_seed: int = 0) -> StudyStore:
+        conn = connect(path)
+        conn.executescript(SCHEMA)
+        with transaction(conn):
+            for key, value in (("votes_per_item", votes_per_item), ("timeout_s", timeout_s), ("seed", study_seed),
+                               ("admin_token", secrets.token_urlsafe(24))):
+                conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, str(value)))
+            conn.executemany("INSERT INTO items (prompt, seed, image_a, image_b, metadata) VALUES (?, ?, ?, ?, ?)",
+                             [(i["prompt"], i["seed"], i["image_a"], i["image_b"], json.dumps(i.get("metadata") or {}))
+                              for i in items])
+        conn.close()
+        return cls(path)
+
+    def meta(self, key: str) -> str:
+        row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row["value"]
+
+    @property
+    def votes_per_item(self) -> int:
+        return int(self.meta("votes_per_item"))
+
+    @property
+    def timeout_s(self) -> float:
+        return float(self.meta("timeout_s"))
+
+    # -- annotators --------------------------------------------------------------------------------
+    def invite(self, n: int, prefix: str = "annotator") -> list[str]:
+        tokens = [secrets.token_urlsafe(16) for _ in range(n)]
+        with transaction(self.conn):
+            start = self.conn.execute("SELECT COUNT(*) FROM annotators").fetchone()[0]
+            self.conn.executemany("INSERT INTO annotators VALUES (?, ?, ?)",
+                                  [(t, f"{prefix}-{start + i + 1}", time.time()) for i, t in enumerate(tokens)])
+        return tokens
+
+    def annotator(self, token: str | None) -> str:
+        """The annotator's name; 401 without a token, 403 with an unknown one."""
+        if not token:
+            raise StudyError("an invite token is required (?token=...)", 401)
+        row = self.conn.execute("SELECT name FROM annotators WHERE token = ?", (token,)).fetchone()
+        if row is None:
+            raise StudyError("unknown invite token", 403)
+        return row["name"]
+
+    def check_admin(self, token: str | None) -> None:
+        if not token:
+            raise StudyError("an admin token is required", 401)
+        if not secrets.compare_digest(token, self.meta("admin_token")):
+            raise StudyError("wrong admin token", 403)
+
+    # -- assignment --------------------------------------------------------------------------------
+    def _release_expired(self, now: float) -> None:
+        self.conn.execute("UPDATE assignments SET status = 'released' WHERE status = 'open' AND created_at < ?",
+                          (now - self.timeout_s,))
+
+    def next_assignment(self, token: str, rng: random.Random | None = None) -> Assignment | None:
+        """The annotator's open assignment, or a new one on an item they have not judged; None when done."""
+        self.annotator(token)
+        now = time.time()
+        with transaction(self.conn):
+            self._release_expired(now)
+            row = self.conn.execute("SELECT id FROM assignments WHERE annotator = ? AND status = 'open'",
+                                    (token,)).fetchone()
+            if row is None:
+                # items closest to complete first, so finished items (and majority votes) accumulate early
+                item = self.conn.execute(
+                    """SELECT i.id,
+                              (SELECT COUNT(*) FROM votes v WHERE v.item_id = i.id)
+                            + (SELECT COUNT(*) FROM assignments a WHERE a.item_id = i.id AND a.status = 'open') AS taken
+                       FROM items i
+                       WHERE NOT EXISTS (SELECT 1 FROM votes v WHERE v.item_id = i.id AND v.annotator = ?)
+                       AND taken < ? ORDER BY taken DESC, i.id LIMIT 1""", (token, self.votes_per_item)).fetchone()
+                if item is None:
+                    return None
+                left_is_a = int((rng or random.SystemRandom()).random() < 0.5)
+                cur = self.conn.execute("INSERT INTO assignments (item_id, annotator, left_is_a, created_at, status) "
+                                        "VALUES (?, ?, ?, ?, 'open')", (item["id"], token, left_is_a, now))
+                row = {"id": cur.lastrowid}
+            return self._assignment(row["id"])
+
+    def _assignment(self, assignment_id: int) -> Assignment:
+        r = self.conn.execute("SELECT a.id, a.item_id, a.left_is_a, i.prompt, i.image_a, i.image_b FROM assignments a "
+                              "JOIN items i ON i.id = a.item_id WHERE a.id = ?", (assignment_id,)).fetchone()
+        a_first = bool(r["left_is_a"])
+        return Assignment(r["id"], r["item_id"], r["prompt"], r["image_a"] if a_first else r["image_b"],
+                          r["image_b"] if a_first else r["image_a"], a_first)
+
+    # -- votes -------------------------------------------------------------------------------------
+    def submit(self, token: str, assignment_id: int, client_id: str, answers: dict[str, str]) -> bool:
+        """Record a vote; returns False when ``client_id`` was already recorded (a retry: nothing changes)."""
+        self.annotator(token)
+        if not client_id or len(client_id) > 100:
+            raise StudyError("client_id must be a non-empty string of at most 100 characters")
+        for q in QUESTIONS:
+            if answers.get(q) not in ANSWERS:
+                raise StudyError(f"{q} must be one of {', '.join(ANSWERS)}, got {answers.get(q)!r}")
+        with transaction(self.conn):
+            done = self.conn.execute("SELECT annotator, assignment_id FROM votes WHERE client_id = ?", (client_id,)).fetchone()
+            if done is not None:
+                if done["annotator"] != token or done["assignment_id"] != assignment_id:
+                    raise StudyError("client_id was already used for another vote", 409)
+                return False
+            a = self.conn.execute("SELECT * FROM assignments WHERE id = ?", (assignment_id,)).fetchone()
+            if a is None or a["annotator"] != token:
+                raise StudyError(f"assignment {assignment_id} is not yours", 404)
+            if a["status"] == "done":
+                raise StudyError(f"assignment {assignment_id} was already answered", 409)
+            if a["status"] == "released" or a["created_at"] < time.time() - self.timeout_s:
+                raise StudyError(f"assignment {assignment_id} expired; fetch the next item", 409)
+            to_ab = {"tie": "tie", "left": "A" if a["left_is_a"] else "B", "right": "B" if a["left_is_a"] else "A"}
+            self.conn.execute(
+                "INSERT INTO votes (assignment_id, item_id, annotator, client_id, left_is_a, q1, q2, q3, q1_ab, q2_ab, "
+                "q3_ab, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (assignment_id, a["item_id"], token, client_id, a["left_is_a"], *(answers[q] for q in QUESTIONS),
+                 *(to_ab[answers[q]] for q in QUESTIONS), time.time()))
+            self.conn.execute("UPDATE assignments SET status = 'done' WHERE id = ?", (assignment_id,))
+        return True
+
+    # -- progress and export -----------------------------------------------------------------------
+    def progress(self, token: str) -> dict:
+        done = self.conn.execute("SELECT COUNT(*) FROM votes WHERE annotator = ?", (token,)).fetchone()[0]
+        total = self.conn.execute("SELECT COUNT(*) FROM items").fetchone()[0]
+        complete = self.conn.execute("SELECT COUNT(*) FROM (SELECT item_id FROM votes GROUP BY item_id HAVING COUNT(*) >= ?)",
+                                     (self.votes_per_item,)).fetchone()[0]
+        return {"judged_by_you": done, "items": total, "items_complete": complete}
+
+    def votes(self) -> list[dict]:
+        rows = self.conn.execute(
+            "SELECT v.*, an.name AS annotator_name, i.prompt, i.seed, i.metadata FROM votes v "
+            "JOIN items i ON i.id = v.item_id JOIN annotators an ON an.token = v.annotator ORDER BY v.id").fetchall()
+        return [{k: v for k, v in dict(r).items() if k != "annotator"} for r in rows]  # tokens stay secret
+
+    def items(self) -> list[dict]:
+        return [dict(r) for r in self.conn.execute("SELECT * FROM items ORDER BY id").fetchall()]

@@ -1,0 +1,45 @@
+"""The study from the command line: create, invite, simulate with the oracle, results."""
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+from PIL import Image
+
+from ncppo.cli import main
+from ncppo.study.create import open_study
+from ncppo.toy.oracle import OracleReward
+from ncppo.toy.world import Scene, render
+from tests.study_helpers import fake_generation
+
+
+def test_create_invite_simulate_results(tmp_path, capsys):
+    scenes = [Scene("red", "circle", "blue"), Scene("green", "square", "white"), Scene("yellow", "circle", "black"),
+              Scene("white", "square", "purple")]
+    prompts = [s.caption for s in scenes]
+    a = fake_generation(tmp_path / "a", prompts, (128, 128, 128))  # grey squares: poor on every caption
+    b = fake_generation(tmp_path / "b", prompts, (0, 0, 0))
+    rng = np.random.default_rng(0)
+    for i, scene in enumerate(scenes):  # B draws what the caption asks for
+        Image.fromarray(render(scene, 32, rng)).save(b / "images" / f"p{i:05d}-i00.png")
+    assert main(["study", "create", "--a", str(a), "--b", str(b), "--out", str(tmp_path / "s"), "--votes", "3"]) == 0
+    assert "admin token" in capsys.readouterr().out
+    assert main(["study", "invite", str(tmp_path / "s"), "--n", "2"]) == 0
+    links = capsys.readouterr().out.split()
+    assert len(links) == 2 and all(link.startswith("http://127.0.0.1:8000/?token=") for link in links)
+    assert main(["study", "simulate", str(tmp_path / "s"), "--reward", "oracle"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"annotators": 3, "votes": 12}
+    assert main(["study", "results", str(tmp_path / "s")]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads((tmp_path / "s" / "results" / "results.json").read_text())
+    oracle = OracleReward()
+    b_better = [oracle([np.asarray(Image.open(b / "images" / f"p{i:05d}-i00.png"))], [p])[0] >
+                oracle([np.full((32, 32, 3), 128, np.uint8)], [p])[0] for i, p in enumerate(prompts)]
+    assert all(b_better) and result["items_complete"] == 4
+    assert result["questions"]["q1"]["win"] == 1.0  # 3 simulated annotators with a sharp Bradley-Terry choice
+    assert "Q1 Which image do you prefer given the prompt?: B wins 100.0%" in printed
+    votes = pq.read_table(tmp_path / "s" / "results" / "votes.parquet")
+    assert votes.num_rows == 12 and (tmp_path / "s" / "results" / "results.png").stat().st_size > 1000
+    assert len(open_study(tmp_path / "s").votes()) == 12
+    assert main(["study", "create", "--a", str(a), "--b", str(b), "--out", str(tmp_path / "s")]) == 2
+    assert "already holds a study" in capsys.readouterr().err

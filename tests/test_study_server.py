@@ -1,0 +1,95 @@
+"""The study's HTTP API through Starlette's test client: tokens, votes, escaping, path traversal."""
+
+import pytest
+from starlette.testclient import TestClient
+
+from ncppo.study.create import create_study, open_study
+from ncppo.study.server import create_app
+from tests.study_helpers import fake_generation
+
+EVIL = '<img src=x onerror="alert(1)"> & </script><script>alert(2)</script>'
+
+
+@pytest.fixture
+def app(tmp_path):
+    prompts = ["a red circle on a blue background", EVIL]
+    a = fake_generation(tmp_path / "a", prompts, (200, 0, 0))
+    b = fake_generation(tmp_path / "b", prompts, (0, 0, 200))
+    store = create_study(a, b, tmp_path / "study", votes_per_item=2)
+    (tmp_path / "secret.png").write_bytes(b"not for annotators")
+    token = store.invite(1)[0]
+    return TestClient(create_app(tmp_path / "study")), store, token
+
+
+def _vote(client, token, assignment_id, client_id="c1", **answers):
+    body = {"token": token, "assignment_id": assignment_id, "client_id": client_id,
+            "q1": "left", "q2": "right", "q3": "tie", **answers}
+    return client.post("/api/vote", json=body)
+
+
+def test_next_vote_and_idempotent_retry(app):
+    client, store, token = app
+    item = client.get("/api/next", params={"token": token}).json()
+    assert item["done"] is False and item["left"].startswith("/images/")
+    assert client.get(item["left"]).headers["content-type"] == "image/png"
+    first = _vote(client, token, item["assignment_id"])
+    retry = _vote(client, token, item["assignment_id"])
+    assert first.json() == {"ok": True, "duplicate": False} and retry.json() == {"ok": True, "duplicate": True}
+    assert len(open_study(store.path.parent).votes()) == 1
+    nxt = client.get("/api/next", params={"token": token}).json()
+    assert nxt["assignment_id"] != item["assignment_id"] and nxt["progress"]["judged_by_you"] == 1
+    _vote(client, token, nxt["assignment_id"], client_id="c2")
+    assert client.get("/api/next", params={"token": token}).json()["done"] is True
+
+
+def test_tokens_are_checked(app):
+    client, store, token = app
+    assert client.get("/api/next").status_code == 401
+    assert client.get("/api/next", params={"token": "forged"}).status_code == 403
+    assert client.get("/").status_code == 401 and client.get("/?token=forged").status_code == 403
+    assert client.get("/", params={"token": token}).status_code == 200
+    item = client.get("/api/next", params={"token": token}).json()
+    assert _vote(client, "forged", item["assignment_id"]).status_code == 403
+    assert client.get("/admin/results").status_code == 401
+    assert client.get("/admin/results", params={"admin_token": token}).status_code == 403
+    admin = store.meta("admin_token")
+    assert client.get("/admin/results", params={"admin_token": admin}).json()["items"] == 2
+    invites = client.get("/admin/invites", params={"admin_token": admin}).json()
+    assert invites == [{"name": "annotator-1", "link": f"/?token={token}"}]
+
+
+def test_bad_requests_get_4xx_with_a_message(app):
+    client, _, token = app
+    item = client.get("/api/next", params={"token": token}).json()
+    cases = [
+        client.post("/api/vote", content=b"{not json"),
+        client.post("/api/vote", json=[1, 2]),
+        client.post("/api/vote", json={"token": token, "assignment_id": "7", "client_id": "x"}),
+        _vote(client, token, item["assignment_id"], q1="both"),
+        _vote(client, token, item["assignment_id"], client_id=""),
+        _vote(client, token, 99999),
+    ]
+    for response in cases:
+        assert 400 <= response.status_code < 500 and response.json()["error"], response.text
+
+
+def test_prompts_are_escaped(app):
+    client, store, token = app
+    page = client.get("/", params={"token": token}).text
+    assert "onerror" not in page and "alert(" not in page  # prompts never enter the HTML
+    assert "textContent = data.prompt" in page and "innerHTML" not in page
+    prompts = set()
+    for _ in range(2):
+        item = client.get("/api/next", params={"token": token}).json()
+        prompts.add(item["prompt"])
+        _vote(client, token, item["assignment_id"], client_id=str(item["assignment_id"]))
+    assert EVIL in prompts  # delivered intact as JSON data, displayed as text by the page
+
+
+@pytest.mark.parametrize("path", ["/images/../secret.png", "/images/..%2F..%2Fsecret.png", "/images/%2e%2e/secret.png",
+                                  "/images/../../study/study.sqlite", "/images/item00000-a.png/../../secret.png",
+                                  "/images/nothere.png", "/images/study.sqlite"])
+def test_images_cannot_escape_the_study(app, path):
+    client, _, _ = app
+    response = client.get(path)
+    assert response.status_code == 404 and b"not for annotators" not in response.content
