@@ -51,6 +51,15 @@ class Samples:
     seeds: np.ndarray
 
 
+def render_batch(pipe, spec: GenerationSpec, chunk: list[tuple[int, int]]) -> np.ndarray:
+    """uint8 images ``(n, H, W, 3)`` of the (prompt index, image index) pairs in ``chunk``, each from its own seed."""
+    generators = [torch.Generator().manual_seed(spec.seed_for(p, k)) for p, k in chunk]
+    images = pipe([spec.prompts[p] for p, _ in chunk], num_inference_steps=spec.num_inference_steps,
+                  guidance_scale=spec.guidance_scale, height=spec.height, width=spec.width, output_type="np",
+                  generator=generators).images
+    return (np.asarray(images) * 255).round().astype(np.uint8)
+
+
 def generate_samples(pipe, spec: GenerationSpec, progress: bool = True, desc: str = "generate") -> Samples:
     """Every image of ``spec`` from ``pipe`` (a diffusers text-to-image pipeline), in batches."""
     items = spec.items()
@@ -58,12 +67,7 @@ def generate_samples(pipe, spec: GenerationSpec, progress: bool = True, desc: st
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)  # one bar over batches, not one per denoising loop
     for start in tqdm(range(0, len(items), spec.batch_size), desc=desc, disable=not progress, leave=False):
-        chunk = items[start:start + spec.batch_size]
-        generators = [torch.Generator().manual_seed(spec.seed_for(p, k)) for p, k in chunk]
-        images = pipe([spec.prompts[p] for p, _ in chunk], num_inference_steps=spec.num_inference_steps,
-                      guidance_scale=spec.guidance_scale, height=spec.height, width=spec.width, output_type="np",
-                      generator=generators).images
-        out.append((np.asarray(images) * 255).round().astype(np.uint8))
+        out.append(render_batch(pipe, spec, items[start:start + spec.batch_size]))
     ids = spec.prompt_ids or tuple(range(len(spec.prompts)))
     return Samples(np.concatenate(out), [spec.prompts[p] for p, _ in items], np.array([ids[p] for p, _ in items]),
                    np.array([spec.seed_for(p, k) for p, k in items], dtype=np.int64))

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from ncppo.evaluation.generation import GenerationSpec
+from ncppo.evaluation.generation import GenerationSpec, render_batch
 from ncppo.evaluation.prompts import PromptSet
 from ncppo.io import atomic_write_text
 
@@ -54,6 +54,12 @@ def read_manifest(folder: str | Path) -> list[ImageRecord]:
         except (json.JSONDecodeError, TypeError) as err:
             raise ValueError(f"{path}:{number}: not a manifest row ({err})") from err
     return records
+
+
+def pair_by_prompt_and_seed(a: list[ImageRecord], b: list[ImageRecord]) -> list[tuple[ImageRecord, ImageRecord]]:
+    """Records of two sets with the same (prompt, seed), in ``a``'s order: the images a paired comparison uses."""
+    b_by_key = {(r.prompt, r.seed): r for r in b}
+    return [(ra, b_by_key[(ra.prompt, ra.seed)]) for ra in a if (ra.prompt, ra.seed) in b_by_key]
 
 
 def load_image(folder: str | Path, record: ImageRecord) -> np.ndarray:
@@ -109,18 +115,14 @@ def generate_image_set(pipe, prompts: PromptSet, out_dir: str | Path, spec: Gene
             todo.append((p, k))
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
-    import torch
-
     bar = tqdm(total=len(todo), desc=f"generate {model or 'model'}", unit="img", disable=not progress)
     for start in range(0, len(todo), spec.batch_size):
         chunk = todo[start:start + spec.batch_size]
-        images = pipe([spec.prompts[p] for p, _ in chunk], num_inference_steps=spec.num_inference_steps,
-                      guidance_scale=spec.guidance_scale, height=spec.height, width=spec.width, output_type="np",
-                      generator=[torch.Generator().manual_seed(spec.seed_for(p, k)) for p, k in chunk]).images
+        images = render_batch(pipe, spec, chunk)
         for (p, k), image in zip(chunk, images):
             rid = image_id(p, k)
             rel = f"images/{rid}.png"
-            _save_png((np.asarray(image) * 255).round().astype(np.uint8), out / rel)
+            _save_png(image, out / rel)
             records[rid] = ImageRecord(rid, spec.prompts[p], p, k, spec.seed_for(p, k), rel, model, lora,
                                        prompts.metadata[p] if prompts.metadata else {})
         _write_manifest(out, records)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from ncppo.evaluation.image_sets import load_image, read_manifest
+from ncppo.evaluation.image_sets import load_image, pair_by_prompt_and_seed, read_manifest
 from ncppo.evaluation.stats import paired_win_rate
 from ncppo.io import atomic_write_text
 
@@ -51,8 +51,7 @@ def paired_scores(a_dir, b_dir, reward: str):
     for folder, found in ((a_dir, a_scores), (b_dir, b_scores)):
         if found is None:
             raise FileNotFoundError(f"{folder} has no {reward} scores; run `ncppo score --reward {reward} ... {folder}`")
-    b_by_key = {(r.prompt, r.seed): r for r in b_records}
-    pairs = [(ra, b_by_key[(ra.prompt, ra.seed)]) for ra in a_records if (ra.prompt, ra.seed) in b_by_key]
+    pairs = pair_by_prompt_and_seed(a_records, b_records)
     if not pairs:
         raise ValueError(f"{a_dir} and {b_dir} share no (prompt, seed): they were not generated from the same prompts and seed")
     missing = [ra.id for ra, rb in pairs if ra.id not in a_scores] + [rb.id for ra, rb in pairs if rb.id not in b_scores]

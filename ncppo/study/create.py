@@ -11,7 +11,7 @@ import random
 import shutil
 from pathlib import Path
 
-from ncppo.evaluation.image_sets import read_manifest
+from ncppo.evaluation.image_sets import pair_by_prompt_and_seed, read_manifest
 from ncppo.io import atomic_write_text
 from ncppo.study.store import StudyStore
 
@@ -26,8 +26,7 @@ def create_study(a_dir: str | Path, b_dir: str | Path, out: str | Path, votes_pe
     if votes_per_item < 1:
         raise ValueError(f"votes per item must be >= 1, got {votes_per_item}")
     a_records, b_records = read_manifest(a_dir), read_manifest(b_dir)
-    b_by_key = {(r.prompt, r.seed): r for r in b_records}
-    pairs = [(ra, b_by_key[(ra.prompt, ra.seed)]) for ra in a_records if (ra.prompt, ra.seed) in b_by_key]
+    pairs = pair_by_prompt_and_seed(a_records, b_records)
     if not pairs:
         raise ValueError(f"{a_dir} and {b_dir} share no (prompt, seed); generate both from one prompt file and seed")
     if sample is not None and sample < len(pairs):
