@@ -15,6 +15,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ncppo.errors import NcppoError
+
 IMAGE_COLUMNS = ("jpg_0", "jpg_1")
 REQUIRED_COLUMNS = ("caption", "label_0", "label_1", "image_0_uid", "image_1_uid")
 OPTIONAL_METADATA = ("created_at", "user_id", "ranking_id", "model_0", "model_1")
@@ -22,7 +24,7 @@ TIE_POLICIES = ("drop", "keep", "error")
 BAD_ROW_POLICIES = ("skip", "error")
 
 
-class DataError(ValueError):
+class DataError(NcppoError, ValueError):
     """Bad input, with where it is: source file or shard, row, column."""
 
 

@@ -17,8 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ncppo.errors import NcppoError
 
-class MissingWeightsError(FileNotFoundError):
+
+class MissingWeightsError(NcppoError, FileNotFoundError):
     """A reward's weights are not where the user said; the message says what is expected there."""
 
 

@@ -9,13 +9,15 @@ from pathlib import Path
 
 import torch
 
+from ncppo.errors import NcppoError
+
 SUPPORTED_PIPELINES = {"StableDiffusionPipeline": "sd15", "StableDiffusionXLPipeline": "sdxl",
                        "PixelTextToImagePipeline": "pixel"}
 # the project's own pipeline classes, which diffusers' generic loader cannot resolve by name
 _OWN_PIPELINES = {"PixelTextToImagePipeline": ("ncppo.models.pixel_pipeline", "PixelTextToImagePipeline")}
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(NcppoError, RuntimeError):
     """A model could not be loaded; the message says what to do."""
 
 

@@ -22,6 +22,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from ncppo.errors import NcppoError
+
 QUESTIONS = ("q1", "q2", "q3")
 QUESTION_TEXT = {
     "q1": "Which image do you prefer given the prompt?",
@@ -52,7 +54,7 @@ CREATE TABLE IF NOT EXISTS votes (
 """
 
 
-class StudyError(ValueError):
+class StudyError(NcppoError, ValueError):
     """A request the study refuses; ``status`` is the HTTP status the server answers with."""
 
     def __init__(self, message: str, status: int = 400):

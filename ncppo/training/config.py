@@ -16,11 +16,12 @@ from pathlib import Path
 
 import yaml
 
+from ncppo.errors import NcppoError
 from ncppo.objectives import OBJECTIVE_NAMES
 from ncppo.perception import FEATURE_CHOICES
 
 
-class ConfigError(ValueError):
+class ConfigError(NcppoError, ValueError):
     """A bad configuration; the message names the key."""
 
 

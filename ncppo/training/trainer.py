@@ -22,13 +22,14 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from ncppo.errors import NcppoError
 from ncppo.io import atomic_write_text
 from ncppo.training.checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
 from ncppo.training.config import ConfigError, TrainConfig
 from ncppo.training.logging import MetricLogger
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(NcppoError, RuntimeError):
     """Too many non-finite losses or gradients in a row."""
 
 
