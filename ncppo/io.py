@@ -1,10 +1,26 @@
-"""Small I/O helpers shared by every writer: atomic files and directories."""
+"""Small I/O helpers shared by every writer: atomic files and directories, and the output-folder rule.
+
+``atomic_directory(target)`` builds a folder in a scratch directory beside ``target`` and puts it in
+place at the end. Every name it uses beside ``target`` says what the folder holds::
+
+    .tmp-NAME-TOKEN    being written (a killed run leaves it unfinished)
+    .new-NAME-TOKEN    finished, about to replace NAME
+    .old-NAME-TOKEN    the previous NAME, being removed
+
+(``TOKEN`` is 8 hex digits and the writer's process id.) The swap is one ``renameat2(RENAME_EXCHANGE)`` on
+Linux, else two renames. A kill at any point leaves either the old or the new ``target`` in place, or (a
+kill between the two renames of the fallback) a ``.new-`` folder that :func:`recover_atomic` renames to
+``target``; the next ``atomic_directory(target)`` or ``guard_output_dir(target, ...)`` calls it, and it also
+removes the leftovers of dead writers.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -12,37 +28,132 @@ from pathlib import Path
 
 from ncppo.errors import OutputDirError
 
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux ``renameat2``); False where the system cannot (then rename twice)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError, TypeError):
+        return False
+    # nonzero: EINVAL/ENOSYS (no support on this file system), so the caller renames twice
+    return renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0
+
+
+def _token() -> str:
+    return f"{uuid.uuid4().hex[:8]}-{os.getpid()}"
+
+
+def _leftover_pattern(name: str, kinds: str = "tmp|new|old") -> re.Pattern:
+    return re.compile(rf"^\.({kinds})-{re.escape(name)}-[0-9a-f]{{8}}(?:-(\d+))?$")
+
+
+def _alive(pid: str | None) -> bool:
+    """Whether the writer that named a leftover may still be running (no pid: an old-style name, dead)."""
+    if pid is None:
+        return False
+    if int(pid) == os.getpid():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def recover_atomic(target: str | Path) -> str | None:
+    """Finish or undo an interrupted :func:`atomic_directory` of ``target``; returns what it did, or None.
+
+    If ``target`` is missing and a finished ``.new-`` (else an ``.old-``) folder of a dead writer is there,
+    it becomes ``target``. Then every ``.tmp-``/``.new-``/``.old-`` leftover of ``target`` whose writer is
+    dead is removed (``target`` is whole, so they hold an unfinished or a superseded state).
+    """
+    target = Path(target)
+    parent = target.parent
+    if not parent.is_dir():
+        return None
+    pattern = _leftover_pattern(target.name)
+    found: dict[str, list[Path]] = {"tmp": [], "new": [], "old": []}
+    with os.scandir(parent) as entries:
+        for entry in entries:
+            match = pattern.match(entry.name)
+            if match and not _alive(match.group(2)):
+                found[match.group(1)].append(Path(entry.path))
+    done = []
+    if not target.exists() and not target.is_symlink():
+        for kind in ("new", "old"):
+            if found[kind]:
+                newest = max(found[kind], key=lambda p: p.stat().st_mtime_ns)
+                os.replace(newest, target)
+                found[kind].remove(newest)
+                done.append(f"restored {target} from {newest.name}")
+                break
+    stale = [p for paths in found.values() for p in paths]
+    for path in stale:
+        _remove(path)
+    if stale:
+        done.append(f"removed {len(stale)} leftover(s) of interrupted writes")
+    return "; ".join(done) or None
+
 
 @contextlib.contextmanager
 def atomic_directory(target: str | Path) -> Iterator[Path]:
-    """Yield a scratch directory beside ``target``; on success it replaces ``target`` in one rename.
+    """Yield a scratch directory beside ``target``; on success it replaces ``target`` (see the module docstring).
 
-    A crash inside the block leaves ``target`` as it was (the scratch folder has a ``.tmp-`` name that
-    no reader takes for a finished output).
+    A crash inside the block leaves ``target`` as it was; a kill during the swap leaves the old or the
+    new ``target``, or a state that the next call (or :func:`recover_atomic`) completes.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = target.parent / f".tmp-{target.name}-{uuid.uuid4().hex[:8]}"
+    recover_atomic(target)
+    token = _token()
+    scratch = target.parent / f".tmp-{target.name}-{token}"
     scratch.mkdir()
     try:
         yield scratch
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
-    old = None
-    if target.exists():
-        old = target.parent / f".old-{target.name}-{uuid.uuid4().hex[:8]}"
+    ready = target.parent / f".new-{target.name}-{token}"
+    os.replace(scratch, ready)  # finished: from here on a recovery puts this folder in place
+    if not target.exists() and not target.is_symlink():
+        os.replace(ready, target)
+        return
+    old = target.parent / f".old-{target.name}-{token}"
+    if _exchange(ready, target):  # one step: ``target`` is new, ``ready`` holds the old folder
+        os.replace(ready, old)
+    else:
         os.replace(target, old)
-    os.replace(scratch, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        os.replace(ready, target)
+    _remove(old)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace``."""
+    """Write ``text`` to ``path`` through a temporary file and ``os.replace``.
+
+    Temporary files that killed writers left for the same ``path`` are removed.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}-{uuid.uuid4().hex[:8]}")
+    pattern = _leftover_pattern(path.name, "tmp")
+    with os.scandir(path.parent) as entries:
+        stale = [Path(e.path) for e in entries if (m := pattern.match(e.name)) and not _alive(m.group(2))]
+    for leftover in stale:
+        _remove(leftover)
+    tmp = path.with_name(f".tmp-{path.name}-{_token()}")
     tmp.write_text(text)
     os.replace(tmp, path)
 
@@ -60,7 +171,8 @@ def guard_output_dir(out: str | Path, command: str, inputs: tuple[str | Path, ..
 
     Refused: ``out`` equal to, inside or around one of ``inputs``; ``out`` an existing file; ``out`` an
     existing non-empty folder that is not an earlier output of the same ``command`` (recognised by the
-    marker file ``mark_output_dir`` writes), unless ``overwrite``. An empty folder is accepted.
+    marker file ``mark_output_dir`` writes), unless ``overwrite``. An empty folder is accepted. An
+    interrupted atomic write of ``out`` is completed first (:func:`recover_atomic`), so the check sees it.
     """
     out = Path(out).expanduser().resolve()
     for source in inputs:
@@ -69,6 +181,7 @@ def guard_output_dir(out: str | Path, command: str, inputs: tuple[str | Path, ..
             where = "is" if out == source else ("is inside" if _within(out, source) else "contains")
             raise OutputDirError(f"{command}: the output folder {out} {where} the input {source}; "
                                  "choose an output folder outside it")
+    recover_atomic(out)
     if out.exists() and not out.is_dir():
         raise OutputDirError(f"{command}: the output {out} exists and is a file; choose a folder path")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -91,3 +204,14 @@ def output_owner(folder: str | Path) -> str | None:
 def mark_output_dir(folder: str | Path, command: str) -> None:
     """Record that ``folder`` is an output of ``command`` (write it inside the scratch folder)."""
     atomic_write_text(Path(folder) / OUTPUT_MARKER, json.dumps({"command": command}))
+
+
+def clear_output_dir(folder: str | Path) -> None:
+    """Remove ``folder`` (for ``--overwrite`` of a folder that is written in place): renamed aside first, so
+    a kill during the removal leaves no half-deleted folder under the output's name."""
+    folder = Path(folder)
+    if not folder.exists() and not folder.is_symlink():
+        return
+    aside = folder.parent / f".old-{folder.name}-{_token()}"
+    os.replace(folder, aside)
+    _remove(aside)
