@@ -95,6 +95,7 @@ class EncodedPairs:
     condition_w: Condition
     condition_l: Condition
     ids: list = field(default_factory=list)
+    is_tie: torch.Tensor | None = None  # bool (B,): tied pairs (trained with a symmetric loss)
 
     @property
     def batch_size(self) -> int:

@@ -4,7 +4,8 @@ Everything here is pure tensor math over a :class:`NoiseSchedule`, batched over 
 per-sample timesteps ``t`` (shape ``(N,)``, integers in ``[0, T)``).
 
 - (1) forward process ............ :func:`add_noise`
-- (2) DDPM reverse step .......... :func:`reverse_step` (posterior sample, "fixed_small" variance)
+- (2) DDPM reverse step .......... :func:`reverse_step` (posterior sample, "fixed_small" variance),
+  and its k-step form :func:`posterior_sample` ``q(x_s | x_t, x0_hat)`` with :func:`posterior_gain`
 - (3) diffusion loss ............. :func:`diffusion_loss`
 - prediction types ............... :func:`to_epsilon`, :func:`predicted_x0`
 
@@ -54,8 +55,11 @@ class NoiseSchedule:
         """
         from diffusers import DDPMScheduler
 
-        ddpm = DDPMScheduler.from_config(dict(config))  # keys DDPM does not know (Euler's, PNDM's) are ignored
-        clip = ddpm.config.clip_sample_range if ddpm.config.clip_sample else None
+        config = dict(config)
+        ddpm = DDPMScheduler.from_config(config)  # keys DDPM does not know (Euler's, PNDM's) are ignored
+        # DDPM's own default is clip_sample=True: clip only when the model's config itself asks for it
+        # (Euler, DPM and PNDM configs have no such key and their models were trained without clipping).
+        clip = float(config.get("clip_sample_range", 1.0)) if config.get("clip_sample", False) else None
         return cls(
             betas=ddpm.betas.to(torch.float32).clone(),
             alphas_cumprod=ddpm.alphas_cumprod.to(torch.float32).clone(),
@@ -145,6 +149,54 @@ def reverse_step(
     has_noise = (t > 0).view(-1, *([1] * (x_t.ndim - 1)))  # sigma_0 = 0: the last step adds no noise
     sigma = torch.where(has_noise, variance.sqrt(), torch.zeros_like(variance))
     return (mean + sigma * _math(variance_noise)).to(x_t.dtype)
+
+
+def _posterior_coefficients(schedule: NoiseSchedule, t: torch.Tensor, s: torch.Tensor, like: torch.Tensor):
+    abar_t, abar_s = schedule.abar(t, like), schedule.abar(s, like)
+    ratio = abar_t / abar_s  # abar_t / abar_s = prod_{s < r <= t} alpha_r
+    coef_x0 = abar_s.sqrt() * (1 - ratio) / (1 - abar_t)
+    coef_xt = ratio.sqrt() * (1 - abar_s) / (1 - abar_t)
+    variance = ((1 - ratio) * (1 - abar_s) / (1 - abar_t)).clamp(min=1e-20)
+    return abar_t, coef_x0, coef_xt, variance
+
+
+def posterior_sample(
+    schedule: NoiseSchedule,
+    x_t: torch.Tensor,
+    eps_hat: torch.Tensor,
+    t: torch.Tensor,
+    s: torch.Tensor,
+    variance_noise: torch.Tensor,
+) -> torch.Tensor:
+    """A sample of the exact posterior ``q(x_s | x_t, x0_hat)`` for ``-1 <= s < t``, each sample at its own pair.
+
+    ``mean = sqrt(abar_s) (1 - abar_t/abar_s) / (1-abar_t) x0_hat + sqrt(abar_t/abar_s) (1-abar_s) / (1-abar_t) x_t``,
+    ``var = (1 - abar_t/abar_s) (1-abar_s) / (1-abar_t)`` (zero at ``s = -1``). ``s = t - 1`` is
+    :func:`reverse_step`; ``s = t - k`` is the k-step jump on ``t-1``'s scale (METHOD.md, "encoder timestep").
+    """
+    if bool((s >= t).any()) or bool((s < -1).any()):
+        raise ValueError("posterior_sample needs -1 <= s < t for every sample")
+    _, coef_x0, coef_xt, variance = _posterior_coefficients(schedule, t, s, x_t)
+    x0_hat = predicted_x0(schedule, x_t, eps_hat, t)
+    has_noise = (s >= 0).view(-1, *([1] * (x_t.ndim - 1)))
+    sigma = torch.where(has_noise, variance.sqrt(), torch.zeros_like(variance))
+    return (coef_x0 * x0_hat + coef_xt * _math(x_t) + sigma * _math(variance_noise)).to(x_t.dtype)
+
+
+def posterior_gain(schedule: NoiseSchedule, t: torch.Tensor, s: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``c`` with ``posterior_sample(eps_a) - posterior_sample(eps_b) = -c (eps_a - eps_b)`` (same ``x_t``, ``z``).
+
+    ``c = sqrt(abar_s) (1 - abar_t/abar_s) / (sqrt(abar_t) sqrt(1-abar_t))``; for ``s = t-1`` it is
+    ``beta_t / (sqrt(alpha_t) sqrt(1-abar_t))`` (METHOD.md, "Scale and precision"). Exact without clipping.
+    """
+    abar_t, coef_x0, _, _ = _posterior_coefficients(schedule, t, s, like)
+    return coef_x0 * ((1 - abar_t) / abar_t).sqrt()
+
+
+def renoise_gain(schedule: NoiseSchedule, t: torch.Tensor, t_new: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``c`` for re-noising ``x0_hat`` to ``t_new`` with a shared noise: ``sqrt(abar_new (1-abar_t) / abar_t)``."""
+    abar_t, abar_new = schedule.abar(t, like), schedule.abar(t_new, like)
+    return (abar_new * (1 - abar_t) / abar_t).sqrt()
 
 
 def to_epsilon(

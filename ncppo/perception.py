@@ -6,13 +6,23 @@ own sub-modules, so its tensors are exactly those of a full forward (tests check
 
 Feature choices (METHOD.md, "Options the authors' code has"):
 
-- ``last``     the last down block's output (paper default)
-- ``last+mid`` the last down block and the mid block (the authors' SD1.5 scripts)
-- ``mid``      the mid block only (Lin & Yang's self-perceptual objective)
+- ``last``     the last down block's output (paper default; the authors' SDXL script)
+- ``mid``      the mid block only (the authors' SD1.5 ``--use_middle_states``; Lin & Yang)
+- ``all+mid``  every down block and the mid block (the authors' SD1.5 "multihead" scripts, with
+  ``level_norm="channels"``)
 - ``all``      ``conv_in`` and every down block
+- ``last+mid`` the last down block and the mid block (no script of the authors uses it)
 
 The perceptual distance (13) is the per-sample MSE of each feature level, averaged over levels
-(with optional weights). The encoder does not own weights or switch adapters: the caller passes the
+(with optional weights), after an optional per-level normalisation of the difference
+(:data:`LEVEL_NORMS`): ``none`` (paper), ``channels`` (each level rescaled by ``C_last / C_level``, as
+the authors' multihead scripts), ``target`` (per sample and channel, divided by the spatial standard
+deviation of the target's features, as the latent perceptual loss of Berrada et al.).
+
+:meth:`NoiseConditionedEncoder.jvp` gives the first-order form ``J_f(x*) d`` of the encoder around the
+target (a forward-mode JVP): its distance agrees with the exact one to second order in the small
+perturbation ``d`` and keeps its precision in half precision, where the difference of two encoder
+passes drowns in rounding. The encoder does not own weights or switch adapters: the caller passes the
 frozen U-Net (for LoRA, the policy U-Net inside its adapters-disabled context).
 """
 
@@ -23,7 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
-FEATURE_CHOICES = ("last", "last+mid", "mid", "all")
+FEATURE_CHOICES = ("last", "mid", "all+mid", "all", "last+mid")
+LEVEL_NORMS = ("none", "channels", "target")
 
 
 def feature_names(features: str, num_down_blocks: int) -> list[str]:
@@ -37,6 +48,8 @@ def feature_names(features: str, num_down_blocks: int) -> list[str]:
         return ["mid"]
     if features == "all":
         return ["conv_in"] + [f"down_{i}" for i in range(num_down_blocks)]
+    if features == "all+mid":
+        return [f"down_{i}" for i in range(num_down_blocks)] + ["mid"]
     raise ValueError(f"unknown perceptual feature choice {features!r}; expected one of {FEATURE_CHOICES}")
 
 
@@ -46,14 +59,27 @@ class NoiseConditionedEncoder:
 
     features: str = "last"
     level_weights: tuple[float, ...] | None = None  # one per level; None = equal weights
+    level_norm: str = "none"  # one of LEVEL_NORMS
 
     def __post_init__(self):
         if self.features not in FEATURE_CHOICES:
             raise ValueError(
                 f"unknown perceptual feature choice {self.features!r}; expected one of {FEATURE_CHOICES}"
             )
+        if self.level_norm not in LEVEL_NORMS:
+            raise ValueError(f"unknown level_norm {self.level_norm!r}; expected one of {LEVEL_NORMS}")
         if self.level_weights is not None and any(w < 0 for w in self.level_weights):
             raise ValueError("perceptual level weights must be non-negative")
+
+    def levels(self, unet: torch.nn.Module) -> list[str]:
+        """The feature levels this choice returns for ``unet`` (checked against ``level_weights``)."""
+        names = feature_names(self.features, len(unet.down_blocks))
+        if self.level_weights is not None and len(self.level_weights) != len(names):
+            raise ValueError(
+                f"features={self.features!r} has {len(names)} levels ({names}) but "
+                f"{len(self.level_weights)} level weights were given"
+            )
+        return names
 
     def __call__(
         self,
@@ -63,36 +89,77 @@ class NoiseConditionedEncoder:
         encoder_hidden_states: torch.Tensor,
         added_cond_kwargs: dict[str, torch.Tensor] | None = None,
     ) -> list[torch.Tensor]:
-        names = feature_names(self.features, len(unet.down_blocks))
-        if self.level_weights is not None and len(self.level_weights) != len(names):
-            raise ValueError(
-                f"features={self.features!r} has {len(names)} levels ({names}) but "
-                f"{len(self.level_weights)} level weights were given"
-            )
-        return _down_path(unet, sample, timestep, encoder_hidden_states, added_cond_kwargs, names)
+        return _down_path(unet, sample, timestep, encoder_hidden_states, added_cond_kwargs, self.levels(unet))
+
+    def jvp(
+        self,
+        unet: torch.nn.Module,
+        sample: torch.Tensor,
+        tangent: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """``(f(sample), J_f(sample) tangent)`` in one forward-mode pass; gradients flow into ``tangent``."""
+        from torch.func import jvp
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        names = self.levels(unet)
+        dtype = unet.dtype
+
+        def f(x):
+            return tuple(_down_path(unet, x, timestep, encoder_hidden_states, added_cond_kwargs, names))
+
+        # the fused attention kernels have no forward-mode derivative; the math kernel has
+        with sdpa_kernel(SDPBackend.MATH):
+            primal, tangents = jvp(f, (sample.to(dtype),), (tangent.to(dtype),))
+        return list(primal), list(tangents)
 
     def distance(self, feats_a: Sequence[torch.Tensor], feats_b: Sequence[torch.Tensor]) -> torch.Tensor:
-        """(13) per-sample perceptual loss ``|| f(a) - f(b) ||^2`` (mean over feature dims), shape ``(N,)``."""
-        return perceptual_distance(feats_a, feats_b, self.level_weights)
+        """(13) per-sample perceptual loss ``|| f(a) - f(b) ||^2`` (mean over feature dims), shape ``(N,)``;
+        ``feats_b`` is the target (its statistics normalise the levels under ``level_norm='target'``)."""
+        return perceptual_distance(feats_a, feats_b, self.level_weights, self.level_norm)
+
+    def tangent_distance(self, tangents: Sequence[torch.Tensor], target: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``|| J_f(x*) d ||^2`` per sample with the same reduction and normalisation as :meth:`distance`."""
+        return _reduce([t.float() for t in tangents], target, self.level_weights, self.level_norm)
+
+
+def _level_factor(target: torch.Tensor, channels_last: int, level_norm: str) -> torch.Tensor | float:
+    if level_norm == "channels":
+        return channels_last / target.shape[1]
+    if level_norm == "target":
+        spread = target.detach().float().flatten(2).std(dim=2).clamp(min=1e-6)
+        return 1.0 / spread.view(*spread.shape, *([1] * (target.ndim - 2)))
+    return 1.0
+
+
+def _reduce(differences, target, level_weights, level_norm: str) -> torch.Tensor:
+    if len(differences) != len(target) or not differences:
+        raise ValueError("both feature lists must have the same, non-zero number of levels")
+    weights = list(level_weights) if level_weights is not None else [1.0] * len(differences)
+    total = sum(weights)
+    if total <= 0:
+        raise ValueError("perceptual level weights must not all be zero")
+    channels_last = target[-1].shape[1]
+    per_level = [
+        (d * _level_factor(b, channels_last, level_norm)).pow(2).flatten(1).mean(dim=1) * (w / total)
+        for d, b, w in zip(differences, target, weights, strict=True)
+    ]
+    return torch.stack(per_level).sum(dim=0)
 
 
 def perceptual_distance(
     feats_a: Sequence[torch.Tensor],
     feats_b: Sequence[torch.Tensor],
     level_weights: Sequence[float] | None = None,
+    level_norm: str = "none",
 ) -> torch.Tensor:
-    """Weighted mean over levels of each level's per-sample MSE (computed in float32)."""
-    if len(feats_a) != len(feats_b) or not feats_a:
+    """Weighted mean over levels of each level's per-sample MSE (computed in float32), each level's
+    difference normalised as ``level_norm`` says (``feats_b`` is the target)."""
+    if len(feats_a) != len(feats_b):
         raise ValueError("both feature lists must have the same, non-zero number of levels")
-    weights = list(level_weights) if level_weights is not None else [1.0] * len(feats_a)
-    total = sum(weights)
-    if total <= 0:
-        raise ValueError("perceptual level weights must not all be zero")
-    per_level = [
-        (a.float() - b.float()).pow(2).flatten(1).mean(dim=1) * (w / total)
-        for a, b, w in zip(feats_a, feats_b, weights, strict=True)
-    ]
-    return torch.stack(per_level).sum(dim=0)
+    return _reduce([a.float() - b.float() for a, b in zip(feats_a, feats_b)], feats_b, level_weights, level_norm)
 
 
 def _down_path(unet, sample, timestep, encoder_hidden_states, added_cond_kwargs, names) -> list[torch.Tensor]:
@@ -110,6 +177,7 @@ def _down_path(unet, sample, timestep, encoder_hidden_states, added_cond_kwargs,
         raise ValueError("class-conditioned U-Nets are not supported by the perceptual encoder")
 
     sample = sample.to(unet.dtype)
+    encoder_hidden_states = encoder_hidden_states.to(unet.dtype)  # an fp32 encoder gets half-precision embeddings
     if config.center_input_sample:
         sample = 2 * sample - 1.0
     emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timestep), None)

@@ -40,7 +40,7 @@ def noise_pairs(model, pairs: EncodedPairs, uses_loser: bool, generator=None) ->
     eps = _randn(pairs.latents_w.shape, x0, generator).repeat(k, *([1] * (x0.ndim - 1)))
     z = _randn(pairs.latents_w.shape, x0, generator).repeat(k, *([1] * (x0.ndim - 1)))
     x_t = add_noise(model.schedule, x0, eps, t)
-    return NoisedBatch(x0, x_t, t, eps, z, Condition.cat(conditions), generator)
+    return NoisedBatch(x0, x_t, t, eps, z, Condition.cat(conditions), generator, num_pairs=b)
 
 
 def training_step(
@@ -59,6 +59,7 @@ def training_step(
         with torch.no_grad(), model.frozen_unet() as reference:
             eps_ref = model.predict_epsilon(reference, noised.x_t, noised.t, noised.condition)
     policy, reference_losses = objective.space.losses(model, noised, eps_theta, eps_ref)
-    losses = PairLosses.from_stacked(policy, reference_losses, pairs.batch_size)
+    losses = PairLosses.from_stacked(policy, reference_losses, pairs.batch_size, pairs.is_tie)
     loss, metrics = objective.preference(losses)
+    metrics.update(objective.space.diagnostics(model, noised, eps_theta, policy))
     return StepOutput(loss, metrics)

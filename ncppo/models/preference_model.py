@@ -62,6 +62,7 @@ class PreferenceModel:
         for module in self._frozen_components():
             module.requires_grad_(False)
         self.reference_unet = None
+        self._fp32_encoder = None  # made on first use by perceptual_encoder("fp32") under half precision
         if finetune == "lora":
             from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -87,6 +88,20 @@ class PreferenceModel:
         names = ("vae", "text_encoder", "text_encoder_2")
         return [m for m in (getattr(self.pipeline, n, None) for n in names) if m is not None]
 
+    def set_frozen_dtype(self, dtype: torch.dtype | None) -> None:
+        """Keep the frozen weights (VAE, text encoders, the U-Net under a LoRA) in ``dtype`` (None: as they
+        are), the trained parameters in float32: the mixed-precision set-up of Diffusion-DPO and the paper."""
+        if dtype is None:
+            return
+        for module in self._frozen_components():
+            module.to(dtype=dtype)
+        if self.lora is not None:
+            self.unet.to(dtype=dtype)
+            for p in self.trainable_parameters():
+                p.data = p.data.float()
+        elif self.reference_unet is not None:
+            self.reference_unet.to(dtype=dtype)
+
     @property
     def device(self) -> torch.device:
         return self.unet.device
@@ -95,6 +110,8 @@ class PreferenceModel:
         self.pipeline.to(device)
         if self.reference_unet is not None:
             self.reference_unet.to(device)
+        if self._fp32_encoder is not None:
+            self._fp32_encoder.to(device)
         self.schedule = self.schedule.to(device)
         return self
 
@@ -113,6 +130,41 @@ class PreferenceModel:
         # Checkpointed blocks would re-run their forward during backward with the adapters back on.
         with _gradient_checkpointing_off(self._checkpointable), _adapters_off(self.unet, self._adapter_layers):
             yield self.unet
+
+    @contextlib.contextmanager
+    def perceptual_encoder(self, dtype: str = "model") -> Iterator[torch.nn.Module]:
+        """The frozen U-Net the encoder ``f`` runs on: ``model`` as it is (training precision), or ``fp32``
+        with autocast off (a float32 copy of its down path when the weights are in half precision)."""
+        if dtype == "model":
+            with self.frozen_unet() as unet:
+                yield unet
+            return
+        if dtype != "fp32":
+            raise ValueError(f"unknown encoder dtype {dtype!r}; expected 'model' or 'fp32'")
+        with torch.autocast(self.device.type, enabled=False):
+            if self.unet.dtype == torch.float32:
+                with self.frozen_unet() as unet:
+                    yield unet
+            else:
+                yield self._float32_encoder()
+
+    def _float32_encoder(self) -> torch.nn.Module:
+        """A float32 copy of the frozen U-Net without its up path (made once; the frozen weights never change)."""
+        if self._fp32_encoder is None:
+            source = self.reference_unet if self.reference_unet is not None else self.unet
+            up_blocks, source.up_blocks = source.up_blocks, torch.nn.ModuleList()
+            try:
+                copy_ = copy.deepcopy(source)
+            finally:
+                source.up_blocks = up_blocks
+            copy_.conv_norm_out = copy_.conv_act = copy_.conv_out = None
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            for layer in copy_.modules():
+                if isinstance(layer, BaseTunerLayer):
+                    layer._disable_adapters = True  # the copy is the pretrained model: no LoRA
+            self._fp32_encoder = copy_.to(dtype=torch.float32).requires_grad_(False).eval()
+        return self._fp32_encoder
 
     # -- prediction ------------------------------------------------------------------------------
     def predict_epsilon(self, unet, x_t: torch.Tensor, t: torch.Tensor, condition: Condition) -> torch.Tensor:
@@ -198,7 +250,7 @@ class PreferenceModel:
         device = self.device
         return EncodedPairs(
             lw.to(device), ll.to(device), cond_w.map(lambda v: v.to(device)), cond_l.map(lambda v: v.to(device)),
-            list(batch.ids),
+            list(batch.ids), batch.is_tie,
         )
 
     # -- saving ----------------------------------------------------------------------------------

@@ -8,9 +8,9 @@ declared needs (:attr:`Objective.needs_reference_prediction`, :attr:`Objective.u
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from ncppo.objectives.preference import CPO, DEFAULT_BETA, DPO, SFT
+from ncppo.objectives.preference import AUTO, CPO, DEFAULT_BETA, DPO, SFT
 from ncppo.objectives.spaces import NoiseSpace, PerceptualSpace
 from ncppo.perception import NoiseConditionedEncoder
 
@@ -38,6 +38,20 @@ class Objective:
         """Whether the frozen pretrained U-Net is used (as reference or as the encoder ``f``)."""
         return self.needs_reference_prediction or self.space.needs_frozen_unet
 
+    @property
+    def supports_ties(self) -> bool:
+        """Whether tied pairs can be trained (with a loss symmetric in the two images)."""
+        return self.preference.supports_ties
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether ``beta`` is ``'auto'`` and must be calibrated before training (``calibrate_beta``)."""
+        return self.preference.beta == AUTO
+
+    def with_beta(self, beta: float) -> Objective:
+        """The same objective with a numeric ``beta`` (after calibration)."""
+        return replace(self, preference=replace(self.preference, beta=float(beta)))
+
 
 def unknown_name_message(kind: str, name: str, choices) -> str:
     close = difflib.get_close_matches(name, list(choices), n=1)
@@ -48,21 +62,37 @@ def unknown_name_message(kind: str, name: str, choices) -> str:
 def make_objective(
     name: str,
     *,
-    beta: float | None = None,
+    beta: float | str | None = None,
     cpo_lambda: float = 1.0,
     features: str = "last",
     level_weights: tuple[float, ...] | None = None,
+    level_norm: str = "none",
     encoder_timestep: str = "t-1",
+    scale: str = "paper",
+    distance: str = "exact",
+    encoder_dtype: str = "model",
 ) -> Objective:
-    """Build one of :data:`OBJECTIVE_NAMES`. ``beta`` uses METHOD.md's convention (default 5000);
-    the encoder options apply to the ``ncp-*`` objectives only."""
+    """Build one of :data:`OBJECTIVE_NAMES`.
+
+    ``beta`` uses METHOD.md's convention (default 5000) or is ``"auto"`` (calibrated by
+    :func:`ncppo.objectives.calibrate_beta`; refused for SFT, which has no sigmoid). The other options
+    apply to the ``ncp-*`` objectives only (see :class:`PerceptualSpace` and
+    :class:`NoiseConditionedEncoder`): ``features``, ``level_weights``, ``level_norm``, ``encoder_timestep``,
+    ``scale`` (``paper`` | ``noise``), ``distance`` (``exact`` | ``linear``), ``encoder_dtype``
+    (``model`` | ``fp32``). Invalid values raise a ``ValueError`` listing the valid ones.
+    """
     if name not in OBJECTIVE_NAMES:
         raise ValueError(unknown_name_message("objective", name, OBJECTIVE_NAMES))
-    beta = DEFAULT_BETA if beta is None else float(beta)
     base = name.removeprefix("ncp-")
-    preference = {"sft": SFT(), "dpo": DPO(beta=beta), "cpo": CPO(beta=beta, lam=cpo_lambda)}[base]
-    if name.startswith("ncp-"):
-        space = PerceptualSpace(NoiseConditionedEncoder(features, level_weights), encoder_timestep)
+    if isinstance(beta, str):
+        if beta != AUTO:
+            raise ValueError(f"beta must be a number or 'auto', got {beta!r}")
+        if base == "sft":
+            raise ValueError(f"beta 'auto' calibrates a sigmoid's argument; {name} has none (and no beta)")
     else:
-        space = NoiseSpace()
+        beta = DEFAULT_BETA if beta is None else float(beta)
+    preference = {"sft": SFT(), "dpo": DPO(beta=beta), "cpo": CPO(beta=beta, lam=cpo_lambda)}[base]
+    encoder = NoiseConditionedEncoder(features, tuple(level_weights) if level_weights is not None else None, level_norm)
+    perceptual = PerceptualSpace(encoder, encoder_timestep, scale, distance, encoder_dtype)  # validates the options
+    space = perceptual if name.startswith("ncp-") else NoiseSpace()
     return Objective(name, space, preference)

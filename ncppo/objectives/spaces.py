@@ -13,7 +13,15 @@ from dataclasses import dataclass, field
 import torch
 
 from ncppo.batch import Condition
-from ncppo.diffusion import add_noise, diffusion_loss, predicted_x0, reverse_step
+from ncppo.diffusion import (
+    add_noise,
+    diffusion_loss,
+    posterior_gain,
+    posterior_sample,
+    predicted_x0,
+    renoise_gain,
+    reverse_step,
+)
 from ncppo.perception import NoiseConditionedEncoder
 
 
@@ -28,6 +36,11 @@ class NoisedBatch:
     z: torch.Tensor
     condition: Condition
     generator: torch.Generator | None = None
+    num_pairs: int | None = None  # samples i and i + num_pairs are a pair's winner and loser
+
+    def __post_init__(self):
+        if self.num_pairs is None:
+            self.num_pairs = self.x_t.shape[0]
 
 
 @dataclass(frozen=True)
@@ -41,73 +54,119 @@ class NoiseSpace:
         reference = diffusion_loss(batch.eps, eps_ref) if eps_ref is not None else None
         return policy, reference
 
+    def diagnostics(self, model, batch: NoisedBatch, eps_theta, policy_losses) -> dict[str, torch.Tensor]:
+        return {}
+
 
 _OFFSET = re.compile(r"^t-(\d+)$")
+SCALES = ("paper", "noise")
+DISTANCES = ("exact", "linear")
+ENCODER_DTYPES = ("model", "fp32")
+TIMESTEP_BINS = 4  # PL / L is reported per quarter of [0, T)
 
 
 def parse_encoder_timestep(spec: str) -> int | None:
     """``'t-k'`` -> ``k`` (k >= 1); ``'uniform'`` -> None. Anything else is an error."""
     if spec == "uniform":
         return None
-    match = _OFFSET.match(spec)
+    match = _OFFSET.match(spec) if isinstance(spec, str) else None
     if not match or int(match.group(1)) < 1:
         raise ValueError(f"unknown encoder timestep {spec!r}; expected 't-1' (default), 't-k' with k >= 1, or 'uniform'")
     return int(match.group(1))
+
+
+def _check_choice(option: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {option} {value!r}; expected one of {', '.join(choices)}")
 
 
 @dataclass(frozen=True)
 class PerceptualSpace:
     """(12)-(17): ``PL = || f(x^pred_{t'}, t', c) - f(x^*_{t'}, t', c) ||^2`` with ``f`` the frozen U-Net's down path.
 
-    Encoder timestep ``t' = t-1`` (default): the three ``x_{t-1}`` come from the DDPM reverse step (2)
-    with one shared ``z``. ``t-k`` (k >= 2) or ``uniform``: ``x0_hat`` (and ``x0`` for the target) is
-    re-noised to ``t'`` with the shared ``eps``. The target embedding is computed once without
-    gradient and shared by the policy and reference terms; the policy's gradient flows through ``f``.
+    The three encoder inputs share ``x_t`` and one noise, so ``x^pred - x^* = -c (eps_pred - eps)`` with a
+    per-sample gain ``c`` (METHOD.md, "Scale and precision"):
+
+    - ``encoder_timestep``: ``t-1`` (default) the DDPM reverse step (2); ``t-k`` the exact posterior
+      ``q(x_{t-k} | x_t, x0_hat)`` (on ``t-1``'s scale); ``uniform`` re-noises ``x0_hat`` and ``x0`` to a
+      ``t'`` drawn per pair (shared by its winner and loser) with the shared ``eps``.
+    - ``scale``: ``paper`` keeps PL as it is (about ``c^2`` = 1e-5 of the noise MSE); ``noise`` divides it by
+      ``c^2``, putting it on the noise MSE's scale up to the encoder's gain.
+    - ``distance``: ``exact`` subtracts two encoder passes (the paper); ``linear`` uses ``J_f(x*) (x - x*)``
+      as a JVP around the target, equal to second order and sound in half precision.
+    - ``encoder_dtype``: ``model`` runs ``f`` in the training precision; ``fp32`` in float32, without autocast.
+
+    The target embedding ``f(x*)`` is computed once without gradient and shared by the policy and
+    reference terms; policy and reference pass through ``f`` in batches of the same shape, so a policy
+    equal to its reference gives bit-identical losses. The policy's gradient flows through ``f``.
     """
 
     encoder: NoiseConditionedEncoder = field(default_factory=NoiseConditionedEncoder)
     encoder_timestep: str = "t-1"
+    scale: str = "paper"
+    distance: str = "exact"
+    encoder_dtype: str = "model"
     needs_frozen_unet = True
 
     def __post_init__(self):
         parse_encoder_timestep(self.encoder_timestep)
+        _check_choice("perceptual scale", self.scale, SCALES)
+        _check_choice("perceptual distance", self.distance, DISTANCES)
+        _check_choice("encoder dtype", self.encoder_dtype, ENCODER_DTYPES)
 
     def _encoder_inputs(self, model, batch: NoisedBatch):
-        """The timestep ``t'`` and a map from a noise prediction to the encoder's input at ``t'``."""
+        """The encoder's timestep ``t'``, a map from a noise prediction to its input, and the gain ``c``."""
         schedule = model.schedule
         offset = parse_encoder_timestep(self.encoder_timestep)
-        if offset == 1:
-            t_enc = (batch.t - 1).clamp(min=0)
-            return t_enc, lambda eps_hat: reverse_step(schedule, batch.x_t, eps_hat, batch.t, batch.z)
-        if offset is None:
-            t_enc = schedule.sample_timesteps(batch.t.shape[0], device=batch.t.device, generator=batch.generator)
-        else:
-            t_enc = (batch.t - offset).clamp(min=0)
+        if offset is not None:
+            s = (batch.t - offset).clamp(min=-1)  # the sample's time; s = -1 is x0_hat itself
+            gain = posterior_gain(schedule, batch.t, s, batch.x_t)
+            if offset == 1:
+                to_input = lambda eps_hat: reverse_step(schedule, batch.x_t, eps_hat, batch.t, batch.z)  # noqa: E731
+            else:
+                to_input = lambda eps_hat: posterior_sample(schedule, batch.x_t, eps_hat, batch.t, s, batch.z)  # noqa: E731
+            return s.clamp(min=0), to_input, gain
+        per_pair = schedule.sample_timesteps(batch.num_pairs, device=batch.t.device, generator=batch.generator)
+        t_enc = per_pair.repeat(batch.t.shape[0] // batch.num_pairs)
 
         def renoise(eps_hat):
             x0_hat = predicted_x0(schedule, batch.x_t, eps_hat, batch.t).to(batch.x_t.dtype)
             return add_noise(schedule, x0_hat, batch.eps, t_enc)
 
-        return t_enc, renoise
+        return t_enc, renoise, renoise_gain(schedule, batch.t, t_enc, batch.x_t)
 
     def losses(self, model, batch: NoisedBatch, eps_theta, eps_ref=None):
-        t_enc, to_encoder_input = self._encoder_inputs(model, batch)
-        n = batch.x_t.shape[0]
+        t_enc, to_input, gain = self._encoder_inputs(model, batch)
+        gain = gain.flatten()
+        weight = 1.0 / gain.pow(2) if self.scale == "noise" else torch.ones_like(gain)
+        cond = batch.condition.unet_kwargs()
+        enc = self.encoder
         with torch.no_grad():
-            frozen_inputs = [to_encoder_input(batch.eps)]  # x^*: the ground truth, from the true noise
-            if eps_ref is not None:
-                frozen_inputs.append(to_encoder_input(eps_ref))
-        x_policy = to_encoder_input(eps_theta)
-        k = len(frozen_inputs)
-        with model.frozen_unet() as frozen:
-            with torch.no_grad():  # target (and reference) embeddings: one batched pass, no graph
-                frozen_feats = self.encoder(
-                    frozen, torch.cat(frozen_inputs), t_enc.repeat(k), **batch.condition.repeat(k).unet_kwargs()
-                )
-            policy_feats = self.encoder(frozen, x_policy, t_enc, **batch.condition.unet_kwargs())
-        target = [f[:n] for f in frozen_feats]
-        policy = self.encoder.distance(policy_feats, target)
-        reference = None
-        if eps_ref is not None:
-            reference = self.encoder.distance([f[n:] for f in frozen_feats], target)
-        return policy, reference
+            x_star = to_input(batch.eps)  # the ground truth, from the true noise
+            x_ref = to_input(eps_ref) if eps_ref is not None else None
+        x_policy = to_input(eps_theta)
+        with model.perceptual_encoder(self.encoder_dtype) as frozen:
+            if self.distance == "exact":
+                with torch.no_grad():
+                    target = enc(frozen, x_star, t_enc, **cond)
+                    reference = enc.distance(enc(frozen, x_ref, t_enc, **cond), target) if x_ref is not None else None
+                policy = enc.distance(enc(frozen, x_policy, t_enc, **cond), target)
+            else:
+                # tangents of size O(1): the gain is applied to the squared distance, in float32
+                unit = gain.view(-1, *([1] * (x_star.ndim - 1)))
+                reference = None
+                if x_ref is not None:
+                    with torch.no_grad():
+                        target, tangent = enc.jvp(frozen, x_star, (x_ref - x_star) / unit, t_enc, **cond)
+                        reference = enc.tangent_distance(tangent, target) * gain.pow(2)
+                target, tangent = enc.jvp(frozen, x_star, (x_policy - x_star) / unit, t_enc, **cond)
+                target = [f.detach() for f in target]
+                policy = enc.tangent_distance(tangent, target) * gain.pow(2)
+        return policy * weight, (reference * weight if reference is not None else None)
+
+    def diagnostics(self, model, batch: NoisedBatch, eps_theta, policy_losses) -> dict[str, torch.Tensor]:
+        """``pl_over_l_t{q}``: the policy's PL / noise MSE per quarter ``q`` of the timestep range (present bins)."""
+        noise = diffusion_loss(batch.eps, eps_theta.detach())
+        ratio = policy_losses.detach() / noise.clamp(min=1e-30)
+        bins = (batch.t * TIMESTEP_BINS) // model.schedule.num_train_timesteps
+        return {f"pl_over_l_t{q}": ratio[bins == q].mean() for q in range(TIMESTEP_BINS) if bool((bins == q).any())}

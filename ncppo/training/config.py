@@ -17,8 +17,6 @@ from pathlib import Path
 import yaml
 
 from ncppo.errors import NcppoError
-from ncppo.objectives import OBJECTIVE_NAMES
-from ncppo.perception import FEATURE_CHOICES
 
 
 class ConfigError(NcppoError, ValueError):
@@ -47,11 +45,47 @@ class DataConfig:
 
 @dataclass
 class ObjectiveConfig:
+    """The training objective; every field is passed to :func:`ncppo.objectives.make_objective`, which
+    owns the choices and checks them (see its docstring for the meaning of each option).
+
+    Parameters:
+        name: one of ``sft, dpo, cpo, ncp-sft, ncp-dpo, ncp-cpo``.
+        beta: the DPO/CPO temperature in METHOD.md's convention (``null``: 5000), or ``auto`` (NCP only):
+            calibrated on the first ``calibration_batches`` batches so that the perceptual argument sits
+            on noise-space DPO's scale at beta 5000; the value is logged and written to ``resolved``.
+        cpo_lambda: weight of CPO's behaviour-cloning term (0 reproduces the authors' code).
+        features: NCP feature levels: ``last``, ``mid``, ``last+mid``, ``all``, ``all+mid``.
+        level_weights: one non-negative weight per feature level (``null``: equal).
+        level_norm: per-level normalisation: ``none`` (paper), ``channels`` (the authors' rescale by
+            ``C_last / C_level``), ``target`` (per channel by the target features' spread).
+        encoder_timestep: ``t-1`` (paper), ``t-k`` (k exact posterior steps), ``uniform``.
+        scale: ``paper`` (PL as it is, about 1e-5 of the noise MSE) or ``noise`` (PL divided by the squared
+            gain of the step from ``x_t`` to the encoder's input: on the noise-MSE scale).
+        distance: ``exact`` (the paper's difference of two encoder passes) or ``linear`` (the first-order
+            form ``J_f(x*) (x - x*)`` as a JVP: keeps its signal in half precision).
+        encoder_dtype: ``model`` (the encoder runs in the training precision) or ``fp32``.
+        calibration_batches: batches measured for ``beta: auto``.
+    """
+
     name: str = "ncp-dpo"
-    beta: float | None = None  # METHOD.md convention; None: 5000
+    beta: float | str | None = None
     cpo_lambda: float = 1.0
     features: str = "last"
+    level_weights: list[float] | None = None
+    level_norm: str = "none"
     encoder_timestep: str = "t-1"
+    scale: str = "paper"
+    distance: str = "exact"
+    encoder_dtype: str = "model"
+    calibration_batches: int = 4
+
+    def options(self) -> dict:
+        """Keyword arguments of :func:`ncppo.objectives.make_objective`."""
+        values = dataclasses.asdict(self)
+        values.pop("calibration_batches")
+        if values["level_weights"] is not None:
+            values["level_weights"] = tuple(values["level_weights"])
+        return values
 
 
 @dataclass
@@ -112,8 +146,6 @@ class TrainConfig:
 _CHOICES = {
     "model.finetune": ("lora", "full"),
     "data.tie_policy": ("drop", "keep", "error"),
-    "objective.name": OBJECTIVE_NAMES,
-    "objective.features": FEATURE_CHOICES,
     "optim.optimizer": ("adamw", "adamw8bit"),
     "mixed_precision": ("no", "fp16", "bf16"),
 }
@@ -240,9 +272,11 @@ def validate(config: TrainConfig) -> None:
             raise ConfigError(f"{key}: must be >= 1, got {value}")
     if not 0.0 <= config.data.prompt_dropout < 1.0:
         raise ConfigError(f"data.prompt_dropout: must be in [0, 1), got {config.data.prompt_dropout}")
-    from ncppo.objectives.spaces import parse_encoder_timestep
+    from ncppo.objectives import make_objective
 
-    try:
-        parse_encoder_timestep(config.objective.encoder_timestep)
+    try:  # the objective's module owns its choices
+        make_objective(**config.objective.options())
     except ValueError as err:
-        raise ConfigError(f"objective.encoder_timestep: {err}") from err
+        raise ConfigError(f"objective: {err}") from err
+    if config.objective.calibration_batches < 1:
+        raise ConfigError(f"objective.calibration_batches: must be >= 1, got {config.objective.calibration_batches}")

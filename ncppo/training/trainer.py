@@ -72,18 +72,11 @@ class Trainer:
             atomic_write_text(self.out / "config.yaml", yaml.safe_dump(
                 {**cfg.to_dict(), "resolved": {"gradient_accumulation_steps": self.accumulation,
                                                "num_processes": acc.num_processes}}, sort_keys=False))
-        self.objective = make_objective(cfg.objective.name, beta=cfg.objective.beta, cpo_lambda=cfg.objective.cpo_lambda,
-                                        features=cfg.objective.features, encoder_timestep=cfg.objective.encoder_timestep)
+        self.objective = make_objective(**cfg.objective.options())
         lora = LoraSettings(cfg.model.lora_rank, cfg.model.lora_alpha, tuple(cfg.model.lora_targets))
         self.model = model = PreferenceModel.from_pretrained(cfg.model.pretrained, finetune=cfg.model.finetune, lora=lora)
-        frozen_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision)
-        if frozen_dtype is not None and acc.device.type != "cpu":  # frozen weights in half precision on GPU
-            for module in model._frozen_components():
-                module.to(dtype=frozen_dtype)
-            if model.lora is not None:
-                model.unet.to(dtype=frozen_dtype)
-                for p in model.trainable_parameters():
-                    p.data = p.data.float()  # the trained LoRA stays in float32
+        if acc.device.type != "cpu":  # frozen weights in half precision on GPU (on CPU half kernels are slow)
+            model.set_frozen_dtype({"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision))
         model.to(acc.device)
         if cfg.gradient_checkpointing:
             model.unet.enable_gradient_checkpointing()
