@@ -30,7 +30,7 @@ def _vote(client, token, assignment_id, client_id="c1", **answers):
 def test_next_vote_and_idempotent_retry(app):
     client, store, token = app
     item = client.get("/api/next", params={"token": token}).json()
-    assert item["done"] is False and item["left"].startswith("/images/")
+    assert item["done"] is False and item["left"].startswith("/img/")
     assert client.get(item["left"]).headers["content-type"] == "image/png"
     first = _vote(client, token, item["assignment_id"])
     retry = _vote(client, token, item["assignment_id"])
@@ -86,10 +86,11 @@ def test_prompts_are_escaped(app):
     assert EVIL in prompts  # delivered intact as JSON data, displayed as text by the page
 
 
-@pytest.mark.parametrize("path", ["/images/../secret.png", "/images/..%2F..%2Fsecret.png", "/images/%2e%2e/secret.png",
-                                  "/images/../../study/study.sqlite", "/images/item00000-a.png/../../secret.png",
-                                  "/images/nothere.png", "/images/study.sqlite"])
+@pytest.mark.parametrize("path", ["/img/../secret.png", "/img/..%2F..%2Fsecret.png", "/img/%2e%2e/secret.png",
+                                  "/img/../../study/study.sqlite", "/img/{name}/../../secret.png", "/img/{name}%2F..%2F..%2Fsecret.png",
+                                  "/img/nothere.png", "/img/study.sqlite", "/images/../secret.png", "/images/{name}"])
 def test_images_cannot_escape_the_study(app, path):
-    client, _, _ = app
-    response = client.get(path)
+    client, _, token = app
+    name = client.get("/api/next", params={"token": token}).json()["left"].split("?")[0].rsplit("/", 1)[1]
+    response = client.get(path.format(name=name), params={"token": token})
     assert response.status_code == 404 and b"not for annotators" not in response.content

@@ -1,54 +1,174 @@
 """``ncppo study create``: pair two generation outputs by (prompt, seed) into a study folder.
 
-The study folder holds ``study.sqlite`` (items, annotators, votes), ``images/`` (copies of the paired
-images, renamed: the server serves nothing else) and ``study.json`` (where the images came from).
+The study folder holds ``study.sqlite`` (items, annotators, votes), ``images/`` (the paired images under
+random names that say nothing of the model: the server serves nothing else) and ``study.json`` (where
+the images came from). It is built in a scratch folder and renamed into place at the end, so a crash
+leaves the earlier state (no study, or the study that ``--overwrite`` would have replaced).
+
+Only image files inside each generation folder are taken: a manifest path that is absolute, leaves the
+folder (``..``, a symlink pointing out) or names something other than a PNG, JPEG or WebP image of at
+most ``MAX_PIXELS`` pixels is an error naming the manifest, its row and the path. PNGs are copied without
+their text and time chunks (metadata could name the model); JPEG and WebP are converted to PNG.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import random
-import shutil
+import secrets
+import struct
+import zlib
 from pathlib import Path
 
-from ncppo.evaluation.image_sets import pair_by_prompt_and_seed, read_manifest
-from ncppo.io import atomic_write_text
-from ncppo.study.store import StudyStore
+from ncppo.errors import OutputDirError, UsageError
+from ncppo.evaluation.image_sets import MANIFEST, ImageRecord, pair_by_prompt_and_seed, read_manifest
+from ncppo.io import atomic_directory, atomic_write_text, guard_output_dir, mark_output_dir, output_owner
+from ncppo.study.store import FORMAT, IncompleteStudyError, StudyStore
 
 DB = "study.sqlite"
+COMMAND = "study create"
+MAX_PIXELS = 4096 * 4096
+MAX_BYTES = 64 * 1024 * 1024
+FORMATS = ("PNG", "JPEG", "WEBP")
+# the PNG chunks that draw the image; text (tEXt, zTXt, iTXt), time, EXIF, ICC names and unknown chunks are dropped
+PNG_CHUNKS = {b"IHDR", b"PLTE", b"IDAT", b"IEND", b"tRNS", b"cHRM", b"gAMA", b"sRGB", b"sBIT", b"pHYs"}
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _source(folder: Path, record: ImageRecord, where: str) -> Path:
+    """The record's image file, resolved; an error unless it is a regular file inside ``folder`` (resolved)."""
+    if not isinstance(record.path, str) or not record.path or "\x00" in record.path:
+        raise UsageError(f"{where}: the path must be a non-empty string relative to the generation folder")
+    if Path(record.path).is_absolute():
+        raise UsageError(f"{where} is an absolute path; manifest paths must be relative to the generation folder {folder}")
+    try:
+        path = (folder / record.path).resolve(strict=True)
+    except FileNotFoundError:
+        raise UsageError(f"{where} does not exist") from None
+    except (OSError, RuntimeError) as err:  # a symlink loop, a name too long
+        raise UsageError(f"{where} cannot be resolved ({err})") from None
+    if not path.is_relative_to(folder):
+        raise UsageError(f"{where} leads to {path}, outside the generation folder {folder}; "
+                         "only images inside it are copied into a study")
+    if not path.is_file():
+        raise UsageError(f"{where} is not a regular file")
+    if path.stat().st_size > MAX_BYTES:
+        raise UsageError(f"{where} is larger than {MAX_BYTES // 2**20} MiB")
+    return path
+
+
+def _strip_png(data: bytes, where: str) -> bytes:
+    """The PNG without its metadata chunks (only the chunks in ``PNG_CHUNKS``, which draw the image)."""
+    out, pos = [PNG_SIGNATURE], len(PNG_SIGNATURE)
+    while pos < len(data):
+        if pos + 12 > len(data):
+            raise UsageError(f"{where} is a truncated PNG")
+        (length,), kind = struct.unpack(">I", data[pos:pos + 4]), data[pos + 4:pos + 8]
+        end = pos + 12 + length
+        if end > len(data):
+            raise UsageError(f"{where} is a truncated PNG")
+        if kind in PNG_CHUNKS:
+            out.append(data[pos:end])
+        pos = end
+        if kind == b"IEND":
+            break
+    return b"".join(out)
+
+
+def blind_image(path: Path, where: str) -> bytes:
+    """The image at ``path`` as PNG bytes without metadata; an error unless Pillow reads it as an image."""
+    from PIL import Image
+
+    data = path.read_bytes()
+    try:
+        with Image.open(io.BytesIO(data), formats=FORMATS) as image:
+            width, height = image.size
+            if width * height > MAX_PIXELS:
+                raise UsageError(f"{where} is {width} x {height} pixels, more than the limit of {MAX_PIXELS}")
+            if image.format == "PNG":
+                image.verify()  # every chunk's checksum
+                return _strip_png(data, where)
+            image.load()
+            buffer = io.BytesIO()
+            image.convert("RGBA" if "A" in image.getbands() else "RGB").save(buffer, format="PNG")
+            return buffer.getvalue()
+    except UsageError:
+        raise
+    except (OSError, SyntaxError, ValueError, zlib.error, struct.error, Image.DecompressionBombError) as err:
+        raise UsageError(f"{where} is not a PNG, JPEG or WebP image Pillow can read ({err})") from None
 
 
 def create_study(a_dir: str | Path, b_dir: str | Path, out: str | Path, votes_per_item: int = 3,
-                 sample: int | None = None, seed: int = 0, timeout_s: float = 600.0) -> StudyStore:
-    out = Path(out)
-    if (out / DB).exists():
-        raise FileExistsError(f"{out} already holds a study; choose another --out")
+                 sample: int | None = None, seed: int = 0, timeout_s: float = 600.0, overwrite: bool = False) -> StudyStore:
     if votes_per_item < 1:
-        raise ValueError(f"votes per item must be >= 1, got {votes_per_item}")
-    a_records, b_records = read_manifest(a_dir), read_manifest(b_dir)
-    pairs = pair_by_prompt_and_seed(a_records, b_records)
+        raise UsageError(f"votes per item must be >= 1, got {votes_per_item}")
+    target = guard_output_dir(out, COMMAND, inputs=[a_dir, b_dir], overwrite=overwrite)
+    if (target / DB).exists() and not overwrite:
+        raise OutputDirError(f"{out} already holds a study (with its votes); choose another --out, "
+                             "or pass --overwrite to replace it")
+    folders = {side: Path(folder).resolve() for side, folder in (("a", a_dir), ("b", b_dir))}
+    records = {side: read_manifest(folder) for side, folder in folders.items()}
+    rows = {id(r): n for side in records for n, r in enumerate(records[side], start=1)}  # manifest line numbers
+    pairs = pair_by_prompt_and_seed(records["a"], records["b"])
     if not pairs:
-        raise ValueError(f"{a_dir} and {b_dir} share no (prompt, seed); generate both from one prompt file and seed")
+        raise UsageError(f"{a_dir} and {b_dir} share no (prompt, seed); generate both from one prompt file and seed")
     if sample is not None and sample < len(pairs):
         pairs = sorted(random.Random(seed).sample(pairs, sample), key=lambda p: (p[0].prompt_index, p[0].image_index))
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    items = []
-    for n, (ra, rb) in enumerate(pairs):
-        names = []
-        for side, folder, record in (("a", a_dir, ra), ("b", b_dir, rb)):
-            name = f"item{n:05d}-{side}.png"
-            shutil.copyfile(Path(folder) / record.path, out / "images" / name)
-            names.append(name)
-        items.append({"prompt": ra.prompt, "seed": ra.seed, "image_a": names[0], "image_b": names[1],
-                      "metadata": {**(ra.metadata or {}), "a_id": ra.id, "b_id": rb.id}})
-    atomic_write_text(out / "study.json", json.dumps({"a": str(a_dir), "b": str(b_dir), "items": len(items),
-                                                      "unpaired": len(a_records) + len(b_records) - 2 * len(pairs),
-                                                      "votes_per_item": votes_per_item, "seed": seed}, indent=2))
-    return StudyStore.create(out / DB, items, votes_per_item=votes_per_item, timeout_s=timeout_s, study_seed=seed)
+    with atomic_directory(target) as scratch:
+        (scratch / "images").mkdir()
+        items, names = [], set()
+        for ra, rb in pairs:
+            item_names = []
+            for side, record in (("a", ra), ("b", rb)):
+                where = f"{folders[side] / MANIFEST}, row {rows[id(record)]}: image {record.path!r}"
+                data = blind_image(_source(folders[side], record, where), where)
+                while (name := f"{secrets.token_urlsafe(16)}.png") in names:  # random: no model, side or order in it
+                    pass
+                names.add(name)
+                (scratch / "images" / name).write_bytes(data)
+                item_names.append(name)
+            items.append({"prompt": ra.prompt, "seed": ra.seed, "image_a": item_names[0], "image_b": item_names[1],
+                          "metadata": {**(ra.metadata or {}), "a_id": ra.id, "b_id": rb.id}})
+        atomic_write_text(scratch / "study.json", json.dumps(
+            {"a": str(a_dir), "b": str(b_dir), "items": len(items),
+             "unpaired": len(records["a"]) + len(records["b"]) - 2 * len(pairs), "votes_per_item": votes_per_item,
+             "seed": seed}, indent=2))
+        StudyStore.create(scratch / DB, items, votes_per_item=votes_per_item, timeout_s=timeout_s,
+                          study_seed=seed).close()
+        mark_output_dir(scratch, COMMAND)  # last: a folder with the marker is a finished study
+    return StudyStore(target / DB)
 
 
-def open_study(folder: str | Path) -> StudyStore:
-    path = Path(folder) / DB
+def open_study(folder: str | Path, check_images: bool = False) -> StudyStore:
+    """The study in ``folder``; a clear error for anything but a complete study (an interrupted create).
+
+    ``check_images``: also require every item's two images (what the server checks before it starts).
+    """
+    folder = Path(folder)
+    redo = "delete it and run `ncppo study create` again"
+    if folder.name.startswith((".tmp-", ".old-")):
+        raise IncompleteStudyError(f"{folder} is the scratch folder of an interrupted `ncppo study create`, "
+                                   f"not a study; {redo}")
+    path = folder / DB
     if not path.is_file():
+        if (folder / "images").is_dir():
+            raise IncompleteStudyError(f"{folder} is a half-made study (images but no {DB}); {redo}")
         raise FileNotFoundError(f"{folder} is not a study (no {DB}); create one with `ncppo study create`")
-    return StudyStore(path)
+    if output_owner(folder) != COMMAND:
+        raise IncompleteStudyError(f"{folder} is not a complete study: it lacks the marker that `ncppo study create` "
+                                   f"writes last (an interrupted create, or one made by an older ncppo); {redo}")
+    store = StudyStore(path)
+    found = store.meta("format")
+    if found != FORMAT:
+        store.close()
+        raise IncompleteStudyError(f"{folder} is a study of format {found!r}, this ncppo reads {FORMAT!r}; {redo}")
+    if check_images:
+        images = folder / "images"
+        missing = [name for item in store.items() for name in (item["image_a"], item["image_b"])
+                   if not (images / name).is_file()]
+        if missing:
+            store.close()
+            raise IncompleteStudyError(f"{folder} is a damaged study: {len(missing)} image(s) of its items are "
+                                       f"missing from {images} (e.g. {missing[0]}); {redo}")
+    return store

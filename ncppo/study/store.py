@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import secrets
 import sqlite3
 import time
@@ -22,7 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from ncppo.errors import NcppoError
+from ncppo.errors import NcppoError, StateError
 
 QUESTIONS = ("q1", "q2", "q3")
 QUESTION_TEXT = {
@@ -31,6 +32,11 @@ QUESTION_TEXT = {
     "q3": "Which image better fits the text description?",
 }
 ANSWERS = ("left", "right", "tie")
+FORMAT = "2"  # 2: random image names (blind), served only to annotators; written with the items, in one transaction
+TOKEN = re.compile(r"[A-Za-z0-9_-]{1,128}")  # what secrets.token_urlsafe makes; anything else is unknown
+IMAGE_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}\.png")
+CLIENT_ID = re.compile(r"[\x20-\x7e]{1,100}")  # printable ASCII
+MAX_ID = 2**63 - 1  # SQLite's largest integer
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -51,6 +57,9 @@ CREATE TABLE IF NOT EXISTS votes (
     q1 TEXT NOT NULL, q2 TEXT NOT NULL, q3 TEXT NOT NULL,            -- as clicked: left | right | tie
     q1_ab TEXT NOT NULL, q2_ab TEXT NOT NULL, q3_ab TEXT NOT NULL,   -- as judged: A | B | tie
     created_at REAL NOT NULL, UNIQUE (item_id, annotator));
+CREATE UNIQUE INDEX IF NOT EXISTS items_image_a ON items(image_a);
+CREATE UNIQUE INDEX IF NOT EXISTS items_image_b ON items(image_b);
+CREATE INDEX IF NOT EXISTS assignments_annotator ON assignments(annotator, item_id);
 """
 
 
@@ -60,6 +69,10 @@ class StudyError(NcppoError, ValueError):
     def __init__(self, message: str, status: int = 400):
         super().__init__(message)
         self.status = status
+
+
+class IncompleteStudyError(StateError, FileNotFoundError):
+    """A folder that is not a complete study (an interrupted ``ncppo study create``); the message says what to do."""
 
 
 @dataclass(frozen=True)
@@ -108,7 +121,7 @@ class StudyStore:
         conn.executescript(SCHEMA)
         with transaction(conn):
             for key, value in (("votes_per_item", votes_per_item), ("timeout_s", timeout_s), ("seed", study_seed),
-                               ("admin_token", secrets.token_urlsafe(24))):
+                               ("admin_token", secrets.token_urlsafe(24)), ("format", FORMAT)):
                 conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, str(value)))
             conn.executemany("INSERT INTO items (prompt, seed, image_a, image_b, metadata) VALUES (?, ?, ?, ?, ?)",
                              [(i["prompt"], i["seed"], i["image_a"], i["image_b"], json.dumps(i.get("metadata") or {}))
@@ -116,8 +129,14 @@ class StudyStore:
         conn.close()
         return cls(path)
 
+    def close(self) -> None:
+        self.conn.close()
+
     def meta(self, key: str) -> str:
         row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            raise IncompleteStudyError(f"{self.path} has no {key!r} setting: not a complete study "
+                                       "(create it again with `ncppo study create`)")
         return row["value"]
 
     @property
@@ -137,20 +156,35 @@ class StudyStore:
                                   [(t, f"{prefix}-{start + i + 1}", time.time()) for i, t in enumerate(tokens)])
         return tokens
 
-    def annotator(self, token: str | None) -> str:
-        """The annotator's name; 401 without a token, 403 with an unknown one."""
-        if not token:
+    def annotator(self, token) -> str:
+        """The annotator's name; 401 without a token, 400 for a token that is not a string, 403 for an unknown one."""
+        if token is None or token == "":
             raise StudyError("an invite token is required (?token=...)", 401)
+        if not isinstance(token, str):
+            raise StudyError("the token must be a string", 400)
+        if not TOKEN.fullmatch(token):
+            raise StudyError("unknown invite token", 403)
         row = self.conn.execute("SELECT name FROM annotators WHERE token = ?", (token,)).fetchone()
         if row is None:
             raise StudyError("unknown invite token", 403)
         return row["name"]
 
-    def check_admin(self, token: str | None) -> None:
-        if not token:
+    def check_admin(self, token) -> None:
+        if token is None or token == "":
             raise StudyError("an admin token is required", 401)
-        if not secrets.compare_digest(token, self.meta("admin_token")):
+        if not isinstance(token, str):
+            raise StudyError("the admin token must be a string", 400)
+        # bytes: compare_digest refuses non-ASCII str (a TypeError, which the server would answer with a 500)
+        if not TOKEN.fullmatch(token) or not secrets.compare_digest(token.encode(), self.meta("admin_token").encode()):
             raise StudyError("wrong admin token", 403)
+
+    def image_allowed(self, token, name: str) -> None:
+        """Refuse (401/403) a missing or unknown token, and (404) any image but those of the annotator's own items."""
+        self.annotator(token)
+        if not IMAGE_NAME.fullmatch(name) or self.conn.execute(
+                "SELECT 1 FROM items i WHERE (i.image_a = ?1 OR i.image_b = ?1) AND EXISTS "
+                "(SELECT 1 FROM assignments a WHERE a.item_id = i.id AND a.annotator = ?2)", (name, token)).fetchone() is None:
+            raise StudyError("no such image", 404)
 
     # -- assignment --------------------------------------------------------------------------------
     def _release_expired(self, now: float) -> None:
@@ -193,8 +227,10 @@ class StudyStore:
     def submit(self, token: str, assignment_id: int, client_id: str, answers: dict[str, str]) -> bool:
         """Record a vote; returns False when ``client_id`` was already recorded (a retry: nothing changes)."""
         self.annotator(token)
-        if not client_id or len(client_id) > 100:
-            raise StudyError("client_id must be a non-empty string of at most 100 characters")
+        if not isinstance(assignment_id, int) or isinstance(assignment_id, bool) or not 0 < assignment_id <= MAX_ID:
+            raise StudyError("assignment_id must be a positive integer below 2^63")
+        if not isinstance(client_id, str) or not CLIENT_ID.fullmatch(client_id):
+            raise StudyError("client_id must be a string of 1 to 100 printable ASCII characters")
         for q in QUESTIONS:
             if answers.get(q) not in ANSWERS:
                 raise StudyError(f"{q} must be one of {', '.join(ANSWERS)}, got {answers.get(q)!r}")
