@@ -5,12 +5,17 @@ Layout of a cache folder::
     config.json                 what it was built from (model, resolution, dtype, pair fingerprint)
     shard-00000.safetensors     latents_w, latents_l, prompt_embeds, [pooled_prompt_embeds],
     shard-00001.safetensors     time_ids_w, time_ids_l, pair_index; metadata: captions, skipped pairs
-    index.json                  written last: the cache is complete only when it exists
+    shard-00000.check.json      the shard's size and blake2b digest (and the digests of the images whose
+                                uid first occurs in it, so a resumed build decides uid conflicts alike)
+    index.json                  written last: the cache is complete only when it exists; it carries
+                                every shard's size and digest
 
 Each shard is written to a temporary name and renamed, so a killed run leaves only whole shards, and a
-rerun skips them (resume). Shards are spread over processes (``accelerate launch``): shard ``k`` goes to
-rank ``k % world_size``. Latents are the VAE posterior mean (deterministic), scaled by
-``scaling_factor``; SDXL ``time_ids`` carry each image's real original size and crop.
+rerun skips them (resume). A rerun also checks the finished shards (size and safetensors header always,
+the digest with ``verify=True`` / ``--verify``) and rebuilds damaged ones. Readers check sizes when the
+cache is opened and each shard's digest when it is loaded. Shards are spread over processes
+(``accelerate launch``): shard ``k`` goes to rank ``k % world_size``. Latents are the VAE posterior mean
+(deterministic), scaled by ``scaling_factor``; SDXL ``time_ids`` carry each image's real original size and crop.
 """
 
 from __future__ import annotations
@@ -27,10 +32,87 @@ from tqdm.auto import tqdm
 
 from ncppo.batch import PreferenceBatch
 from ncppo.data.schema import DataError
-from ncppo.io import atomic_write_text
+from ncppo.errors import StateError
+from ncppo.io import (
+    OUTPUT_MARKER,
+    _alive,
+    atomic_write_text,
+    clear_output_dir,
+    guard_output_dir,
+    mark_output_dir,
+)
 
 CACHE_FORMAT = "ncppo-latent-cache/1"
+COMMAND = "data cache"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+RERUN = "rerun `ncppo data cache` with the same arguments to rebuild it"
+
+
+def file_digest(path: Path) -> str:
+    """blake2b of a file, read in 8 MiB blocks."""
+    digest = hashlib.blake2b(digest_size=32)
+    with open(path, "rb") as f:
+        while block := f.read(8 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Whether a safetensors file is whole, from its header alone: the tensors must end where the file ends."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n <= 0 or 8 + n > size:
+                return f"{size} bytes, too short for its header"
+            header = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as err:
+        return f"unreadable header ({type(err).__name__}: {err})"
+    if 8 + n + end != size:
+        return f"{size} bytes where its header needs {8 + n + end} (truncated or overwritten)"
+    return None
+
+
+def _check_path(out_dir: Path, k: int) -> Path:
+    return out_dir / f"shard-{k:05d}.check.json"
+
+
+def _read_check(out_dir: Path, k: int) -> dict | None:
+    try:
+        check = json.loads(_check_path(out_dir, k).read_text())
+        return check if isinstance(check, dict) and {"bytes", "blake2b", "pairs"} <= set(check) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _write_check(out_dir: Path, k: int, shard: Path, uid_digests: dict) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(shard), framework="pt") as f:
+        n = f.get_slice("pair_index").get_shape()[0] if "pair_index" in f.keys() else 0  # noqa: SIM118 (safe_open has no __contains__)
+        skipped = int(f.metadata().get("skipped", 0))
+    check = {"file": _shard_path(out_dir, k).name, "bytes": shard.stat().st_size, "blake2b": file_digest(shard),
+             "pairs": n, "skipped": skipped, "uid_digests": uid_digests}
+    atomic_write_text(_check_path(out_dir, k), json.dumps(check))
+    return check
+
+
+def shard_problem(out_dir: Path, k: int, full: bool = False) -> str | None:
+    """Why finished shard ``k`` must be built (again): missing, no checksum, truncated or overwritten; or None."""
+    path = _shard_path(out_dir, k)
+    if not path.is_file():
+        return "missing"
+    if (problem := _safetensors_problem(path)) is not None:
+        return problem
+    check = _read_check(out_dir, k)
+    if check is None:
+        return "no checksum"
+    if path.stat().st_size != check["bytes"]:
+        return f"{path.stat().st_size} bytes, its checksum file says {check['bytes']}"
+    if full and file_digest(path) != check["blake2b"]:
+        return "its bytes do not match its checksum (overwritten or corrupted)"
+    return None
 
 
 def _fingerprint(pairs) -> str:
@@ -45,10 +127,32 @@ def _shard_path(out_dir: Path, k: int) -> Path:
     return out_dir / f"shard-{k:05d}.safetensors"
 
 
+def _earlier_cache(out_dir: Path) -> bool:
+    """A cache from before outputs were marked: its config.json names the cache format."""
+    if (out_dir / OUTPUT_MARKER).exists():
+        return False
+    try:
+        return json.loads((out_dir / "config.json").read_text()).get("format") == CACHE_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _remove_dead_temporaries(out_dir: Path) -> None:
+    for path in out_dir.glob(".tmp-shard-*.safetensors"):
+        pid = path.name.rsplit("-", 1)[-1].split(".")[0]
+        if pid.isdigit() and not _alive(pid):
+            path.unlink(missing_ok=True)
+
+
 def build_cache(model, pairs, out_dir: str | os.PathLike, *, resolution: int, batch_size: int = 8,
                 pairs_per_shard: int = 256, dtype: str = "float32", model_name: str = "", progress: bool = True,
-                state=None) -> dict | None:
-    """Encode every pair of ``pairs`` with ``model`` into ``out_dir``; returns the index (on the main process)."""
+                state=None, overwrite: bool = False, verify: bool = False) -> dict | None:
+    """Encode every pair of ``pairs`` with ``model`` into ``out_dir``; returns the index (on the main process).
+
+    ``out_dir`` follows :func:`ncppo.io.guard_output_dir` (an earlier, partial cache is resumed; another
+    folder is refused unless ``overwrite``, which removes it first). Finished shards are checked (size and
+    header; their digest with ``verify``) and damaged ones rebuilt.
+    """
     from accelerate import PartialState
     from safetensors.torch import save_file
 
@@ -61,20 +165,41 @@ def build_cache(model, pairs, out_dir: str | os.PathLike, *, resolution: int, ba
               "fingerprint": _fingerprint(pairs), "vae_scale_factor": model.pipeline.vae_scale_factor}
     config_path = out_dir / "config.json"
     if state.is_main_process:
+        guard_output_dir(out_dir, COMMAND, inputs=getattr(pairs.source, "paths", []),
+                         overwrite=overwrite or _earlier_cache(out_dir))
+        if overwrite:
+            clear_output_dir(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         if config_path.is_file():
-            previous = json.loads(config_path.read_text())
-            changed = {k: (previous.get(k), v) for k, v in config.items() if previous.get(k) != v}
+            try:
+                previous = json.loads(config_path.read_text())
+                changed = {k: (previous.get(k), v) for k, v in config.items() if previous.get(k) != v}
+            except (ValueError, AttributeError) as err:
+                raise StateError(f"{config_path}: damaged ({err}), so the cache's settings are unknown; pass "
+                                 "--overwrite to rebuild the cache, or use a new output folder") from err
             if changed:
                 raise DataError(f"{out_dir} holds a cache built with other settings {changed}; "
-                                "use a new output folder")
+                                "use a new output folder, or pass --overwrite to rebuild it")
         else:
             atomic_write_text(config_path, json.dumps(config, indent=2))
+        mark_output_dir(out_dir, COMMAND)
+        _remove_dead_temporaries(out_dir)
     state.wait_for_everyone()
 
     num_shards = max(1, -(-len(pairs) // pairs_per_shard))
     mine = [k for k in range(num_shards) if k % state.num_processes == state.process_index]
-    todo = [k for k in mine if not _shard_path(out_dir, k).is_file()]
+    todo = []
+    for k in mine:
+        problem = shard_problem(out_dir, k, full=verify)
+        if problem == "no checksum" and _shard_path(out_dir, k).is_file():  # whole, from before checksums
+            _write_check(out_dir, k, _shard_path(out_dir, k), {})
+        elif problem is not None:
+            if problem != "missing":
+                print(f"{_shard_path(out_dir, k)}: {problem}; rebuilding it", flush=True)
+            todo.append(k)
+    for k in range(num_shards):  # what finished shards know of uid conflicts: decided as in one run
+        if k not in todo and (check := _read_check(out_dir, k)) is not None:
+            pairs.remember_uid_digests(check.get("uid_digests", {}))
     for k in tqdm(todo, desc=f"cache (rank {state.process_index})", unit="shard", disable=not progress):
         indices = np.arange(k * pairs_per_shard, min((k + 1) * pairs_per_shard, len(pairs)))
         parts, skipped_before = [], pairs.skips.total
@@ -89,6 +214,7 @@ def build_cache(model, pairs, out_dir: str | os.PathLike, *, resolution: int, ba
                         "pair_index", torch.zeros(0, dtype=torch.long)).tolist()])}
         tmp = out_dir / f".tmp-shard-{k:05d}-{os.getpid()}.safetensors"
         save_file({k2: v.contiguous() for k2, v in tensors.items()}, str(tmp), metadata=metadata)
+        _write_check(out_dir, k, tmp, pairs.uid_digests(indices))  # before the rename: a whole shard has one
         os.replace(tmp, _shard_path(out_dir, k))
     state.wait_for_everyone()
     if not state.is_main_process:
@@ -114,16 +240,15 @@ def _encode(model, batch: PreferenceBatch, dtype: torch.dtype) -> dict[str, torc
 
 
 def _write_index(out_dir: Path, num_shards: int, config: dict) -> dict:
-    from safetensors import safe_open
-
     shards, total, skipped = [], 0, 0
     for k in range(num_shards):
-        path = _shard_path(out_dir, k)
-        with safe_open(str(path), framework="pt") as f:
-            n = f.get_slice("pair_index").get_shape()[0] if "pair_index" in f.keys() else 0  # noqa: SIM118 (safe_open has no __contains__)
-            skipped += int(f.metadata().get("skipped", 0))
-        shards.append({"file": path.name, "pairs": n})
-        total += n
+        check = _read_check(out_dir, k)
+        if check is None or not _shard_path(out_dir, k).is_file():
+            raise StateError(f"{_shard_path(out_dir, k)}: missing or without its checksum after the build; {RERUN}")
+        shards.append({"file": _shard_path(out_dir, k).name, "pairs": check["pairs"], "bytes": check["bytes"],
+                       "blake2b": check["blake2b"]})
+        total += check["pairs"]
+        skipped += check["skipped"]
     index = {**config, "num_shards": num_shards, "cached_pairs": total, "skipped_pairs": skipped, "shards": shards}
     atomic_write_text(out_dir / "index.json", json.dumps(index, indent=2))
     return index
@@ -136,16 +261,46 @@ class LatentCache:
     shard (memory-mapped) is read at a time.
     """
 
-    def __init__(self, path: str | os.PathLike, dtype: torch.dtype = torch.float32):
+    def __init__(self, path: str | os.PathLike, dtype: torch.dtype = torch.float32, verify: bool = False):
+        """Open a finished cache: every shard's size is checked now, and with ``verify`` its digest too
+        (each shard's digest is also checked whenever it is loaded). A damaged file is a :class:`StateError`
+        naming it."""
         self.path = Path(path)
         index_path = self.path / "index.json"
         if not index_path.is_file():
             raise DataError(f"{self.path}: no index.json, so the cache is incomplete; run `ncppo data cache` "
                             "again with the same arguments to finish it")
-        self.index = json.loads(index_path.read_text())
+        try:
+            self.index = json.loads(index_path.read_text())
+            if not all(isinstance(s, dict) and {"file", "pairs"} <= set(s) for s in self.index["shards"]):
+                raise KeyError("a shard entry without 'file' and 'pairs'")
+            int(self.index["cached_pairs"])
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise StateError(f"{index_path}: damaged ({type(err).__name__}: {err}); rerun `ncppo data cache` with "
+                             "the same arguments to rewrite it") from err
         if self.index.get("format") != CACHE_FORMAT:
             raise DataError(f"{self.path}: unknown cache format {self.index.get('format')!r}")
         self.dtype = dtype
+        self.check(full=verify)
+
+    def check(self, full: bool = False) -> None:
+        """Sizes of all shards against the index (cheap); with ``full`` their digests (reads every byte)."""
+        for k, shard in enumerate(self.index["shards"]):
+            path = self.path / shard["file"]
+            if not path.is_file():
+                raise StateError(f"{path}: missing from the cache; {RERUN}")
+            if "bytes" in shard and path.stat().st_size != shard["bytes"]:
+                raise StateError(f"{path}: {path.stat().st_size} bytes, the index says {shard['bytes']} "
+                                 f"(truncated or overwritten); {RERUN}")
+            if full:
+                self._check_digest(k)
+
+    def _check_digest(self, k: int) -> None:
+        shard = self.index["shards"][k]
+        path = self.path / shard["file"]
+        if "blake2b" in shard and file_digest(path) != shard["blake2b"]:
+            raise StateError(f"{path}: its bytes do not match the digest in index.json (overwritten or corrupted); "
+                             f"{RERUN}")
 
     def __len__(self) -> int:
         return int(self.index["cached_pairs"])
@@ -153,7 +308,12 @@ class LatentCache:
     def load_shard(self, k: int) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
-        tensors = load_file(str(self.path / self.index["shards"][k]["file"]))
+        path = self.path / self.index["shards"][k]["file"]
+        self._check_digest(k)  # garbage must not reach training
+        try:
+            tensors = load_file(str(path))
+        except Exception as err:  # safetensors raises its own error types
+            raise StateError(f"{path}: not a readable shard ({type(err).__name__}: {err}); {RERUN}") from err
         return {key: v if key == "pair_index" else v.to(self.dtype) for key, v in tensors.items()}
 
     def plan(self, batch_size: int, *, shuffle: bool = True, seed: int = 0, drop_last: bool = False) -> list:

@@ -15,11 +15,15 @@ def _filter(args) -> int:
     from ncppo.data.writer import filter_dataset
 
     stats = filter_dataset(args.input, args.output, min_wins=args.min_wins, pairs=args.pairs, variant=args.variant,
-                           on_bad_row=args.on_bad_row, split=args.split, image_dir=args.image_dir)
+                           on_bad_row=args.on_bad_row, split=args.split, image_dir=args.image_dir,
+                           overwrite=args.overwrite, max_image_pixels=args.max_image_pixels)
     _print_stats("before", stats["before"])
     _print_stats("after", stats["after"])
     print(f"selection: {json.dumps(stats['selection'])}")
     print(f"skipped rows: {stats['skipped']['total']} {json.dumps(stats['skipped']['by_reason'])}")
+    bad = stats["bad_images"]
+    print(f"bad images copied (by header; readers skip them): {bad['total']} {json.dumps(bad['by_reason'])}"
+          + (f" e.g. {bad['examples'][next(iter(bad['examples']))][0]}" if bad["total"] else ""))
     print(f"wrote {args.output} (statistics in {args.output}/stats.json)")
     return 0
 
@@ -29,7 +33,7 @@ def _stats(args) -> int:
     from ncppo.data.pairs import PreferencePairs
 
     pairs = PreferencePairs(args.input, tie_policy="keep", on_bad_row=args.on_bad_row, split=args.split,
-                            image_dir=args.image_dir)
+                            image_dir=args.image_dir, max_image_pixels=args.max_image_pixels)
     stats = dataset_stats(pairs.meta, min_wins=args.min_wins, skipped_rows=pairs.skips.total)
     if args.check_images:  # decode every image: corrupt files, one uid with two different images
         for start in range(0, len(pairs), 64):
@@ -57,10 +61,10 @@ def _cache(args) -> int:
     model = PreferenceModel.from_pretrained(args.model, finetune="none")
     model.to(state.device)
     pairs = PreferencePairs(args.input, tie_policy=args.ties, on_bad_row=args.on_bad_row, split=args.split,
-                            image_dir=args.image_dir)
+                            image_dir=args.image_dir, max_image_pixels=args.max_image_pixels)
     index = build_cache(model, pairs, args.output, resolution=args.resolution, batch_size=args.batch_size,
                         pairs_per_shard=args.pairs_per_shard, dtype="float16" if args.fp16 else "float32",
-                        model_name=str(args.model), state=state)
+                        model_name=str(args.model), state=state, overwrite=args.overwrite, verify=args.verify)
     if index is not None:
         print(f"cached {index['cached_pairs']} pairs in {index['num_shards']} shards to {args.output}; "
               f"skipped {index['skipped_pairs']} (bad images); {pairs.skips.summary()}")
@@ -69,10 +73,16 @@ def _cache(args) -> int:
 
 def add_data_commands(sub) -> None:
     from ncppo.data.filter import PAIR_CHOICES, VARIANTS
+    from ncppo.data.images import MAX_IMAGE_PIXELS
     from ncppo.data.schema import BAD_ROW_POLICIES, TIE_POLICIES
 
     data = sub.add_parser("data", help="preference data: filter, stats, cache")
     dsub = data.add_subparsers(dest="data_command", required=True)
+
+    def overwrite(p):
+        p.add_argument("--overwrite", action="store_true",
+                       help="replace an existing output folder that is not an earlier output of this command "
+                            "(never the input, nor a folder inside or around it)")
 
     def common(p):
         p.add_argument("input", help="parquet file/folder, save_to_disk folder, authors' .csv, or hub id")
@@ -80,6 +90,9 @@ def add_data_commands(sub) -> None:
         p.add_argument("--image-dir", default=None, help="image folder for a .csv source (default: images/ beside it)")
         p.add_argument("--on-bad-row", choices=BAD_ROW_POLICIES, default="skip",
                        help="skip (count and report) or error on a bad row (default skip)")
+        p.add_argument("--max-image-pixels", type=int, default=None,
+                       help=f"larger images (width x height, from the header) are bad images "
+                            f"(default {MAX_IMAGE_PIXELS} = 4096x4096)")
 
     f = dsub.add_parser("filter", help="keep absolute winners (NCP data enhancement)")
     common(f)
@@ -87,6 +100,7 @@ def add_data_commands(sub) -> None:
     f.add_argument("--min-wins", type=int, default=2, help="wins an absolute winner needs (paper: 2; authors' code: 1)")
     f.add_argument("--pairs", choices=PAIR_CHOICES, default="latest", help="which pair(s) per winner (default latest)")
     f.add_argument("--variant", choices=VARIANTS, default=None, help="a Table-2 mini version instead")
+    overwrite(f)
     f.set_defaults(func=_filter)
 
     s = dsub.add_parser("stats", help="statistics of a dataset")
@@ -105,4 +119,7 @@ def add_data_commands(sub) -> None:
     c.add_argument("--pairs-per-shard", type=int, default=256)
     c.add_argument("--fp16", action="store_true", help="store tensors in float16 (half the disk)")
     c.add_argument("--ties", choices=TIE_POLICIES, default="drop", help="tie policy (default drop)")
+    c.add_argument("--verify", action="store_true",
+                   help="check every finished shard's digest (reads them all), not only sizes; damaged ones are rebuilt")
+    overwrite(c)
     c.set_defaults(func=_cache)

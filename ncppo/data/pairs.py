@@ -15,11 +15,13 @@ import pyarrow as pa
 from ncppo.data.images import decode_image, prepare_image, sdxl_time_ids
 from ncppo.data.schema import (
     BAD_ROW_POLICIES,
+    IMAGE_COLUMNS,
     OPTIONAL_METADATA,
     REQUIRED_COLUMNS,
     DataError,
     NormalizedPairs,
     SkipReport,
+    check_columns,
     normalize,
 )
 from ncppo.data.sources import open_source
@@ -32,12 +34,17 @@ class PreferencePairs:
 
     Bad rows (labels outside {0, 0.5, 1} or not summing to 1, an empty caption, a missing uid, one image
     against itself) are counted in :attr:`skips` with their locations, or raise with
-    ``on_bad_row='error'``. Bad images (corrupt or truncated, missing files, one uid with two different
-    images) are found when decoded and handled the same way.
+    ``on_bad_row='error'``. Bad images (corrupt or truncated, over ``max_image_pixels``, missing files, one
+    uid with two different images) are found when decoded and handled the same way.
+
+    One uid with two different images: the uid's first occurrence (the lowest pair index, winner before
+    loser) holds its image, and any other occurrence with other bytes is the bad one. The decision does
+    not depend on the order pairs are read (shuffled batches, a resumed cache, several processes): the
+    first occurrence's bytes are read when they are not known yet.
     """
 
     def __init__(self, source, *, tie_policy: str = "drop", on_bad_row: str = "skip", split: str = "train",
-                 image_dir: str | os.PathLike | None = None):
+                 image_dir: str | os.PathLike | None = None, max_image_pixels: int | None = None):
         if on_bad_row not in BAD_ROW_POLICIES:
             raise ValueError(f"unknown bad-row policy {on_bad_row!r}; expected one of {BAD_ROW_POLICIES}")
         self.source = source if hasattr(source, "metadata") else open_source(source, split=split, image_dir=image_dir)
@@ -46,6 +53,8 @@ class PreferencePairs:
         parts = []
         pool = pa.default_memory_pool()
         for i in range(self.source.num_shards):
+            # the images too: a shard without them would pass here and fail in the middle of training
+            check_columns(self.source.schema(i), self.source.shard_name(i), REQUIRED_COLUMNS + IMAGE_COLUMNS)
             meta = self.source.metadata(i, METADATA_COLUMNS)
             parts.append(normalize(meta, i, self.source.shard_name(i), tie_policy, self.skips, on_bad_row))
             del meta
@@ -53,7 +62,10 @@ class PreferencePairs:
         self.meta: NormalizedPairs = NormalizedPairs.concat(parts)
         del parts
         pool.release_unused()
-        self._image_digests: dict[str, tuple[str, str]] = {}
+        self.max_image_pixels = max_image_pixels
+        self._first_slot: np.ndarray | None = None  # per image slot (2 * pair + side): the uid's first slot
+        self._repeated: np.ndarray | None = None  # per image slot: its uid occurs more than once
+        self._uid_digests: dict[str, str] = {}  # uid -> digest of the bytes at its first slot
 
     def __len__(self) -> int:
         return len(self.meta)
@@ -83,21 +95,80 @@ class PreferencePairs:
             out.append((second, first) if self.meta.swapped[i] else (first, second))
         return out
 
-    def _check_uid(self, uid: str, data: bytes, where: str) -> None:
-        digest = hashlib.blake2b(data, digest_size=16).hexdigest()
-        seen = self._image_digests.setdefault(uid, (digest, where))
-        if seen[0] != digest:
-            raise DataError(f"{where}: image uid {uid!r} has different image bytes than at {seen[1]}")
+    # -- one uid, one image ----------------------------------------------------------------------
+    def first_slots(self) -> np.ndarray:
+        """For every image slot ``2 * pair + side`` (side 0: winner, 1: loser), the first slot of its uid.
+
+        Metadata only; computed once, when images are first needed.
+        """
+        if self._first_slot is None:
+            import pyarrow.compute as pc
+
+            n = len(self)
+            uids = pa.chunked_array(self.meta.uid_w.chunks + self.meta.uid_l.chunks, pa.string()).combine_chunks()
+            codes = np.asarray(pc.dictionary_encode(uids).indices.to_numpy(zero_copy_only=False), dtype=np.int64)
+            slot_codes = np.empty(2 * n, dtype=np.int64)
+            slot_codes[0::2], slot_codes[1::2] = codes[:n], codes[n:]
+            _, first, inverse, counts = np.unique(slot_codes, return_index=True, return_inverse=True,
+                                                  return_counts=True)
+            inverse = inverse.reshape(-1)
+            self._first_slot, self._repeated = first[inverse], counts[inverse] > 1
+        return self._first_slot
+
+    def _slot_column(self, slot: int) -> str:
+        winner_side = 1 if self.meta.swapped[slot // 2] else 0
+        return f"jpg_{winner_side if slot % 2 == 0 else 1 - winner_side}"
+
+    def _slot_uid(self, slot: int) -> str:
+        return (self.meta.uid_w if slot % 2 == 0 else self.meta.uid_l)[slot // 2].as_py()
+
+    def uid_digests(self, indices) -> dict[str, str]:
+        """The known image digests of the uids whose first occurrence is among pairs ``indices`` (a cache
+        stores them with each shard, so a resumed build need not read those images again)."""
+        first = self.first_slots()
+        out = {}
+        for i in np.asarray(indices, dtype=np.int64):
+            for slot in (2 * int(i), 2 * int(i) + 1):
+                uid = self._slot_uid(slot)
+                if first[slot] == slot and uid in self._uid_digests:
+                    out[uid] = self._uid_digests[uid]
+        return out
+
+    def remember_uid_digests(self, digests: dict[str, str]) -> None:
+        self._uid_digests.update(digests)
+
+    def _learn_first_images(self, indices, image_bytes=None) -> None:
+        """Digests of the first occurrences of the uids of pairs ``indices`` (reading the ones not known)."""
+        first = self.first_slots()
+        indices = np.asarray(indices, dtype=np.int64)
+        if image_bytes is not None:  # bytes in hand: the first occurrences among them cost nothing
+            for i, pair in zip(indices, image_bytes):
+                for side in (0, 1):
+                    slot = 2 * int(i) + side
+                    if first[slot] == slot and self._repeated[slot]:  # a uid seen once needs no digest
+                        self._uid_digests.setdefault(self._slot_uid(slot), _digest(pair[side]))
+        slots = np.concatenate([2 * indices, 2 * indices + 1])
+        wanted = sorted({int(first[s]) for s in slots if self._slot_uid(int(first[s])) not in self._uid_digests})
+        if wanted:
+            pairs_needed = sorted({s // 2 for s in wanted})
+            fetched = dict(zip(pairs_needed, self.image_bytes(pairs_needed)))
+            for s in wanted:
+                self._uid_digests[self._slot_uid(s)] = _digest(fetched[s // 2][s % 2])
 
     def decoded(self, i: int, winner: bytes | None, loser: bytes | None):
-        """Decode one pair's images, checking that each uid always has the same bytes."""
+        """Decode one pair's images, checking that each uid has the bytes of its first occurrence."""
         base = self.where(i)
-        w_col, l_col = ("jpg_1", "jpg_0") if self.meta.swapped[i] else ("jpg_0", "jpg_1")
+        first = self.first_slots()
+        self._learn_first_images([i], [(winner, loser)])
         images = []
-        for data, uid, column in ((winner, self.meta.uid_w[i].as_py(), w_col), (loser, self.meta.uid_l[i].as_py(), l_col)):
-            where = f"{base} column {column}"
-            images.append(decode_image(data, where))
-            self._check_uid(uid, data, where)
+        for side, data in enumerate((winner, loser)):
+            slot = 2 * int(i) + side
+            where = f"{base} column {self._slot_column(slot)}"
+            images.append(decode_image(data, where, self.max_image_pixels))
+            uid, origin = self._slot_uid(slot), int(first[slot])
+            if origin != slot and _digest(data) != self._uid_digests[uid]:
+                raise DataError(f"{where}: image uid {uid!r} has different image bytes than at "
+                                f"{self.where(origin // 2)} column {self._slot_column(origin)}")
         return images
 
     # -- batches ---------------------------------------------------------------------------------
@@ -130,7 +201,10 @@ class PreferencePairs:
 
         sides: dict[str, list] = {"w": [], "l": []}
         prompts, ids, ties = [], [], []
-        for i, (wb, lb) in zip(chunk, self.image_bytes(chunk)):
+        chunk = np.asarray(chunk, dtype=np.int64)
+        pair_bytes = self.image_bytes(chunk)
+        self._learn_first_images(chunk, pair_bytes)  # one read for the batch's unknown first occurrences
+        for i, (wb, lb) in zip(chunk, pair_bytes):
             try:
                 images = self.decoded(int(i), wb, lb)
             except DataError as err:
@@ -151,6 +225,10 @@ class PreferencePairs:
         return PreferenceBatch(pixel_values_w=stack("w"), pixel_values_l=stack("l"), prompts=prompts,
                                time_ids_w=times("w"), time_ids_l=times("l"), ids=ids,
                                is_tie=torch.tensor(ties) if any(ties) else None)
+
+
+def _digest(data: bytes | None) -> str:
+    return hashlib.blake2b(data or b"", digest_size=16).hexdigest()
 
 
 def _as_bytes(value) -> bytes | None:

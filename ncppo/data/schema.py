@@ -125,9 +125,27 @@ def _strings(table: pa.Table, name: str) -> pa.Array:
     return pc.cast(table.column(name), pa.string()).combine_chunks()
 
 
-def _floats(table: pa.Table, name: str) -> np.ndarray:
-    col = pc.fill_null(pc.cast(table.column(name), pa.float64()), np.nan)
-    return np.asarray(col.to_numpy(zero_copy_only=False))
+def _floats(table: pa.Table, name: str, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """The column as floats (NaN where null) and a mask of the values that are not numbers (e.g. ``"yes"``)."""
+    column = table.column(name)
+    n = table.num_rows
+    try:
+        col = pc.fill_null(pc.cast(column, pa.float64()), np.nan)
+        return np.asarray(col.to_numpy(zero_copy_only=False)), np.zeros(n, dtype=bool)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        pass
+    values, not_number = np.full(n, np.nan), np.zeros(n, dtype=bool)
+    for k, value in enumerate(column.to_pylist()):  # only when the cast failed: find the values that are not numbers
+        if value is None:
+            continue
+        try:
+            values[k] = float(value)
+        except (TypeError, ValueError):
+            not_number[k] = True
+    if not_number.all():
+        raise DataError(f"{where}: column {name!r} holds no numbers (row 0 is {column[0].as_py()!r}); labels must be "
+                        "0, 0.5 or 1 (Pick-a-Pic v2 schema): convert the column")
+    return values, not_number
 
 
 def _mask(array) -> np.ndarray:
@@ -142,7 +160,7 @@ def normalize(table: pa.Table, shard: int, where: str, tie_policy: str, skips: S
     check_columns(table.schema, where)
     n = table.num_rows
     rows = np.arange(row_offset, row_offset + n, dtype=np.int64)
-    l0, l1 = _floats(table, "label_0"), _floats(table, "label_1")
+    (l0, text0), (l1, text1) = _floats(table, "label_0", where), _floats(table, "label_1", where)
     caption = _strings(table, "caption")
     uid0, uid1 = _strings(table, "image_0_uid"), _strings(table, "image_1_uid")
 
@@ -150,6 +168,7 @@ def normalize(table: pa.Table, shard: int, where: str, tie_policy: str, skips: S
     tie = (l0 == 0.5) & (l1 == 0.5)
     missing_uid = _mask(pc.or_kleene(pc.equal(uid0, ""), pc.equal(uid1, "")))
     bad = {
+        "label not a number (columns label_0/label_1)": text0 | text1,
         "labels not in {0, 0.5, 1} or not summing to 1 (columns label_0/label_1)": ~(
             ((l0 == 1) & (l1 == 0)) | win1 | tie),
         "empty caption (column caption)": _mask(pc.equal(pc.utf8_trim_whitespace(caption), "")),
@@ -162,7 +181,7 @@ def normalize(table: pa.Table, shard: int, where: str, tie_policy: str, skips: S
         if mask.any():
             locations = [f"{where} row {r}" for r in rows[mask][:5]]
             if on_bad_row == "error":
-                raise DataError(f"{locations[0]}: {reason}")
+                raise DataError(f"{locations[0]}: {reason}; fix the row, or skip such rows (--on-bad-row skip)")
             skips.add(reason, locations, int(mask.sum()))
         invalid |= mask
     if tie_policy == "error" and (tie & ~invalid).any():

@@ -18,6 +18,12 @@ import pyarrow.parquet as pq
 from ncppo.data.schema import IMAGE_COLUMNS, DataError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+LEFTOVER_PREFIXES = (".tmp-", ".new-", ".old-")  # unfinished or superseded writes (ncppo.io), never data
+
+
+def _damaged(path, err: Exception, what: str) -> DataError:
+    return DataError(f"{path}: cannot read {what} ({type(err).__name__}: {err}); the file is damaged: "
+                     "replace it with a good copy (or move it out of the folder)")
 
 
 class ParquetSource:
@@ -25,8 +31,9 @@ class ParquetSource:
 
     def __init__(self, path: Path):
         self.path = path
+        self.paths = [path]  # what a writer must not write into or over
         files = [path] if path.is_file() else sorted(path.rglob("*.parquet"))
-        self.files = [f for f in files if not any(part.startswith((".tmp-", ".old-")) for part in f.parts)]
+        self.files = [f for f in files if not any(part.startswith(LEFTOVER_PREFIXES) for part in f.parts)]
         if not self.files:
             raise DataError(f"{path}: no parquet files found")
         self._handles: dict[int, pq.ParquetFile] = {}
@@ -52,7 +59,24 @@ class ParquetSource:
 
     def metadata(self, i: int, columns: list[str]) -> pa.Table:
         available = self.schema(i).names
-        return self._file(i).read(columns=[c for c in columns if c in available])
+        columns = [c for c in columns if c in available]
+        try:
+            return self._file(i).read(columns=columns)
+        except (pa.ArrowException, OSError) as err:
+            raise _damaged(self.files[i], err, self._bad_groups(i, columns)) from err
+
+    def _bad_groups(self, i: int, columns: list[str] | None, groups=None) -> str:
+        """Which row group (and rows) fails to read: named in the error, so the damage can be located."""
+        f, start = self._file(i), 0
+        for g in range(f.num_row_groups):
+            n = f.metadata.row_group(g).num_rows
+            if groups is None or g in groups:
+                try:
+                    f.read_row_group(g, columns=columns)
+                except (pa.ArrowException, OSError):
+                    return f"row group {g} (rows {start}-{start + n - 1}) of columns {', '.join(columns or ['all'])}"
+            start += n
+        return f"columns {', '.join(columns or ['all'])}"
 
     def rows(self, i: int, rows: np.ndarray, columns: list[str] | None = None) -> pa.Table:
         """Rows by index, reading only the row groups that hold them."""
@@ -61,7 +85,10 @@ class ParquetSource:
             self._group_starts[i] = np.cumsum([0] + [f.metadata.row_group(g).num_rows for g in range(f.num_row_groups)])
         starts = self._group_starts[i]
         groups = np.unique(np.searchsorted(starts, rows, side="right") - 1)
-        table = f.read_row_groups(list(groups), columns=columns)
+        try:
+            table = f.read_row_groups(list(groups), columns=columns)
+        except (pa.ArrowException, OSError) as err:
+            raise _damaged(self.files[i], err, self._bad_groups(i, columns, set(groups.tolist()))) from err
         offsets = np.concatenate([[0], np.cumsum([starts[g + 1] - starts[g] for g in groups])])
         local = np.empty(len(rows), dtype=np.int64)
         for k, g in enumerate(groups):
@@ -73,11 +100,12 @@ class ParquetSource:
 class ArrowDatasetSource:
     """A ``datasets.Dataset`` (from ``save_to_disk`` or the hub): one shard, memory-mapped arrow."""
 
-    def __init__(self, dataset, name: str):
+    def __init__(self, dataset, name: str, path: Path | None = None):
         if dataset._indices is not None:  # a selected/shuffled view: materialise it once
             dataset = dataset.flatten_indices()
         self.dataset = dataset
         self.name = name
+        self.paths = [path] if path is not None else []
 
     num_shards = 1
 
@@ -104,6 +132,7 @@ class CsvImageFolderSource:
         import pyarrow.csv as pacsv
 
         self.csv_path, self.image_dir = csv_path, image_dir
+        self.paths = [csv_path, image_dir]
         if not image_dir.is_dir():
             raise DataError(f"{image_dir}: image folder not found (expected beside {csv_path.name})")
         try:
@@ -177,7 +206,7 @@ def _load_from_disk(path: Path, split: str):
         if split not in loaded:
             raise DataError(f"{path}: no split {split!r} (has {', '.join(loaded)})")
         loaded = loaded[split]
-    return ArrowDatasetSource(loaded, f"{path}[{split}]")
+    return ArrowDatasetSource(loaded, f"{path}[{split}]", path)
 
 
 def _load_from_hub(name: str, split: str):

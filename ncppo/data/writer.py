@@ -2,7 +2,10 @@
 
 Output is parquet in the same Pick-a-Pic schema, one part per source shard (streamed shard by shard),
 plus ``stats.json``. It is built in a scratch folder and renamed into place at the end, so a killed run
-never leaves an output that looks complete.
+never leaves an output that looks complete. The output folder follows :func:`ncppo.io.guard_output_dir`:
+never the input, inside or around it, an existing file, or a folder that is not an earlier
+``data filter`` output (unless ``overwrite``). Every copied image's header is checked (no decoding):
+corrupt, truncated or oversized images are counted in ``stats.json`` (``bad_images``), with locations.
 """
 
 from __future__ import annotations
@@ -17,8 +20,13 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from ncppo.data.filter import Selection, build_graph, dataset_stats, select_pairs
-from ncppo.data.pairs import PreferencePairs
-from ncppo.io import atomic_directory
+from ncppo.data.images import inspect_image
+from ncppo.data.pairs import PreferencePairs, _as_bytes
+from ncppo.data.schema import IMAGE_COLUMNS, DataError, SkipReport
+from ncppo.data.sources import open_source
+from ncppo.io import OUTPUT_MARKER, atomic_directory, guard_output_dir, mark_output_dir
+
+COMMAND = "data filter"
 
 # columns that belong to one side of the pair, as (side 0, side 1)
 SIDE_COLUMNS = (("jpg_0", "jpg_1"), ("image_0_uid", "image_1_uid"), ("image_0_url", "image_1_url"),
@@ -44,12 +52,32 @@ def _synthetic_rows(pairs: PreferencePairs, synthetic: np.ndarray, schema: pa.Sc
     return pa.Table.from_pylist(records, schema=schema)
 
 
+def check_image_headers(table: pa.Table, where: str, rows, report: SkipReport, on_bad_row: str = "skip",
+                        max_pixels: int | None = None) -> None:
+    """Count the bad images of ``table`` (row ``k`` is ``where`` row ``rows[k]``) in ``report``, from headers only."""
+    for column in IMAGE_COLUMNS:
+        if column not in table.column_names:
+            continue
+        for row, value in zip(rows, table.column(column).to_pylist()):
+            reason = inspect_image(_as_bytes(value), max_pixels)
+            if reason is not None:
+                location = f"{where} row {row} column {column}: {reason}"
+                if on_bad_row == "error":
+                    raise DataError(f"{location}; replace the image, or pass --on-bad-row skip to count it")
+                report.add(reason.split(" (")[0], [location])
+
+
 def write_selection(pairs: PreferencePairs, selection: Selection, out_dir: str | os.PathLike,
-                    stats: dict, progress: bool = True) -> Path:
-    """Write the selected rows (all columns, images included) and ``stats.json`` to ``out_dir``."""
+                    stats: dict, progress: bool = True, max_image_pixels: int | None = None) -> Path:
+    """Write the selected rows (all columns, images included) and ``stats.json`` to ``out_dir``.
+
+    Adds ``bad_images`` (images whose header shows them corrupt, truncated or oversized; the rows are
+    copied as they are, and a reader skips them) to ``stats``.
+    """
     out_dir = Path(out_dir)
     meta = pairs.meta
     shards = meta.shard[selection.rows]
+    bad = SkipReport()
     with atomic_directory(out_dir) as tmp:
         schema = None
         for shard in tqdm(range(pairs.source.num_shards), desc="write", unit="shard", disable=not progress):
@@ -57,19 +85,42 @@ def write_selection(pairs: PreferencePairs, selection: Selection, out_dir: str |
             if len(rows) == 0:
                 continue
             table = pairs.source.rows(shard, rows)
+            check_image_headers(table, pairs.source.shard_name(shard), rows, bad, pairs.on_bad_row, max_image_pixels)
             schema = schema or table.schema
             pq.write_table(table.cast(schema), tmp / f"part-{shard:05d}.parquet")
         if len(selection.synthetic):
             schema = schema or pairs.source.schema(0)
-            pq.write_table(_synthetic_rows(pairs, selection.synthetic, schema), tmp / "part-synthetic.parquet")
+            table = _synthetic_rows(pairs, selection.synthetic, schema)
+            check_image_headers(table, "part-synthetic.parquet", range(table.num_rows), bad, pairs.on_bad_row,
+                                max_image_pixels)
+            pq.write_table(table, tmp / "part-synthetic.parquet")
+        stats["bad_images"] = bad.as_dict()
         (tmp / "stats.json").write_text(json.dumps(stats, indent=2))
+        mark_output_dir(tmp, COMMAND)
     return out_dir
 
 
+def _earlier_filter_output(out: Path) -> bool:
+    """An output of ``data filter`` from before outputs were marked: ``stats.json`` of a filter and parquet parts."""
+    try:
+        stats = json.loads((out / "stats.json").read_text())
+        names = {p.name for p in out.iterdir()}
+    except (OSError, ValueError):
+        return False
+    return (OUTPUT_MARKER not in names and isinstance(stats, dict) and {"rule", "before", "after"} <= set(stats)
+            and all(n == "stats.json" or (n.startswith("part-") and n.endswith(".parquet")) for n in names))
+
+
 def filter_dataset(source, out_dir, *, min_wins: int = 2, pairs: str = "latest", variant: str | None = None,
-                   on_bad_row: str = "skip", progress: bool = True, **source_kwargs) -> dict:
-    """``ncppo data filter``: returns the statistics it writes (before, after, selection details, skips)."""
-    reader = PreferencePairs(source, tie_policy="keep", on_bad_row=on_bad_row, **source_kwargs)
+                   on_bad_row: str = "skip", progress: bool = True, overwrite: bool = False,
+                   max_image_pixels: int | None = None, **source_kwargs) -> dict:
+    """``ncppo data filter``: returns the statistics it writes (before, after, selection details, skips,
+    bad images). The output folder is checked first (see the module docstring); ``overwrite`` replaces a
+    folder that is not an earlier output of ``data filter``."""
+    opened = source if hasattr(source, "metadata") else open_source(source, **source_kwargs)
+    guard_output_dir(out_dir, COMMAND, inputs=getattr(opened, "paths", []),
+                     overwrite=overwrite or _earlier_filter_output(Path(out_dir)))
+    reader = PreferencePairs(opened, tie_policy="keep", on_bad_row=on_bad_row, max_image_pixels=max_image_pixels)
     graph = build_graph(reader.meta)  # once, for the statistics and the selection
     before = dataset_stats(reader.meta, min_wins=min_wins, skipped_rows=reader.skips.total, graph=graph)
     selection = select_pairs(reader.meta, min_wins=min_wins, pairs=pairs, variant=variant, graph=graph)
@@ -85,5 +136,5 @@ def filter_dataset(source, out_dir, *, min_wins: int = 2, pairs: str = "latest",
         "selection": selection.details,
         "skipped": reader.skips.as_dict(),
     }
-    write_selection(reader, selection, out_dir, stats, progress=progress)
+    write_selection(reader, selection, out_dir, stats, progress=progress, max_image_pixels=max_image_pixels)
     return stats
