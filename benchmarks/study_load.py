@@ -1,11 +1,12 @@
 """Load test of the study server on loopback: 20 concurrent annotators x 50 votes each.
 
-Each annotator is a thread with its own HTTP connection: fetch the next item, vote, and one vote in ten
-is sent twice with the same client id (a retry after a lost response). Afterwards the database must
+Each annotator is a thread with its own HTTP connection: fetch the next item and its two images (blind
+names, with the annotator's token), vote, and one vote in ten is sent twice with the same client id (a
+retry after a lost response). Afterwards the database must
 hold exactly one vote per (annotator, item) and per client id, 1000 in all, and no item more than its
 3 annotators. Writes benchmarks/results/study_load.json.
 
-    python benchmarks/study_load.py [--annotators 20] [--votes 50]
+    python benchmarks/study_load.py [--annotators 20] [--votes 50] [--out benchmarks/results/study_load.json]
 """
 
 from __future__ import annotations
@@ -40,6 +41,12 @@ def annotate(url: str, token: str, votes: int, seed: int, latencies: list, error
             if item.get("done"):
                 errors.append(f"{token[:6]}: ran out of items after {done} votes")
                 return
+            for side in ("left", "right"):
+                start = time.perf_counter()
+                response = client.get(item[side])
+                latencies.append(("image", time.perf_counter() - start))
+                if response.status_code != 200 or response.headers["content-type"] != "image/png":
+                    errors.append(f"image {response.status_code} {response.text[:80]}")
             body = {"token": token, "assignment_id": item["assignment_id"], "client_id": f"{token}-{done}",
                     **{q: rng.choice(("left", "right", "tie")) for q in ("q1", "q2", "q3")}}
             for _ in range(2 if rng.random() < 0.1 else 1):  # a retry with the same client id
@@ -56,6 +63,7 @@ def main() -> None:
     parser.add_argument("--annotators", type=int, default=20)
     parser.add_argument("--votes", type=int, default=50)
     parser.add_argument("--votes-per-item", type=int, default=3)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "study_load.json"))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -80,7 +88,7 @@ def main() -> None:
         pairs = db.conn.execute("SELECT COUNT(*) FROM (SELECT DISTINCT item_id, annotator FROM votes)").fetchone()[0]
         clients = db.conn.execute("SELECT COUNT(DISTINCT client_id) FROM votes").fetchone()[0]
     expected = args.annotators * args.votes
-    ms = {kind: sorted(1000 * s for k, s in latencies if k == kind) for kind in ("next", "vote")}
+    ms = {kind: sorted(1000 * s for k, s in latencies if k == kind) for kind in ("next", "image", "vote")}
     result = {
         "command": f"python benchmarks/study_load.py --annotators {args.annotators} --votes {args.votes}",
         "annotators": args.annotators, "votes_each": args.votes, "votes_per_item": args.votes_per_item, "items": n_items,
@@ -91,8 +99,7 @@ def main() -> None:
         "distinct_client_ids": clients, "max_annotators_per_item": per_item, "errors": errors[:10],
         "ok": len(votes) == expected == pairs == clients and per_item <= args.votes_per_item and not errors,
     }
-    out = Path(__file__).parent / "results" / "study_load.json"
-    atomic_write_text(out, json.dumps(result, indent=2))
+    atomic_write_text(args.out, json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
     if not result["ok"]:
         sys.exit(1)

@@ -1,4 +1,10 @@
-"""The study's HTTP API through Starlette's test client: tokens, votes, escaping, path traversal."""
+"""The study's HTTP API through Starlette's test client: tokens, votes, escaping, path traversal; and a
+small run of the load test on loopback."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from starlette.testclient import TestClient
@@ -94,3 +100,14 @@ def test_images_cannot_escape_the_study(app, path):
     name = client.get("/api/next", params={"token": token}).json()["left"].split("?")[0].rsplit("/", 1)[1]
     response = client.get(path.format(name=name), params={"token": token})
     assert response.status_code == 404 and b"not for annotators" not in response.content
+
+
+def test_a_small_load_run(tmp_path):
+    """benchmarks/study_load.py at a small scale: concurrent annotators, retried votes, blind images."""
+    out = tmp_path / "load.json"
+    done = subprocess.run([sys.executable, "benchmarks/study_load.py", "--annotators", "4", "--votes", "6", "--out", str(out)],
+                          cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["ok"] and result["votes_in_db"] == 24 and result["errors"] == []
+    assert result["latency_ms"]["image"]["median"] > 0
