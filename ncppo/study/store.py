@@ -8,7 +8,11 @@ transactions, so many server threads (or processes) can share one file:
 - an item is handed out only while its votes plus open assignments are below ``votes_per_item``;
 - an assignment not answered within ``timeout_s`` is released and its slot given to someone else;
 - the left/right order is drawn per assignment and stored; votes are kept both as clicked (left/right)
-  and as A/B.
+  and as A/B;
+- image names are random (the mapping to A and B lives only here) and an image is shown only to an
+  annotator assigned its item (``image_allowed``);
+- every value from a request is checked before it reaches SQLite: tokens are strings of the
+  ``token_urlsafe`` alphabet, ids positive and below 2^63, client ids printable ASCII (a 4xx otherwise).
 """
 
 from __future__ import annotations
