@@ -74,7 +74,7 @@ class Guard:
         length = dict(scope["headers"]).get(b"content-length", b"0")
         if not length.isdigit():
             return await _error("Content-Length must be a number of bytes", 400)(scope, receive, send_with_headers)
-        if int(length) > MAX_BODY:
+        if len(length) > 12 or int(length) > MAX_BODY:  # (int() of thousands of digits would raise)
             response = _error(f"the request body must be at most {MAX_BODY} bytes", 413)
             response.headers["connection"] = "close"
             return await response(scope, receive, send_with_headers)
@@ -110,7 +110,10 @@ def create_app(study_dir: str | Path) -> Guard:
         return local.store
 
     def error(err: StudyError) -> JSONResponse:
-        return _error(str(err), err.status)
+        response = _error(str(err), err.status)
+        if err.status == 413:  # the rest of the body is not read: end the connection
+            response.headers["connection"] = "close"
+        return response
 
     async def page(request: Request) -> Response:
         try:
