@@ -214,7 +214,6 @@ def test_malformed_requests_get_4xx_not_500(tmp_path):
         "NUL in an image name": client.get("/img/%00.png", params={"token": token}),
         "NUL after an image name": client.get(f"/img/{name}%00", params={"token": token}),
         "NUL in the old image route": client.get("/images/%00.png"),
-        "Content-Length not a number": client.post("/api/vote", content=b"{}", headers={"content-length": "abc"}),
     }
     bad = {what: (r.status_code, r.text[:100]) for what, r in cases.items() if not 400 <= r.status_code < 500}
     assert bad == {}
@@ -235,6 +234,10 @@ def test_a_big_body_gets_413_before_it_is_read(tmp_path):
             s.sendall(b"POST /api/vote HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                       b"Content-Length: 268435456\r\n\r\n" + b" " * 1024)
             assert s.recv(4096).startswith(b"HTTP/1.1 413")
+        for length, status in ((b"9" * 5000, b"413"), (b"12abc", b"400")):  # odd lengths: a 4xx, not a 500
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                s.sendall(b"POST /api/vote HTTP/1.1\r\nHost: x\r\nContent-Length: " + length + b"\r\n\r\n{}")
+                assert s.recv(4096)[9:12] in (status, b"400"), length[:10]  # (the HTTP parser may refuse first)
         # a chunked body with no length: refused once the stream passes the limit
         with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
             s.sendall(b"POST /api/vote HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
