@@ -22,7 +22,8 @@ LEFTOVER_PREFIXES = (".tmp-", ".new-", ".old-")  # unfinished or superseded writ
 
 
 def _damaged(path, err: Exception, what: str) -> DataError:
-    return DataError(f"{path}: cannot read {what} ({type(err).__name__}: {err}); the file is damaged: "
+    detail = " ".join(str(err).split())  # pyarrow's messages span lines
+    return DataError(f"{path}: cannot read {what} ({type(err).__name__}: {detail}); the file is damaged: "
                      "replace it with a good copy (or move it out of the folder)")
 
 
@@ -74,9 +75,18 @@ class ParquetSource:
                 try:
                     f.read_row_group(g, columns=columns)
                 except (pa.ArrowException, OSError):
-                    return f"row group {g} (rows {start}-{start + n - 1}) of columns {', '.join(columns or ['all'])}"
+                    bad = [c for c in (columns or self.schema(i).names) if not self._readable(f, g, c)]
+                    return f"row group {g} (rows {start}-{start + n - 1}), column(s) {', '.join(bad) or 'all'}"
             start += n
         return f"columns {', '.join(columns or ['all'])}"
+
+    @staticmethod
+    def _readable(f: pq.ParquetFile, group: int, column: str) -> bool:
+        try:
+            f.read_row_group(group, columns=[column])
+            return True
+        except (pa.ArrowException, OSError):
+            return False
 
     def rows(self, i: int, rows: np.ndarray, columns: list[str] | None = None) -> pa.Table:
         """Rows by index, reading only the row groups that hold them."""

@@ -55,10 +55,10 @@ def _synthetic_rows(pairs: PreferencePairs, synthetic: np.ndarray, schema: pa.Sc
 def check_image_headers(table: pa.Table, where: str, rows, report: SkipReport, on_bad_row: str = "skip",
                         max_pixels: int | None = None) -> None:
     """Count the bad images of ``table`` (row ``k`` is ``where`` row ``rows[k]``) in ``report``, from headers only."""
-    for column in IMAGE_COLUMNS:
-        if column not in table.column_names:
-            continue
-        for row, value in zip(rows, table.column(column).to_pylist()):
+    columns = [c for c in IMAGE_COLUMNS if c in table.column_names]
+    values = [table.column(c).to_pylist() for c in columns]
+    for k, row in enumerate(rows):  # in row order: the first bad image is the one an error names
+        for column, value in ((c, v[k]) for c, v in zip(columns, values)):
             reason = inspect_image(_as_bytes(value), max_pixels)
             if reason is not None:
                 location = f"{where} row {row} column {column}: {reason}"

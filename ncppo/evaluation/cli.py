@@ -41,7 +41,7 @@ def _generate(args) -> int:
     prompts = load_prompts(args.prompts, limit=args.limit)
     counts = generate_image_set(_load(args), prompts, args.out, _spec(args, prompts), model=str(args.model),
                                 lora=str(args.lora or ""), settings={"scheduler": args.scheduler or "default",
-                                                                     "dtype": args.dtype})
+                                                                     "dtype": args.dtype}, overwrite=args.overwrite)
     print(f"{args.out}: {counts['generated']} generated, {counts['reused']} already there, {counts['total']} in all")
     return 0
 
@@ -109,6 +109,7 @@ def add_eval_commands(sub) -> None:
     gen.add_argument("--out", required=True)
     gen.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="default: the pipeline's own")
     gen.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
+    gen.add_argument("--overwrite", action="store_true", help="replace an --out folder that generate did not write")
     _sampling_options(gen)
     gen.set_defaults(func=_generate)
 

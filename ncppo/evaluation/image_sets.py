@@ -4,7 +4,10 @@
 its metadata, prompt and image index, seed, model, LoRA, path) and ``OUT/generation.json`` (the settings).
 Images are written atomically and the manifest is rewritten atomically after every batch, so a killed
 run leaves only whole images; a rerun with the same settings skips the images that exist and decode,
-and a rerun with other settings is refused (it would mix two generations in one folder).
+and a rerun with other settings is refused (it would mix two generations in one folder). The folder
+follows :func:`ncppo.io.guard_output_dir`: not the model, LoRA or prompt file, nor inside or around them,
+not an existing file, and not a non-empty folder that ``ncppo generate`` did not write (``overwrite``
+removes it first).
 """
 
 from __future__ import annotations
@@ -19,10 +22,11 @@ from tqdm.auto import tqdm
 
 from ncppo.evaluation.generation import GenerationSpec, render_batch
 from ncppo.evaluation.prompts import PromptSet
-from ncppo.io import atomic_write_text
+from ncppo.io import atomic_write_text, clear_output_dir, guard_output_dir, mark_output_dir, output_owner
 
 MANIFEST = "manifest.jsonl"
 SETTINGS = "generation.json"
+COMMAND = "generate"
 
 
 @dataclass(frozen=True)
@@ -89,10 +93,17 @@ def _save_png(array: np.ndarray, path: Path) -> None:
 
 
 def generate_image_set(pipe, prompts: PromptSet, out_dir: str | Path, spec: GenerationSpec, *, model: str = "",
-                       lora: str = "", settings: dict | None = None, progress: bool = True) -> dict:
+                       lora: str = "", settings: dict | None = None, progress: bool = True,
+                       overwrite: bool = False) -> dict:
     """Generate (or finish generating) ``spec`` into ``out_dir``; returns counts of made and reused images."""
     out = Path(out_dir)
+    earlier = (out / SETTINGS).is_file() and output_owner(out) is None  # written before outputs were marked
+    inputs = [p for p in (model, lora, prompts.source) if p and Path(p).exists()]
+    guard_output_dir(out, COMMAND, inputs=inputs, overwrite=overwrite or earlier)
+    if overwrite:
+        clear_output_dir(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
+    mark_output_dir(out, COMMAND)
     wanted = {"spec": {k: v for k, v in asdict(spec).items() if k not in ("prompts", "batch_size")},
               "prompt_source": prompts.source, "prompts": len(prompts), "model": model, "lora": lora, **(settings or {})}
     settings_path = out / SETTINGS
@@ -101,7 +112,7 @@ def generate_image_set(pipe, prompts: PromptSet, out_dir: str | Path, spec: Gene
         if found != json.loads(json.dumps(wanted)):
             changed = sorted(k for k in set(found) | set(wanted) if found.get(k) != json.loads(json.dumps(wanted)).get(k))
             raise ValueError(f"{out} holds a generation with other settings ({', '.join(changed)} differ); "
-                             "use another --out or delete it")
+                             "use another --out, or pass --overwrite to replace it")
     else:
         atomic_write_text(settings_path, json.dumps(wanted, indent=2))
     records = {r.id: r for r in (read_manifest(out) if (out / MANIFEST).is_file() else [])}
