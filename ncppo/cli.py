@@ -66,12 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ncppo.models.loading import ModelLoadError
+    from ncppo.errors import USER_ERRORS
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, ModelLoadError) as err:  # user errors (DataError too): one line
+    except (*USER_ERRORS, ValueError) as err:  # user errors (NcppoError, file errors): one line
         print(f"ncppo: error: {err}", file=sys.stderr)
         return 2
 

@@ -104,6 +104,34 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
+    """One training run (see the README's "Training" for the options).
+
+    Output folder and resume:
+        resume: ``true`` (default) continues from the newest complete checkpoint in ``output_dir``;
+            the checkpoint's run must have the same settings, except the keys in
+            :data:`CHANGEABLE_ON_RESUME` (the budget ``max_steps`` / ``max_train_minutes``, logging,
+            validation, checkpoint intervals, guards and diagnostics, ``gradient_checkpointing``,
+            ``output_dir`` itself); any other difference (``objective.beta``, ``optim.learning_rate``,
+            ``model.lora_rank``, the data, the resolved learning rate or effective batch...) is refused
+            with the differing keys named. ``force`` continues anyway (the differences are printed and
+            recorded in ``summary.json``'s ``warnings``). ``false`` never resumes: the folder must be
+            empty or new. With a decaying ``optim.lr_scheduler``, a new ``max_steps`` stretches the
+            schedule from the resumed step on.
+        overwrite_output_dir: replace whatever ``output_dir`` holds (the old folder is moved aside in
+            one rename, then deleted) and start a new run. Without it a non-empty folder that is not an
+            ``ncppo train`` run is refused, and so is a run's folder with ``resume: false``.
+            ``output_dir`` equal to, inside or around ``data.source``, ``data.cache`` or
+            ``model.pretrained`` is always refused.
+
+    Guards and diagnostics:
+        max_skipped_step_fraction: stop (with the data's skip report) once more than this share of the
+            optimiser steps had no valid pair (all their images failed to decode), checked from step
+            ``skipped_step_check_after`` on and at the end of the run; ``null`` disables it.
+        diagnostics_window: consecutive logged steps before a diagnostic warning: ``argument_rms``
+            below 1e-3 (the loss sits at log 2) or ``eps_dominated_frac`` above 0.5 (most Adam updates
+            are below ``optim.adam_epsilon``).
+    """
+
     output_dir: str = "outputs/run"
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -120,13 +148,17 @@ class TrainConfig:
     checkpoint_every_steps: int | None = None
     checkpoint_every_minutes: float | None = None
     keep_last_checkpoints: int = 3
-    resume: bool = True  # continue from the newest checkpoint in output_dir
+    resume: bool | str = True  # true | false | force: continue from the newest checkpoint in output_dir
+    overwrite_output_dir: bool = False  # replace a run (or anything else) already in output_dir
     log_every: int = 1
     report_to: list[str] = field(default_factory=lambda: ["jsonl", "csv"])  # + tensorboard, wandb
     validation_every: int | None = None
     validation_prompts: list[str] = field(default_factory=list)
     validation_steps: int = 20
     max_nonfinite_in_a_row: int = 5
+    max_skipped_step_fraction: float | None = 0.1  # stop when this share of steps had no valid pair
+    skipped_step_check_after: int = 10  # ... checked from this step on (and at the end of the run)
+    diagnostics_window: int = 20  # consecutive logged steps before a diagnostic warning
 
     def resolved_accumulation(self, num_processes: int) -> int:
         """Gradient accumulation steps, from ``effective_batch`` when it is set."""
@@ -142,6 +174,15 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+
+# keys a resume may change (``resume: true``); every other difference from the checkpoint's run is refused
+CHANGEABLE_ON_RESUME = frozenset({
+    "output_dir", "resume", "overwrite_output_dir", "max_steps", "max_train_minutes", "checkpoint_every_steps",
+    "checkpoint_every_minutes", "keep_last_checkpoints", "log_every", "report_to", "validation_every",
+    "validation_prompts", "validation_steps", "max_nonfinite_in_a_row", "max_skipped_step_fraction",
+    "skipped_step_check_after", "diagnostics_window", "gradient_checkpointing",
+})
+RESUME_CHOICES = (True, False, "force")
 
 _CHOICES = {
     "model.finetune": ("lora", "full"),
@@ -266,10 +307,17 @@ def validate(config: TrainConfig) -> None:
     positive = {"batch_size": config.batch_size, "gradient_accumulation_steps": config.gradient_accumulation_steps,
                 "max_steps": config.max_steps, "data.resolution": config.data.resolution,
                 "model.lora_rank": config.model.lora_rank, "keep_last_checkpoints": config.keep_last_checkpoints,
-                "log_every": config.log_every, "max_nonfinite_in_a_row": config.max_nonfinite_in_a_row}
+                "log_every": config.log_every, "max_nonfinite_in_a_row": config.max_nonfinite_in_a_row,
+                "skipped_step_check_after": config.skipped_step_check_after,
+                "diagnostics_window": config.diagnostics_window}
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}: must be >= 1, got {value}")
+    if config.resume not in RESUME_CHOICES or not isinstance(config.resume, (bool, str)):
+        raise ConfigError(f"resume: expected true, false or force, got {config.resume!r}")
+    fraction = config.max_skipped_step_fraction
+    if fraction is not None and not 0.0 <= fraction <= 1.0:
+        raise ConfigError(f"max_skipped_step_fraction: must be in [0, 1] or null, got {fraction}")
     if not 0.0 <= config.data.prompt_dropout < 1.0:
         raise ConfigError(f"data.prompt_dropout: must be in [0, 1), got {config.data.prompt_dropout}")
     from ncppo.objectives import make_objective

@@ -6,15 +6,26 @@ inside), clipping, an optimizer and LR-scheduler step, logging, checkpoints and 
 ``max_steps`` or the ``max_train_minutes`` budget. Everything random in a micro-step (noise, prompt
 dropout, crops) derives from (seed, micro-step index, rank), so a resumed run replays an uninterrupted
 one exactly.
+
+The output folder is held with a lock (``OUTPUT_DIR/.lock``) for the whole run; a second run there is
+refused with the first one's pid. A resume checks that the checkpoint's run had the same settings
+(see :class:`TrainConfig`). The run prints a start banner (data and its skip report, batch sizes, the
+resolved learning rate, the objective) and an end summary (``summary.json``: final and mean metrics,
+diagnostics, warnings, where the weights are and how to sample from them).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
+import os
+import shutil
+import socket
 import time
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,15 +33,33 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from ncppo.errors import NcppoError
-from ncppo.io import atomic_write_text
-from ncppo.training.checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
-from ncppo.training.config import ConfigError, TrainConfig
+from ncppo.errors import NcppoError, OutputDirError, StateError
+from ncppo.io import atomic_write_text, guard_output_dir, mark_output_dir, output_owner
+from ncppo.training.checkpoint import (
+    DiskFullError,
+    checkpoint_dirs,
+    clean_leftovers,
+    load_optimizer_state,
+    load_trainable,
+    read_state,
+    save_checkpoint,
+)
+from ncppo.training.config import CHANGEABLE_ON_RESUME, ConfigError, TrainConfig
 from ncppo.training.logging import MetricLogger
+
+COMMAND = "train"
+LOCK = ".lock"
+RUN_FILES = ("config.yaml", "metrics.jsonl", "metrics.csv", "checkpoints", "summary.json", "lora", "unet")
+FLAT_ARGUMENT = 1e-3  # argument_rms below this: the sigmoid's argument is ~0 and the loss sits at log 2
+EPS_DOMINATED = 0.5  # eps_dominated_frac above this: most Adam updates are set by eps, not by the gradient
 
 
 class TrainingDiverged(NcppoError, RuntimeError):
     """Too many non-finite losses or gradients in a row."""
+
+
+class TooManySkippedSteps(NcppoError, ValueError):
+    """Too large a share of the optimiser steps had no valid pair (bad images); the message has the skip report."""
 
 
 @dataclass
@@ -39,15 +68,178 @@ class TrainResult:
     steps: int
     train_seconds: float
     stopped_by: str  # max_steps | time_budget
+    summary: dict = field(default_factory=dict)  # what summary.json holds (main process)
 
 
 def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) and not isinstance(b, bool):
+        return float(a) == float(b)
+    return a == b
+
+
+def setting_differences(old: dict, new: dict) -> list[str]:
+    """``key: old -> new`` for every flat key that differs and may not change on resume."""
+    diffs = []
+    defaults = _flat(TrainConfig().to_dict())
+    for key in sorted(new):
+        if key in CHANGEABLE_ON_RESUME or (key.startswith("resolved.") and key not in old):
+            continue
+        before = old.get(key, defaults.get(key))  # a key an older version did not write: its default
+        if not _same(before, new[key]):
+            diffs.append(f"{key}: {before!r} -> {new[key]!r}")
+    return diffs
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``FOLDER/.lock``, held for the run (the kernel drops it when the process dies)."""
+
+    def __init__(self, folder: Path):
+        self.path = folder / LOCK
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock
+            return
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            other = os.pread(self.fd, 512, 0).decode(errors="replace").strip() or "a process"
+            os.close(self.fd)
+            self.fd = None
+            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            raise OutputDirError(f"train: another run ({other}) is writing to {folder}; wait for it to end or stop "
+                                 "it, or choose another output_dir") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"pid {os.getpid()} on {socket.gethostname()}, since "
+                           f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing drops the flock
+            self.fd = None
+
+
 class Trainer:
     def __init__(self, config: TrainConfig):
         self.config = config
+        self._lock: RunLock | None = None
+        self.warnings: list[dict] = []
+        self.notes: list[str] = []
+
+    # -- output folder -----------------------------------------------------------------------------
+    def _say(self, message: str) -> None:
+        if self.acc.is_main_process:
+            tqdm.write(message)
+
+    def _warn(self, code: str, step: int, message: str) -> None:
+        if any(w["code"] == code for w in self.warnings):
+            return
+        self.warnings.append({"code": code, "step": step, "message": message})
+        self._say(f"warning: {message}")
+
+    def _prepare_output_dir(self) -> None:
+        """Guard, lock, replace or refuse what is there, clean leftovers; then find the checkpoint to resume."""
+        cfg, acc = self.config, self.acc
+        inputs = [p for p in (cfg.data.source, cfg.data.cache, cfg.model.pretrained) if p and Path(p).expanduser().exists()]
+        guard_output_dir(self.out, COMMAND, inputs=inputs, overwrite=True)  # inputs and "is a file"; the rest below
+        if acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            for stale in self.out.parent.glob(f".replaced-{self.out.name}-*"):
+                shutil.rmtree(stale, ignore_errors=True)  # an overwrite killed while it deleted the old run
+            self._lock = RunLock(self.out)
+            self._check_folder()
+            self.notes += clean_leftovers(self.out)
+        acc.wait_for_everyone()
+        found = checkpoint_dirs(self.out) if cfg.resume else []
+        self.resume_from = found[-1] if found else None
+        self.resume_state = read_state(self.resume_from) if found else None
+        if self.resume_from is not None:
+            self._check_resume_settings()
+
+    def _holds_run(self) -> bool:
+        owner = output_owner(self.out)
+        return owner == COMMAND or (owner is None and any((self.out / n).exists() for n in RUN_FILES))
+
+    def _check_folder(self) -> None:
+        cfg = self.config
+        contents = [p for p in self.out.iterdir() if p.name != LOCK]
+        if not contents:
+            return
+        owner = output_owner(self.out)
+        if cfg.overwrite_output_dir:
+            self._replace_folder("overwrite_output_dir: true: replaced the earlier contents of")
+            return
+        if not self._holds_run():
+            what = f"an output of `ncppo {owner}`" if owner else "a folder that no ncppo command wrote"
+            raise OutputDirError(f"train: the output folder {self.out} is not empty and is {what}; choose a new "
+                                 "output_dir, or set overwrite_output_dir: true to replace it")
+        newest = checkpoint_dirs(self.out)
+        if not cfg.resume:
+            where = f" (newest checkpoint {newest[-1].name})" if newest else ""
+            raise OutputDirError(f"train: the output folder {self.out} holds a training run{where}; with resume: false "
+                                 "it is not continued: set resume: true to continue it, overwrite_output_dir: true "
+                                 "to replace it, or choose a new output_dir")
+        if not newest and any(p.name != "checkpoints" for p in contents):
+            # a run killed before its first checkpoint: nothing to resume, and its rows must not mix with ours
+            self._replace_folder("no complete checkpoint to resume: replaced the files of an earlier run in")
+
+    def _replace_folder(self, why: str) -> None:
+        """Move the folder aside in one rename (holding the lock of the new one), then delete it."""
+        aside = self.out.parent / f".replaced-{self.out.name}-{uuid.uuid4().hex[:8]}"
+        old_lock = self._lock
+        try:
+            os.replace(self.out, aside)
+        except OSError:  # a mount point or a busy folder: delete its contents in place
+            for p in self.out.iterdir():
+                if p.name != LOCK:
+                    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            self._say(f"{why} {self.out}")
+            return
+        self.out.mkdir()
+        self._lock = RunLock(self.out)
+        old_lock.release()
+        shutil.rmtree(aside, ignore_errors=True)
+        self._say(f"{why} {self.out}")
+
+    def _run_settings(self) -> dict:
+        return {**_flat(self.config.to_dict()), "resolved.effective_batch": self.effective_batch,
+                "resolved.learning_rate": self.learning_rate}
+
+    def _check_resume_settings(self) -> None:
+        old = self.resume_state.get("settings")
+        if old is None:  # a checkpoint of an older version: the run's config.yaml (not yet rewritten)
+            try:
+                old = _flat(yaml.safe_load((self.out / "config.yaml").read_text()) or {})
+            except (OSError, yaml.YAMLError):
+                self.notes.append(f"{self.resume_from} records no settings: they are not compared")
+                return
+        diffs = setting_differences(old, self._run_settings())
+        if not diffs:
+            return
+        if self.config.resume != "force":
+            raise StateError(f"train: {self.resume_from} is from a run with other settings ({'; '.join(diffs)}); "
+                             "set resume: force to continue it with the new settings, overwrite_output_dir: true "
+                             "to start over, or choose a new output_dir")
+        self._warn("resume_force", int(self.resume_state["step"]),
+                   f"resume: force: continuing {self.resume_from} with changed settings: {'; '.join(diffs)}")
+        self.resume_differences = diffs
 
     # -- setup -------------------------------------------------------------------------------------
     def _setup(self):
@@ -66,12 +258,11 @@ class Trainer:
         self.acc = acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
         set_seed(cfg.seed)  # the LoRA's initial A matrices (peft draws them from the global generator)
         self.accumulation = cfg.resolved_accumulation(acc.num_processes)
+        self.effective_batch = cfg.batch_size * self.accumulation * acc.num_processes
+        self.learning_rate = cfg.optim.learning_rate * (self.effective_batch if cfg.optim.scale_lr else 1)
         self.out = Path(cfg.output_dir)
-        if acc.is_main_process:
-            self.out.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.out / "config.yaml", yaml.safe_dump(
-                {**cfg.to_dict(), "resolved": {"gradient_accumulation_steps": self.accumulation,
-                                               "num_processes": acc.num_processes}}, sort_keys=False))
+        self.resume_differences: list[str] = []
+        self._prepare_output_dir()
         self.objective = make_objective(**cfg.objective.options())
         lora = LoraSettings(cfg.model.lora_rank, cfg.model.lora_alpha, tuple(cfg.model.lora_targets))
         self.model = model = PreferenceModel.from_pretrained(cfg.model.pretrained, finetune=cfg.model.finetune, lora=lora)
@@ -82,10 +273,10 @@ class Trainer:
             model.unet.enable_gradient_checkpointing()
         model.unet.train()
         self._data_setup()
+        self.resolved: dict = {}  # extra resolved values (beta: auto) for config.yaml and summary.json
+        self._calibrate()
         params = model.trainable_parameters()
-        effective = cfg.batch_size * self.accumulation * acc.num_processes
-        lr = cfg.optim.learning_rate * (effective if cfg.optim.scale_lr else 1)
-        self.optimizer = self._optimizer(params, lr)
+        self.optimizer = self._optimizer(params, self.learning_rate)
         from diffusers.optimization import get_scheduler
 
         self.scheduler = get_scheduler(cfg.optim.lr_scheduler, self.optimizer, num_warmup_steps=cfg.optim.lr_warmup_steps,
@@ -93,7 +284,18 @@ class Trainer:
         model.policy, self.optimizer = acc.prepare(model.unet, self.optimizer)
         self.params = params
         self.logger = MetricLogger(self.out, cfg.report_to, cfg.to_dict(), enabled=acc.is_main_process)
-        self.effective_batch = effective
+        if acc.is_main_process:
+            mark_output_dir(self.out, COMMAND)
+            atomic_write_text(self.out / "config.yaml", yaml.safe_dump(
+                {**cfg.to_dict(), "resolved": self._resolved()}, sort_keys=False))
+
+    def _calibrate(self) -> None:
+        """Hook after the model and the data are built (``objective.beta: auto``); fills ``self.resolved``."""
+
+    def _resolved(self) -> dict:
+        return {"gradient_accumulation_steps": self.accumulation, "num_processes": self.acc.num_processes,
+                "batch_size_per_process": self.config.batch_size, "effective_batch": self.effective_batch,
+                "learning_rate": self.learning_rate, **self.resolved}
 
     def _optimizer(self, params, lr):
         o = self.config.optim
@@ -125,6 +327,19 @@ class Trainer:
         self._per_epoch = len(self._local_plan(0))  # batches per epoch and process (every epoch alike)
         if cfg.data.prompt_dropout > 0:
             self.empty_embeds = model.encode_prompts([""])
+
+    def _skip_report(self) -> str:
+        if self.pairs is not None:
+            return self.pairs.skips.summary()
+        skipped = int(self.cache.index.get("skipped_pairs", 0))
+        return f"{skipped} pairs skipped (bad images) when the cache was built" if skipped else "no pairs skipped"
+
+    def _data_summary(self) -> dict:
+        source = self.config.data.cache or self.config.data.source
+        if self.pairs is not None:
+            return {"source": source, "pairs": len(self.pairs), "skips": self.pairs.skips.as_dict()}
+        return {"source": source, "pairs": len(self.cache), "skips": {"total": int(self.cache.index.get("skipped_pairs", 0)),
+                                                                      "when": "cache build"}}
 
     def _local_plan(self, epoch: int) -> list:
         """This process's batches of one epoch (batch k goes to rank k % num_processes)."""
@@ -174,30 +389,165 @@ class Trainer:
             changes["pooled_prompt_embeds"] = pooled_new
         return batch.replace(**changes)
 
+    # -- banner and summary ------------------------------------------------------------------------
+    def _banner(self, step: int, train_seconds: float) -> str:
+        cfg, acc = self.config, self.acc
+        data = self._data_summary()
+        per_epoch = self._per_epoch * acc.num_processes
+        budget = f"{cfg.max_train_minutes:g} min of training" if cfg.max_train_minutes is not None else "none"
+        lr = (f"{cfg.optim.learning_rate:g} x {self.effective_batch} (scale_lr: x effective batch) = {self.learning_rate:g}"
+              if cfg.optim.scale_lr else f"{self.learning_rate:g} (scale_lr: false)")
+        precision = cfg.mixed_precision + ("" if acc.device.type != "cpu" else " (CPU: frozen weights stay float32)")
+        options = {k: v for k, v in cfg.objective.options().items() if k != "name"}
+        beta = getattr(self.objective.preference, "beta", None)
+        options["beta"] = beta if beta is not None else options["beta"]
+        if cfg.model.finetune == "lora":
+            model = f"{cfg.model.pretrained} (LoRA rank {cfg.model.lora_rank}, alpha {cfg.model.lora_alpha or cfg.model.lora_rank:g})"
+        else:
+            model = f"{cfg.model.pretrained} (full fine-tune)"
+        trainable = sum(p.numel() for p in self.params)
+        if self.resume_from is not None:
+            start = f"resuming from step {step} ({self.resume_from}, {train_seconds:.1f} s of training so far)"
+        else:
+            start = "a new run"
+        rows = [
+            ("output folder", f"{self.out} ({start})"),
+            ("model", model),
+            ("trainable parameters", f"{trainable:,}"),
+            ("data", f"{data['pairs']:,} pairs from {data['source']}"),
+            ("data skipped", self._skip_report()),
+            ("batches per epoch", f"{per_epoch:,} of {cfg.batch_size} pairs"),
+            ("processes", str(acc.num_processes)),
+            ("per-process batch", f"{cfg.batch_size} pairs"),
+            ("gradient accumulation", f"{self.accumulation} micro-steps"),
+            ("effective batch", f"{self.effective_batch} pairs per optimiser step"),
+            ("optimiser steps", f"{cfg.max_steps:,} (max_steps)"),
+            ("time budget", budget),
+            ("learning rate", lr),
+            ("optimiser", f"{cfg.optim.optimizer} (betas {cfg.optim.adam_beta1:g}, {cfg.optim.adam_beta2:g}, eps "
+                          f"{cfg.optim.adam_epsilon:g}, weight decay {cfg.optim.weight_decay:g}, clip "
+                          f"{cfg.optim.max_grad_norm:g}), {cfg.optim.lr_scheduler} with {cfg.optim.lr_warmup_steps} "
+                          "warm-up steps"),
+            ("precision", precision),
+            ("objective", f"{cfg.objective.name} ({', '.join(f'{k}={v}' for k, v in options.items())})"),
+        ]
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(["***** Running training *****", *(f"  {k:<{width}} = {v}" for k, v in rows)])
+
+    def _diagnostics(self, rows: list[dict]) -> dict:
+        out = {}
+        keys = ["loss", "argument_rms", "saturated_frac", "eps_dominated_frac", "grad_norm", "grad_norm_clipped"]
+        keys += sorted({k for r in rows for k in r if k.startswith("pl_over_l_t")})
+        for key in keys:
+            values = [float(r[key]) for r in rows if key in r and r[key] is not None and math.isfinite(float(r[key]))]
+            if values:
+                out[key] = {"final": values[-1], "mean": sum(values) / len(values)}
+        return out
+
+    def _summary(self, step, train_seconds, stopped_by, checksums) -> dict:
+        cfg, model = self.config, self.model
+        rows = self.logger.rows
+        weights = self.out / ("lora" if model.lora is not None else "unet")
+        if model.lora is not None:
+            sample = (f"ncppo generate --model {cfg.model.pretrained} --lora {weights} --prompts PROMPTS.txt "
+                      f"--out {self.out / 'samples'}")
+        else:
+            sample = (f"load {weights} with diffusers' UNet2DConditionModel.from_pretrained and put it in the "
+                      f"pipeline of {cfg.model.pretrained}")
+        finite = [r for r in rows if not r.get("skipped")]
+        metric_keys = sorted({k for r in finite for k in r} - {"step"})
+        mean = {}
+        for key in metric_keys:
+            values = [float(r[key]) for r in finite if key in r and math.isfinite(float(r[key]))]
+            if values:
+                mean[key] = sum(values) / len(values)
+        return {
+            "steps": step, "train_seconds": train_seconds, "wall_seconds": time.perf_counter() - self._wall_start,
+            "stopped_by": stopped_by,
+            "resumed_from": None if self.resume_from is None else {"step": int(self.resume_state["step"]),
+                                                                   "checkpoint": str(self.resume_from),
+                                                                   "changed_settings": self.resume_differences},
+            "effective_batch": self.effective_batch, "gradient_accumulation_steps": self.accumulation,
+            "num_processes": self.acc.num_processes, "batch_size_per_process": cfg.batch_size,
+            "learning_rate": self.learning_rate, "resolved": self._resolved(),
+            "objective": {**cfg.objective.options(), "beta_used": getattr(self.objective.preference, "beta", None)},
+            "data": self._data_summary(),
+            "skipped_steps": {"no_valid_pair": self.counts["no_valid_pair"], "nonfinite": self.counts["nonfinite"]},
+            "final_metrics": finite[-1] if finite else None, "mean_metrics": mean,
+            "diagnostics": self._diagnostics(rows), "warnings": self.warnings,
+            "weights": str(weights), "sample_command": sample,
+            "param_checksums_per_rank": checksums,
+        }
+
+    def _end_text(self, summary: dict) -> str:
+        final = summary["final_metrics"] or {}
+        shown = [f"{k} {final[k]:.6g}" for k in ("loss", "implicit_acc", "reward_margin", "grad_norm") if k in final]
+        diag = [f"{k} {v['final']:.3g} (mean {v['mean']:.3g})" for k, v in summary["diagnostics"].items()
+                if k in ("argument_rms", "saturated_frac", "eps_dominated_frac", "grad_norm_clipped")]
+        skipped = summary["skipped_steps"]
+        rows = [
+            ("stopped by", f"{summary['stopped_by']} after {summary['steps']} steps ({skipped['no_valid_pair']} without a "
+                           f"valid pair, {skipped['nonfinite']} non-finite)"),
+            ("training time", f"{summary['train_seconds']:.1f} s (this session's wall time {summary['wall_seconds']:.1f} s)"),
+            ("final metrics", ", ".join(shown) or "none logged"),
+            ("diagnostics", ", ".join(diag) or "none"),
+            ("data skipped", self._skip_report()),
+            ("warnings", "; ".join(w["message"] for w in summary["warnings"]) or "none"),
+            ("weights", summary["weights"]),
+            ("sample from it", summary["sample_command"]),
+            ("summary", str(self.out / "summary.json")),
+        ]
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(["***** Training finished *****", *(f"  {k:<{width}} = {v}" for k, v in rows)])
+
     # -- checkpoints -------------------------------------------------------------------------------
     def _trainable_state(self) -> dict[str, torch.Tensor]:
         return {n: p for n, p in self.model.unet.named_parameters() if p.requires_grad}
 
-    def _save(self, step: int, train_seconds: float, bad_in_a_row: int) -> None:
+    def _save(self, step: int, train_seconds: float, bad_in_a_row: int) -> Path:
         self.acc.wait_for_everyone()
+        target = self.out / "checkpoints" / f"step-{step:06d}"
         if self.acc.is_main_process:
             save_checkpoint(self.out, step, self._trainable_state(), self.optimizer, self.scheduler,
                             {"train_seconds": train_seconds, "nonfinite_in_a_row": bad_in_a_row,
-                             "effective_batch": self.effective_batch}, self.config.keep_last_checkpoints)
+                             "effective_batch": self.effective_batch, "counts": self.counts,
+                             "diagnostic_runs": self._runs, "warnings": self.warnings,
+                             "settings": self._run_settings(), "resolved": self._resolved()},
+                            self.config.keep_last_checkpoints)
         self.acc.wait_for_everyone()
+        return target
 
     def _restore(self) -> tuple[int, float, int]:
-        found = checkpoint_dirs(self.out) if self.config.resume else []
-        if not found:
+        self.counts = {"no_valid_pair": 0, "nonfinite": 0}
+        self._runs = {"flat_argument": 0, "eps_dominated": 0}
+        if self.resume_from is None:
+            self.logger.truncate_after(0)  # a fresh start in a folder whose run never checkpointed
             return 0, 0.0, 0
-        trainable, state = load_checkpoint(found[-1], self.optimizer, self.scheduler)
-        own = self._trainable_state()
-        if set(trainable) != set(own):
-            raise ConfigError(f"{found[-1]} does not match this model's trainable parameters (other LoRA settings?)")
+        path, state = self.resume_from, self.resume_state
+        changed = f" (changed settings: {'; '.join(self.resume_differences)})" if self.resume_differences else ""
+        try:
+            trainable = load_trainable(path)
+            own = self._trainable_state()
+            if set(trainable) != set(own):
+                raise StateError(f"train: {path} does not match this model's trainable parameters{changed or ' (other model or LoRA settings?)'}")
+            mismatched = [n for n, t in trainable.items() if tuple(t.shape) != tuple(own[n].shape)]
+            if mismatched:
+                raise StateError(f"train: {path} holds {mismatched[0]} with shape {tuple(trainable[mismatched[0]].shape)}, "
+                                 f"this model's is {tuple(own[mismatched[0]].shape)}{changed}")
+            load_optimizer_state(path, self.optimizer, self.scheduler)
+        except (NcppoError, OSError):
+            raise
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise StateError(f"train: {path} cannot be restored into this run ({str(err).splitlines()[0]}){changed}") from err
         with torch.no_grad():
             for name, tensor in trainable.items():
                 own[name].copy_(tensor)
         self.logger.truncate_after(state["step"])
+        self.counts.update(state.get("counts", {}))
+        self._runs.update(state.get("diagnostic_runs", {}))
+        for w in state.get("warnings", []):
+            if not any(w["code"] == x["code"] for x in self.warnings):
+                self.warnings.append(w)
         return state["step"], state["train_seconds"], state.get("nonfinite_in_a_row", 0)
 
     # -- validation --------------------------------------------------------------------------------
@@ -220,23 +570,102 @@ class Trainer:
         save_image_grid([grid], [f"step {step}"], folder / f"step-{step:06d}.png")
         save_image_grid([grid], [f"step {step}"], folder / "last.png")
 
+    # -- diagnostics -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _eps_dominated_frac(self) -> float | None:
+        """Share of trained entries whose Adam denominator ``sqrt(exp_avg_sq / bias_correction2)`` is below eps.
+
+        There ``eps`` sets the update size, not the gradient (AdamW divides by ``sqrt(v_hat) + eps``). None for
+        optimizers without ``exp_avg_sq`` (8-bit AdamW keeps it quantised).
+        """
+        opt = getattr(self.optimizer, "optimizer", self.optimizer)
+        below, total = [], 0
+        for group in opt.param_groups:
+            eps, beta2 = group.get("eps"), group.get("betas", (None, None))[1]
+            if eps is None or beta2 is None:
+                return None
+            for p in group["params"]:
+                state = opt.state.get(p) or {}
+                v = state.get("exp_avg_sq")
+                if v is None or "step" not in state or not torch.is_tensor(v) or v.dtype == torch.uint8:
+                    continue
+                bias_correction2 = 1 - beta2 ** float(state["step"])
+                below.append((v < eps * eps * bias_correction2).sum())  # sqrt(v / bc2) < eps, without the sqrt
+                total += v.numel()
+        if not total:
+            return None
+        return float(torch.stack([b.to("cpu") for b in below]).sum()) / total
+
+    def _diagnose(self, step: int, row: dict) -> None:
+        n = self.config.diagnostics_window
+        arg = row.get("argument_rms")
+        if arg is not None and math.isfinite(arg):
+            self._runs["flat_argument"] = self._runs["flat_argument"] + 1 if arg < FLAT_ARGUMENT else 0
+            if self._runs["flat_argument"] >= n:
+                self._warn("flat_loss", step, f"argument_rms has stayed below {FLAT_ARGUMENT:g} for {n} logged steps "
+                           f"({arg:.2g} at step {step}): the loss sits at log 2 and the model barely learns; raise "
+                           "objective.beta (or beta: auto for ncp-*, or objective.scale: noise)")
+        frac = row.get("eps_dominated_frac")
+        if frac is not None:
+            self._runs["eps_dominated"] = self._runs["eps_dominated"] + 1 if frac > EPS_DOMINATED else 0
+            if self._runs["eps_dominated"] >= n:
+                self._warn("eps_dominated", step, f"most updates are below AdamW's eps: raise the loss scale or lower "
+                           f"adam_epsilon (eps_dominated_frac {frac:.2f} for {n} logged steps, at step {step}; "
+                           f"optim.adam_epsilon={self.config.optim.adam_epsilon:g})")
+
+    def _check_skipped(self, step: int, final: bool = False) -> None:
+        fraction = self.config.max_skipped_step_fraction
+        if fraction is None or step == 0 or (not final and step < self.config.skipped_step_check_after):
+            return
+        skipped = self.counts["no_valid_pair"]
+        if skipped / step > fraction:
+            raise TooManySkippedSteps(
+                f"train: stopping at step {step}: {skipped} of {step} optimiser steps ({skipped / step:.0%}) had no valid "
+                f"pair (max_skipped_step_fraction={fraction:g}); the data's skip report: {self._skip_report()}; fix or "
+                "filter the data (ncppo data filter), or raise max_skipped_step_fraction")
+
     # -- the loop ----------------------------------------------------------------------------------
     def train(self) -> TrainResult:
+        self._wall_start = time.perf_counter()
+        try:
+            return self._train()
+        except OSError as err:
+            if err.errno in (errno.ENOSPC, errno.EDQUOT) and not isinstance(err, NcppoError):
+                raise DiskFullError(err.filename or f"a file in {self.config.output_dir}") from err
+            raise
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
+
+    def _train(self) -> TrainResult:
         from ncppo.step import training_step
 
         self._setup()
         cfg, acc, model = self.config, self.acc, self.model
         step, train_seconds, bad_in_a_row = self._restore()
+        self._say(self._banner(step, train_seconds))
+        for note in self.notes + self.logger.notes:
+            self._say(f"note: {note}")
         last_ckpt_step, last_ckpt_seconds = step, train_seconds
         budget = cfg.max_train_minutes * 60 if cfg.max_train_minutes is not None else math.inf
         stopped_by = "max_steps"
-        bar = tqdm(total=cfg.max_steps, initial=step, desc=f"train {cfg.objective.name}", disable=not acc.is_main_process)
+        timed = math.isfinite(budget)
+        if timed:  # the bound is the training-time budget: show it, not an ETA from max_steps
+            bar = tqdm(total=budget, initial=min(train_seconds, budget), unit="s",
+                       desc=f"train {cfg.objective.name} (budget {cfg.max_train_minutes:g} min)",
+                       bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}{postfix}]",
+                       disable=not acc.is_main_process)
+        else:
+            bar = tqdm(total=cfg.max_steps, initial=step, unit="step", desc=f"train {cfg.objective.name}",
+                       disable=not acc.is_main_process)
         while step < cfg.max_steps:
             if train_seconds >= budget:
                 stopped_by = "time_budget"
                 break
             start = time.perf_counter()
             sums: dict[str, float] = {}
+            seen: dict[str, int] = {}
             ids, count = [], 0
             for micro in range(self.accumulation):
                 micro_index = step * self.accumulation + micro
@@ -250,35 +679,60 @@ class Trainer:
                     acc.backward(out.loss / self.accumulation)
                 for key, value in out.metrics.items():
                     sums[key] = sums.get(key, 0.0) + float(value)
+                    seen[key] = seen.get(key, 0) + 1
                 ids.extend(batch.ids)
                 count += 1
+            # the total norm of the gradients before clipping (clip_grad_norm_ returns the pre-clip norm)
             grad_norm = acc.clip_grad_norm_(self.params, cfg.optim.max_grad_norm)
             grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-            metrics = {k: v / max(count, 1) for k, v in sums.items()}
+            metrics = {k: v / seen[k] for k, v in sums.items()}
             finite = count > 0 and math.isfinite(metrics.get("loss", math.nan)) and math.isfinite(grad_norm)
             if finite:
                 self.optimizer.step()
                 self.scheduler.step()
                 bad_in_a_row = 0
             elif count == 0:  # every pair of the step had bad images (counted in the data's skip report)
-                acc.print(f"step {step + 1}: no valid pairs in its batches; step skipped")
+                self.counts["no_valid_pair"] += 1
+                self._say(f"step {step + 1}: no valid pairs in its batches; step skipped")
             else:
                 bad_in_a_row += 1
-                acc.print(f"step {step + 1}: non-finite loss or gradient (loss={metrics.get('loss')}, grad_norm="
+                self.counts["nonfinite"] += 1
+                self._say(f"step {step + 1}: non-finite loss or gradient (loss={metrics.get('loss')}, grad_norm="
                           f"{grad_norm}); step skipped; batch ids {ids}")
             self.optimizer.zero_grad(set_to_none=True)
             step += 1
             seconds = time.perf_counter() - start
             train_seconds += seconds
-            bar.update(1)
+            if timed:
+                bar.update(max(0.0, min(train_seconds, budget) - bar.n))
+            else:
+                bar.update(1)
             if step % cfg.log_every == 0 or not finite:
-                self.logger.log(step, {**metrics, "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0],
-                                       "seconds_per_step": seconds, "pairs_per_second": self.effective_batch / seconds,
-                                       "train_seconds": train_seconds, "skipped": int(not finite)})
-                bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}", acc=f"{metrics.get('implicit_acc', 0):.2f}")
+                row = {**metrics, "grad_norm": grad_norm,
+                       "grad_norm_clipped": int(finite and grad_norm > cfg.optim.max_grad_norm),
+                       "lr": self.scheduler.get_last_lr()[0], "seconds_per_step": seconds,
+                       "pairs_per_second": self.effective_batch / seconds, "train_seconds": train_seconds,
+                       "skipped": int(not finite)}
+                if finite and (frac := self._eps_dominated_frac()) is not None:
+                    row["eps_dominated_frac"] = frac
+                self.logger.log(step, row)
+                self._diagnose(step, row)
+                loss = metrics.get("loss", float("nan"))
+                postfix = {"step": f"{step}/{cfg.max_steps}"} if timed else {}
+                postfix["loss"] = f"{loss:.6g}"  # near log 2 (0.693147) the change is in the 5th digit
+                if "argument_rms" in metrics:
+                    postfix["arg_rms"] = f"{metrics['argument_rms']:.2g}"
+                if "implicit_acc" in metrics:
+                    postfix["acc"] = f"{metrics['implicit_acc']:.2f}"
+                bar.set_postfix(postfix)
             if bad_in_a_row >= cfg.max_nonfinite_in_a_row:
-                self._save(step, train_seconds, bad_in_a_row)
-                raise TrainingDiverged(f"{bad_in_a_row} non-finite steps in a row (last at step {step}); stopping")
+                where = self._save(step, train_seconds, bad_in_a_row)
+                raise TrainingDiverged(
+                    f"train: training diverged at step {step}: {bad_in_a_row} non-finite losses or gradients in a row "
+                    f"(last loss={metrics.get('loss')}, grad_norm={grad_norm}); try a lower optim.learning_rate, a "
+                    "smaller objective.beta, optim.max_grad_norm, or mixed_precision bf16/no instead of fp16; the "
+                    f"weights before these steps are in {where}")
+            self._check_skipped(step)
             due_steps = cfg.checkpoint_every_steps and step - last_ckpt_step >= cfg.checkpoint_every_steps
             due_time = cfg.checkpoint_every_minutes and train_seconds - last_ckpt_seconds >= cfg.checkpoint_every_minutes * 60
             if due_steps or due_time:
@@ -287,25 +741,28 @@ class Trainer:
             if cfg.validation_every and step % cfg.validation_every == 0:
                 self._validate(step)
         bar.close()
+        self._check_skipped(step, final=True)  # a short run whose data is all bad must not end as a success
         if step != last_ckpt_step:
             self._save(step, train_seconds, bad_in_a_row)
-        self._finish(step, train_seconds, stopped_by)
-        return TrainResult(self.out, step, train_seconds, stopped_by)
+        summary = self._finish(step, train_seconds, stopped_by)
+        return TrainResult(self.out, step, train_seconds, stopped_by, summary)
 
-    def _finish(self, step: int, train_seconds: float, stopped_by: str) -> None:
+    def _finish(self, step: int, train_seconds: float, stopped_by: str) -> dict:
         acc, model = self.acc, self.model
         checksum = torch.stack([p.detach().double().sum() for p in self.params]).sum().reshape(1).to(acc.device)
         checksums = acc.gather(checksum).tolist()
         acc.wait_for_everyone()
+        summary = {}
         if acc.is_main_process:
             if model.lora is not None:
                 model.save_lora(self.out / "lora")
             else:
                 model.save_unet(self.out / "unet")
             self._validate(step)
-            summary = {"steps": step, "train_seconds": train_seconds, "stopped_by": stopped_by,
-                       "effective_batch": self.effective_batch, "gradient_accumulation_steps": self.accumulation,
-                       "num_processes": acc.num_processes, "param_checksums_per_rank": checksums}
+            summary = self._summary(step, train_seconds, stopped_by, checksums)
             atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2))
+            self._say(self._end_text(summary))
         self.logger.close()
         acc.wait_for_everyone()
+        return summary
+
