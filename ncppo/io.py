@@ -97,8 +97,11 @@ def recover_atomic(target: str | Path) -> str | None:
         for kind in ("new", "old"):
             if found[kind]:
                 newest = max(found[kind], key=lambda p: p.stat().st_mtime_ns)
-                os.replace(newest, target)
                 found[kind].remove(newest)
+                try:
+                    os.replace(newest, target)
+                except FileNotFoundError:  # another process restored it first
+                    break
                 done.append(f"restored {target} from {newest.name}")
                 break
     stale = [p for paths in found.values() for p in paths]

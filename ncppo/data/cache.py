@@ -164,23 +164,25 @@ def build_cache(model, pairs, out_dir: str | os.PathLike, *, resolution: int, ba
               "dtype": dtype, "pairs": len(pairs), "pairs_per_shard": pairs_per_shard,
               "fingerprint": _fingerprint(pairs), "vae_scale_factor": model.pipeline.vae_scale_factor}
     config_path = out_dir / "config.json"
+    # every process checks (reading only), so that a refusal stops them all rather than the main one alone
+    guard_output_dir(out_dir, COMMAND, inputs=getattr(pairs.source, "paths", []),
+                     overwrite=overwrite or _earlier_cache(out_dir))
+    if config_path.is_file() and not overwrite:
+        try:
+            previous = json.loads(config_path.read_text())
+            changed = {k: (previous.get(k), v) for k, v in config.items() if previous.get(k) != v}
+        except (ValueError, AttributeError) as err:
+            raise StateError(f"{config_path}: damaged ({err}), so the cache's settings are unknown; pass "
+                             "--overwrite to rebuild the cache, or use a new output folder") from err
+        if changed:
+            raise DataError(f"{out_dir} holds a cache built with other settings {changed}; "
+                            "use a new output folder, or pass --overwrite to rebuild it")
+    state.wait_for_everyone()
     if state.is_main_process:
-        guard_output_dir(out_dir, COMMAND, inputs=getattr(pairs.source, "paths", []),
-                         overwrite=overwrite or _earlier_cache(out_dir))
         if overwrite:
             clear_output_dir(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        if config_path.is_file():
-            try:
-                previous = json.loads(config_path.read_text())
-                changed = {k: (previous.get(k), v) for k, v in config.items() if previous.get(k) != v}
-            except (ValueError, AttributeError) as err:
-                raise StateError(f"{config_path}: damaged ({err}), so the cache's settings are unknown; pass "
-                                 "--overwrite to rebuild the cache, or use a new output folder") from err
-            if changed:
-                raise DataError(f"{out_dir} holds a cache built with other settings {changed}; "
-                                "use a new output folder, or pass --overwrite to rebuild it")
-        else:
+        if not config_path.is_file():
             atomic_write_text(config_path, json.dumps(config, indent=2))
         mark_output_dir(out_dir, COMMAND)
         _remove_dead_temporaries(out_dir)
