@@ -366,3 +366,4 @@ def test_no_leftover_is_read_as_data(tmp_path):
         write_dataset(src / f"{prefix}part-0123abcd-1", SPEC)
     assert len(PreferencePairs(src)) == len(SPEC)
     assert os.path.isdir(src / ".new-part-0123abcd-1")
+    assert len(PreferencePairs(src / ".new-part-0123abcd-1")) == len(SPEC)  # named as a source itself: read

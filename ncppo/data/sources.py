@@ -33,8 +33,11 @@ class ParquetSource:
     def __init__(self, path: Path):
         self.path = path
         self.paths = [path]  # what a writer must not write into or over
-        files = [path] if path.is_file() else sorted(path.rglob("*.parquet"))
-        self.files = [f for f in files if not any(part.startswith(LEFTOVER_PREFIXES) for part in f.parts)]
+        if path.is_file():
+            self.files = [path]
+        else:  # leftovers inside the folder are skipped (the folder's own name may be anything)
+            self.files = [f for f in sorted(path.rglob("*.parquet"))
+                          if not any(part.startswith(LEFTOVER_PREFIXES) for part in f.relative_to(path).parts)]
         if not self.files:
             raise DataError(f"{path}: no parquet files found")
         self._handles: dict[int, pq.ParquetFile] = {}
