@@ -315,20 +315,32 @@ def test_a_damaged_index_is_one_error_and_a_rerun_rewrites_it(built_cache, capsy
 
 # -- 6. tracebacks where a message belongs -----------------------------------------------------------------
 
-def test_a_corrupt_parquet_page_names_the_file_and_row_group(tmp_path):
-    src = write_dataset(tmp_path / "src", [(f"caption {k}", f"u{k}", f"v{k}", 1) for k in range(8)], rows_per_shard=8)
-    path = src / "train-00000.parquet"
-    meta = pq.ParquetFile(path).metadata
-    group = meta.row_group(1)
-    column = next(group.column(c) for c in range(group.num_columns) if group.column(c).path_in_schema == "caption")
+def _corrupt_page(path, group: int, column_name: str) -> None:
+    meta = pq.ParquetFile(path).metadata.row_group(group)
+    column = next(meta.column(c) for c in range(meta.num_columns) if meta.column(c).path_in_schema == column_name)
+    start = column.dictionary_page_offset if column.has_dictionary_page else column.data_page_offset
     data = bytearray(path.read_bytes())
-    for k in range(column.data_page_offset + 10, column.data_page_offset + column.total_compressed_size):
+    for k in range(column.data_page_offset + 10, start + column.total_compressed_size):  # this column's pages only
         data[k] ^= 0xFF
     path.write_bytes(bytes(data))
+
+
+def test_a_corrupt_parquet_page_names_the_file_and_row_group(tmp_path):
+    spec = [(f"caption {k}", f"u{k}", f"v{k}", 1) for k in range(8)]
+    src = write_dataset(tmp_path / "src", spec, rows_per_shard=8)
+    _corrupt_page(src / "train-00000.parquet", 1, "caption")
     with pytest.raises(DataError, match=r"train-00000.parquet: cannot read row group 1 \(rows 2-3\), column\(s\) "
                                         r"caption.*the file is damaged") as err:
         PreferencePairs(src)
     assert "\n" not in str(err.value)
+    # a damaged image page shows when a batch reads it: the same one-line error, from the command line too
+    src = write_dataset(tmp_path / "src2", spec, rows_per_shard=8)
+    _corrupt_page(src / "train-00000.parquet", 2, "jpg_1")
+    pairs = PreferencePairs(src)
+    assert pairs.collate([0, 1], 8) is not None
+    with pytest.raises(DataError, match=r"cannot read row group 2 \(rows 4-5\), column\(s\) jpg_1"):
+        pairs.collate([4], 8)
+    assert main(["data", "stats", str(src), "--check-images"]) == 2
 
 
 def test_a_label_that_is_not_a_number(tmp_path):

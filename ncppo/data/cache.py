@@ -297,10 +297,13 @@ class LatentCache:
             if full:
                 self._check_digest(k)
 
-    def _check_digest(self, k: int) -> None:
+    def _check_digest(self, k: int, data: bytes | None = None) -> None:
         shard = self.index["shards"][k]
         path = self.path / shard["file"]
-        if "blake2b" in shard and file_digest(path) != shard["blake2b"]:
+        if "blake2b" not in shard:  # a cache from before checksums
+            return
+        digest = file_digest(path) if data is None else hashlib.blake2b(data, digest_size=32).hexdigest()
+        if digest != shard["blake2b"]:
             raise StateError(f"{path}: its bytes do not match the digest in index.json (overwritten or corrupted); "
                              f"{RERUN}")
 
@@ -308,12 +311,15 @@ class LatentCache:
         return int(self.index["cached_pairs"])
 
     def load_shard(self, k: int) -> dict[str, torch.Tensor]:
-        from safetensors.torch import load_file
+        """Shard ``k``'s tensors, read once and checked against its digest (garbage must not reach training:
+        ~0.2 s per 100 MB shard)."""
+        from safetensors.torch import load
 
         path = self.path / self.index["shards"][k]["file"]
-        self._check_digest(k)  # garbage must not reach training
+        data = path.read_bytes()
+        self._check_digest(k, data)
         try:
-            tensors = load_file(str(path))
+            tensors = load(data)
         except Exception as err:  # safetensors raises its own error types
             raise StateError(f"{path}: not a readable shard ({type(err).__name__}: {err}); {RERUN}") from err
         return {key: v if key == "pair_index" else v.to(self.dtype) for key, v in tensors.items()}
