@@ -112,7 +112,7 @@ class NoiseConditionedEncoder:
 
         # the fused attention kernels have no forward-mode derivative; the math kernel has
         with sdpa_kernel(SDPBackend.MATH):
-            primal, tangents = jvp(f, (sample.to(dtype),), (tangent.to(dtype),))
+            primal, tangents = jvp(f, (sample.to(dtype).contiguous(),), (tangent.to(dtype).contiguous(),))
         return list(primal), list(tangents)
 
     def distance(self, feats_a: Sequence[torch.Tensor], feats_b: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -121,3 +121,62 @@ def test_bad_timesteps_are_rejected(schedule):
         add_noise(schedule, x, x, torch.tensor([0.5, 1.0]))
     with pytest.raises(ValueError, match="same shape"):
         reverse_step(schedule, x, x, torch.tensor([1, 2]), x[:, :2])
+
+
+def test_schedule_without_clip_sample_key_does_not_clip():
+    """DDPM's own default is clip_sample=True; a config without the key (Euler, DPM, PNDM) must not clip."""
+    config = {k: v for k, v in SD_SCHEDULER_CONFIG.items() if k != "clip_sample"}
+    assert NoiseSchedule.from_scheduler_config(config).clip_sample_range is None
+    clipping = NoiseSchedule.from_scheduler_config({**SD_SCHEDULER_CONFIG, "clip_sample": True, "clip_sample_range": 2.0})
+    assert clipping.clip_sample_range == 2.0
+
+
+def test_posterior_sample_one_step_is_the_reverse_step(schedule):
+    from ncppo.diffusion import posterior_sample
+
+    g = torch.Generator().manual_seed(3)
+    x_t, eps, z = (torch.randn(4, 3, 5, 5, generator=g) for _ in range(3))
+    t = torch.tensor([0, 1, 500, 999])
+    torch.testing.assert_close(posterior_sample(schedule, x_t, eps, t, t - 1, z), reverse_step(schedule, x_t, eps, t, z))
+
+
+def test_posterior_sample_k_steps_is_the_exact_posterior(schedule):
+    """q(x_s | x_t, x0): the Gaussian whose mean and variance follow from the forward process (Bayes)."""
+    from ncppo.diffusion import posterior_sample
+
+    t, s = torch.tensor([400]), torch.tensor([395])
+    abar_t, abar_s = schedule.alphas_cumprod[400].double(), schedule.alphas_cumprod[395].double()
+    x0 = torch.randn(1, 1, 2, 2)
+    eps = torch.randn_like(x0)
+    x_t = add_noise(schedule, x0, eps, t)
+    zero = posterior_sample(schedule, x_t, eps, t, s, torch.zeros_like(x0)).double()
+    one = posterior_sample(schedule, x_t, eps, t, s, torch.ones_like(x0)).double()
+    # Bayes: x_t | x_s ~ N(sqrt(a) x_s, 1 - a), x_s | x0 ~ N(sqrt(abar_s) x0, 1 - abar_s), a = abar_t / abar_s
+    a = abar_t / abar_s
+    precision = 1 / (1 - abar_s) + a / (1 - a)
+    mean = (abar_s.sqrt() * x0.double() / (1 - abar_s) + a.sqrt() * x_t.double() / (1 - a)) / precision
+    torch.testing.assert_close(zero, mean, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close((one - zero).mean(), (1 / precision).sqrt(), rtol=1e-4, atol=1e-6)
+
+
+def test_gains_are_the_exact_ratio_of_input_differences(schedule):
+    """x^a - x^b = -c (eps_a - eps_b) for the reverse step, k-step posterior and re-noising (no clipping)."""
+    from ncppo.diffusion import posterior_gain, posterior_sample, renoise_gain
+
+    g = torch.Generator().manual_seed(5)
+    x_t, e_a, e_b, z = (torch.randn(4, 2, 3, 3, generator=g, dtype=torch.float64) for _ in range(4))
+    t = torch.tensor([0, 3, 500, 999])
+    for k in (1, 5):
+        s = (t - k).clamp(min=-1)
+        diff = posterior_sample(schedule, x_t, e_a, t, s, z) - posterior_sample(schedule, x_t, e_b, t, s, z)
+        c = posterior_gain(schedule, t, s, x_t)
+        torch.testing.assert_close(diff, -c * (e_a - e_b), rtol=1e-4, atol=1e-9)
+    # c_t = beta_t / (sqrt(alpha_t) sqrt(1 - abar_t)) for one step (METHOD.md)
+    beta = schedule.betas[t].double().view(-1, 1, 1, 1)
+    abar = schedule.alphas_cumprod[t].double().view(-1, 1, 1, 1)
+    torch.testing.assert_close(posterior_gain(schedule, t, t - 1, x_t).double(),
+                               beta / ((1 - beta).sqrt() * (1 - abar).sqrt()), rtol=1e-4, atol=1e-9)
+    t_new = torch.tensor([10, 10, 900, 0])
+    renoise = lambda e: add_noise(schedule, predicted_x0(schedule, x_t, e, t), z, t_new)  # noqa: E731
+    torch.testing.assert_close(renoise(e_a) - renoise(e_b), -renoise_gain(schedule, t, t_new, x_t) * (e_a - e_b),
+                               rtol=1e-4, atol=1e-9)

@@ -101,3 +101,62 @@ def test_encoder_timestep_spec():
     for bad in ("t", "t-0", "t+1", "5"):
         with pytest.raises(ValueError, match="encoder timestep"):
             parse_encoder_timestep(bad)
+
+
+TIE = torch.tensor([True, False])
+
+
+@pytest.mark.parametrize("objective", [DPO(beta=100.0), CPO(beta=100.0, lam=0.5)])
+def test_a_tie_is_symmetric_in_its_two_images(objective):
+    """Swapping the images of a tie leaves the loss unchanged; swapping a decisive pair does not."""
+    tied = PairLosses(LOSSES.policy_w, LOSSES.policy_l, LOSSES.reference_w, LOSSES.reference_l, TIE)
+    swap = torch.tensor([0])
+    def swapped(which):
+        pw, pl, rw, rl = (x.clone() for x in (LOSSES.policy_w, LOSSES.policy_l, LOSSES.reference_w, LOSSES.reference_l))
+        pw[which], pl[which], rw[which], rl[which] = LOSSES.policy_l[which], LOSSES.policy_w[which], \
+            LOSSES.reference_l[which], LOSSES.reference_w[which]
+        return PairLosses(pw, pl, rw, rl, TIE)
+    assert objective(swapped(swap))[0].item() == pytest.approx(objective(tied)[0].item(), abs=1e-7)
+    assert objective(swapped(torch.tensor([1])))[0].item() != pytest.approx(objective(tied)[0].item(), abs=1e-4)
+    # without the tie flag the same losses give the decisive loss
+    assert objective(LOSSES)[0].item() != pytest.approx(objective(tied)[0].item(), abs=1e-4)
+
+
+def test_tie_loss_is_label_smoothed_dpo_by_hand():
+    beta = 100.0
+    tied = PairLosses(LOSSES.policy_w, LOSSES.policy_l, LOSSES.reference_w, LOSSES.reference_l, TIE)
+    x0, x1 = -(beta / 2) * -0.04, -(beta / 2) * -0.05
+    expected = (-(_logsig(x0) + _logsig(-x0)) / 2 - _logsig(x1)) / 2
+    assert DPO(beta=beta)(tied)[0].item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_sft_refuses_ties():
+    with pytest.raises(ValueError, match="cannot use ties"):
+        SFT()(PairLosses(LOSSES.policy_w, LOSSES.policy_l, tie=TIE))
+
+
+def test_argument_diagnostics():
+    _, m = DPO(beta=1000.0)(LOSSES)
+    inside = torch.tensor([-(1000 / 2) * -0.04, -(1000 / 2) * -0.05])  # 20, 25: both saturated
+    assert m["argument_rms"].item() == pytest.approx(inside.pow(2).mean().sqrt().item(), rel=1e-5)
+    assert m["saturated_frac"].item() == 1.0
+    _, m = DPO(beta=10.0)(LOSSES)
+    assert m["saturated_frac"].item() == 0.0
+
+
+def test_objective_options_are_checked_with_their_choices():
+    for option, bad, words in [("scale", "loud", "paper, noise"), ("distance", "cosine", "exact, linear"),
+                               ("encoder_dtype", "fp8", "model, fp32"), ("level_norm", "batch", "none"),
+                               ("encoder_timestep", "t+1", "t-k")]:
+        with pytest.raises(ValueError, match=words):
+            make_objective("ncp-dpo", **{option: bad})
+    with pytest.raises(ValueError, match="has none"):
+        make_objective("ncp-sft", beta="auto")
+    with pytest.raises(ValueError, match="number or 'auto'"):
+        make_objective("ncp-dpo", beta="atuo")
+    objective = make_objective("ncp-dpo", beta="auto")
+    assert objective.needs_calibration
+    with pytest.raises(ValueError, match="not been calibrated"):
+        objective.preference(LOSSES)
+    calibrated = objective.with_beta(123.0)
+    assert not calibrated.needs_calibration and calibrated.preference.beta == 123.0

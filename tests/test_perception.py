@@ -94,3 +94,43 @@ def test_perceptual_distance_hand_computed():
     torch.testing.assert_close(perceptual_distance(a, b, [3.0, 1.0]), torch.tensor([3.0, 5.25]))
     with pytest.raises(ValueError):
         perceptual_distance(a, b[:1])
+
+
+def test_level_norms_hand_computed():
+    a = [torch.zeros(1, 2, 1, 2), torch.zeros(1, 4, 1, 1)]
+    b = [torch.tensor([[[[1.0, 3.0]], [[0.0, 2.0]]]]), torch.full((1, 4, 1, 1), 2.0)]
+    # channels: level 0 (2 channels) rescaled by C_last / C = 4 / 2 = 2 -> MSE x 4; level 1 unchanged
+    plain = perceptual_distance(a, b)
+    assert plain.item() == pytest.approx((((1 + 9 + 0 + 4) / 4) + 4) / 2)
+    assert perceptual_distance(a, b, level_norm="channels").item() == pytest.approx((((1 + 9 + 4) / 4) * 4 + 4) / 2)
+    # target: per channel, divided by the target's spatial std (ch0: std(1,3)=sqrt(2), ch1: std(0,2)=sqrt(2));
+    # a level with one position has std 0 and is floored at 1e-6 -- so use a two-position level only
+    level = perceptual_distance(a[:1], b[:1], level_norm="target").item()
+    assert level == pytest.approx((1 + 9 + 0 + 4) / 2 / 4)
+    with pytest.raises(ValueError, match="unknown level_norm 'batch'"):
+        NoiseConditionedEncoder(level_norm="batch")
+
+
+def test_all_plus_mid_is_every_down_block_and_the_mid_block():
+    assert feature_names("all+mid", 3) == ["down_0", "down_1", "down_2", "mid"]
+
+
+@pytest.mark.parametrize("level_norm", ["none", "target"])
+def test_jvp_equals_the_exact_distance_to_first_order(kind, level_norm):
+    """||J_f(x*) d||^2 from the forward-mode JVP equals the exact ||f(x* + h d) - f(x*)||^2 / h^2 as h -> 0,
+    and its primal output is the encoder's own."""
+    unet = tiny_unet(kind).eval().requires_grad_(False).double()
+    x, t, ehs, added = _inputs(unet, kind)
+    x, ehs = x.double(), ehs.double()
+    if added:
+        added = {k: v.double() for k, v in added.items()}
+    d = torch.randn(x.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    enc = NoiseConditionedEncoder("all", level_norm=level_norm)
+    primal, tangent = enc.jvp(unet, x, d, t, ehs, added)
+    with torch.no_grad():
+        target = enc(unet, x, t, ehs, added)
+        for p, f in zip(primal, target):
+            torch.testing.assert_close(p, f)
+        h = 1e-5
+        exact = enc.distance(enc(unet, x + h * d, t, ehs, added), target) / h**2
+    torch.testing.assert_close(enc.tangent_distance(tangent, target), exact, rtol=1e-3, atol=0)

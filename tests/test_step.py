@@ -132,3 +132,106 @@ def test_v_prediction_model_steps():
     model = PreferenceModel(build_tiny_pipeline("sd15", prediction_type="v_prediction"), lora=LoraSettings(rank=2))
     out = training_step(model, make_objective("ncp-dpo"), random_pairs(), generator=torch.Generator().manual_seed(0))
     assert out.loss.item() == pytest.approx(math.log(2), abs=1e-6)
+
+
+def _lora_grad(model, objective, batch, seed=4):
+    model.unet.zero_grad(set_to_none=True)
+    out = training_step(model, objective, batch, generator=torch.Generator().manual_seed(seed))
+    out.loss.backward()
+    return out, torch.cat([p.grad.flatten() for p in model.trainable_parameters()])
+
+
+def test_linear_distance_agrees_with_exact_in_float32(model):
+    """The JVP form equals the exact distance to second order: same losses to 1e-3, same gradient direction."""
+    perturb_lora(model.unet, scale=0.05)
+    batch = random_pairs()
+    exact, g_exact = _lora_grad(model, make_objective("ncp-dpo", scale="noise"), batch)
+    linear, g_linear = _lora_grad(model, make_objective("ncp-dpo", scale="noise", distance="linear"), batch)
+    for key in ("loss_w_policy", "loss_l_policy", "loss_w_reference", "loss_l_reference"):
+        assert linear.metrics[key].item() == pytest.approx(exact.metrics[key].item(), rel=5e-2)
+    assert torch.nn.functional.cosine_similarity(g_exact, g_linear, dim=0) > 0.99
+
+
+def test_noise_scale_divides_each_loss_by_its_squared_gain(model):
+    from ncppo.diffusion import posterior_gain
+
+    perturb_lora(model.unet, scale=0.05)
+    pairs = model.encode_batch(random_pairs())
+    nb = noise_pairs(model, pairs, True, torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        eps_theta = model.predict_epsilon(model.unet, nb.x_t, nb.t, nb.condition)
+        paper, _ = make_objective("ncp-dpo").space.losses(model, nb, eps_theta)
+        noise, _ = make_objective("ncp-dpo", scale="noise").space.losses(model, nb, eps_theta)
+    gain = posterior_gain(model.schedule, nb.t, nb.t - 1, nb.x_t).flatten()
+    torch.testing.assert_close(noise, paper / gain.pow(2), rtol=1e-5, atol=0)
+    # on the noise MSE's scale up to the encoder's gain (paper: 1e-5 of it)
+    from ncppo.diffusion import diffusion_loss
+    ratio = (noise / diffusion_loss(nb.eps, eps_theta)).median().item()
+    assert 1e-3 < ratio < 1e3 and (paper / diffusion_loss(nb.eps, eps_theta)).median().item() < 1e-2
+
+
+def test_uniform_encoder_timestep_is_shared_within_a_pair(model):
+    pairs = model.encode_batch(random_pairs(batch_size=4))
+    nb = noise_pairs(model, pairs, True, torch.Generator().manual_seed(0))
+    t_enc, _, _ = make_objective("ncp-dpo", encoder_timestep="uniform").space._encoder_inputs(model, nb)
+    assert torch.equal(t_enc[:4], t_enc[4:]) and len(set(t_enc[:4].tolist())) > 1
+
+
+def test_a_tie_gives_the_same_loss_with_its_images_swapped(model):
+    perturb_lora(model.unet, scale=0.05)
+    raw = random_pairs(batch_size=2)
+    pairs = model.encode_batch(raw, torch.Generator().manual_seed(1))  # latents fixed: the VAE samples once
+    batch = PreferenceBatch(latents_w=pairs.latents_w, latents_l=pairs.latents_l, prompts=raw.prompts,
+                            is_tie=torch.tensor([True, True]))
+    swapped = batch.replace(latents_w=batch.latents_l, latents_l=batch.latents_w)
+    for name in ("dpo", "ncp-dpo", "cpo"):  # a beta large enough that the argument is far from 0
+        objective = make_objective(name, beta=5e5, scale="noise")
+        losses = [training_step(model, objective, b, generator=torch.Generator().manual_seed(7)).loss.item()
+                  for b in (batch, swapped)]
+        assert losses[0] == pytest.approx(losses[1], rel=1e-5, abs=1e-9)
+        decisive = training_step(model, objective, batch.replace(is_tie=None), generator=torch.Generator().manual_seed(7))
+        assert decisive.loss.item() != pytest.approx(losses[0], rel=1e-3)
+    with pytest.raises(ValueError, match="cannot use ties"):
+        training_step(model, make_objective("sft"), batch, generator=torch.Generator().manual_seed(7))
+
+
+def test_beta_auto_puts_the_ncp_argument_on_noise_dpo_scale(model):
+    from ncppo.calibration import calibrate_beta
+
+    batches = [random_pairs(seed=s) for s in range(2)]
+    gens = lambda: [torch.Generator().manual_seed(10 + s) for s in range(2)]  # noqa: E731
+    dpo, record = calibrate_beta(model, make_objective("dpo", beta="auto"), batches, gens())
+    assert dpo.preference.beta == pytest.approx(5000.0) and record["noise_over_space"] == pytest.approx(1.0)
+    ncp, record = calibrate_beta(model, make_objective("ncp-dpo", beta="auto"), batches, gens())
+    assert record["beta"] == ncp.preference.beta > 1e6  # paper scale: PL is ~1e-5 of the noise MSE
+    again, _ = calibrate_beta(model, make_objective("ncp-dpo", beta="auto"), batches, gens())
+    assert again.preference.beta == ncp.preference.beta  # deterministic: a resumed run recomputes it exactly
+    perturb_lora(model.unet, scale=0.05)
+    rms = {name: training_step(model, o, batches[0], generator=torch.Generator().manual_seed(3)).metrics["argument_rms"].item()
+           for name, o in (("dpo", dpo), ("ncp", ncp), ("paper", make_objective("ncp-dpo")))}
+    assert 0.01 < rms["ncp"] / rms["dpo"] < 100 and rms["paper"] / rms["dpo"] < 1e-3
+
+
+def test_fp32_encoder_under_half_precision_weights(model):
+    """encoder_dtype='fp32' runs f on a float32 copy when the frozen U-Net is in bf16 (autocast on).
+    beta is small so that no pair saturates: the cosine then measures precision alone."""
+    perturb_lora(model.unet, scale=0.05)
+    batch = random_pairs()
+    _, g32 = _lora_grad(model, make_objective("ncp-dpo", beta=100.0, scale="noise"), batch)
+    model.set_frozen_dtype(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = training_step(model, make_objective("ncp-dpo", beta=100.0, scale="noise", encoder_dtype="fp32"), batch,
+                            generator=torch.Generator().manual_seed(4))
+    model.unet.zero_grad(set_to_none=True)
+    out.loss.backward()
+    g = torch.cat([p.grad.flatten() for p in model.trainable_parameters()])
+    assert model._fp32_encoder is not None and next(model._fp32_encoder.parameters()).dtype == torch.float32
+    assert len(model._fp32_encoder.up_blocks) == 0
+    cos_fp32_encoder = torch.nn.functional.cosine_similarity(g.double(), g32.double(), dim=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the paper's path in bf16 loses the signal: the check can fail
+        out = training_step(model, make_objective("ncp-dpo", beta=100.0, scale="noise"), batch, generator=torch.Generator().manual_seed(4))
+    model.unet.zero_grad(set_to_none=True)
+    out.loss.backward()
+    g_half = torch.cat([p.grad.flatten() for p in model.trainable_parameters()])
+    cos_paper = torch.nn.functional.cosine_similarity(g_half.double(), g32.double(), dim=0)
+    assert cos_fp32_encoder > 0.99 > cos_paper

@@ -248,8 +248,10 @@ class PreferenceModel:
         else:
             cond_w = cond_l = Condition(embeds)
         device = self.device
+        # The diffusion variable stays float32 whatever the VAE's precision: x_{t-1} differs from the target by
+        # about 1e-4 of its size, below the half-precision grid (METHOD.md, "Scale and precision").
         return EncodedPairs(
-            lw.to(device), ll.to(device), cond_w.map(lambda v: v.to(device)), cond_l.map(lambda v: v.to(device)),
+            lw.to(device, torch.float32), ll.to(device, torch.float32), cond_w.map(lambda v: v.to(device)), cond_l.map(lambda v: v.to(device)),
             list(batch.ids), batch.is_tie,
         )
 
