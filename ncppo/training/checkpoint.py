@@ -41,6 +41,9 @@ class DiskFullError(NcppoError, OSError):
         self.errno = errno.ENOSPC
         self.filename = str(path)
 
+    def __str__(self) -> str:  # the message, not OSError's "[Errno 28] ..." form
+        return str(self.args[0])
+
 
 def is_complete(path: Path) -> bool:
     return bool(_NAME.match(path.name)) and path.is_dir() and all((path / f).is_file() for f in FILES)

@@ -639,17 +639,14 @@ class Trainer:
                 self._lock = None
 
     def _train(self) -> TrainResult:
-        from ncppo.step import training_step
-
         self._setup()
-        cfg, acc, model = self.config, self.acc, self.model
+        cfg, acc = self.config, self.acc
         step, train_seconds, bad_in_a_row = self._restore()
         self._say(self._banner(step, train_seconds))
         for note in self.notes + self.logger.notes:
             self._say(f"note: {note}")
         last_ckpt_step, last_ckpt_seconds = step, train_seconds
         budget = cfg.max_train_minutes * 60 if cfg.max_train_minutes is not None else math.inf
-        stopped_by = "max_steps"
         timed = math.isfinite(budget)
         if timed:  # the bound is the training-time budget: show it, not an ETA from max_steps
             bar = tqdm(total=budget, initial=min(train_seconds, budget), unit="s",
@@ -659,6 +656,20 @@ class Trainer:
         else:
             bar = tqdm(total=cfg.max_steps, initial=step, unit="step", desc=f"train {cfg.objective.name}",
                        disable=not acc.is_main_process)
+        with contextlib.closing(bar):  # closed on errors too: the error starts on a line of its own
+            step, train_seconds, stopped_by, last_ckpt_step = self._loop(
+                bar, timed, budget, step, train_seconds, bad_in_a_row, last_ckpt_step, last_ckpt_seconds)
+        self._check_skipped(step, final=True)  # a short run whose data is all bad must not end as a success
+        if step != last_ckpt_step:
+            self._save(step, train_seconds, self._bad_in_a_row)
+        summary = self._finish(step, train_seconds, stopped_by)
+        return TrainResult(self.out, step, train_seconds, stopped_by, summary)
+
+    def _loop(self, bar, timed, budget, step, train_seconds, bad_in_a_row, last_ckpt_step, last_ckpt_seconds):
+        from ncppo.step import training_step
+
+        cfg, acc, model = self.config, self.acc, self.model
+        stopped_by = "max_steps"
         while step < cfg.max_steps:
             if train_seconds >= budget:
                 stopped_by = "time_budget"
@@ -740,12 +751,8 @@ class Trainer:
                 last_ckpt_step, last_ckpt_seconds = step, train_seconds
             if cfg.validation_every and step % cfg.validation_every == 0:
                 self._validate(step)
-        bar.close()
-        self._check_skipped(step, final=True)  # a short run whose data is all bad must not end as a success
-        if step != last_ckpt_step:
-            self._save(step, train_seconds, bad_in_a_row)
-        summary = self._finish(step, train_seconds, stopped_by)
-        return TrainResult(self.out, step, train_seconds, stopped_by, summary)
+        self._bad_in_a_row = bad_in_a_row
+        return step, train_seconds, stopped_by, last_ckpt_step
 
     def _finish(self, step: int, train_seconds: float, stopped_by: str) -> dict:
         acc, model = self.acc, self.model
