@@ -323,8 +323,11 @@ def validate(config: TrainConfig) -> None:
     from ncppo.objectives import make_objective
 
     try:  # the objective's module owns its choices
-        make_objective(**config.objective.options())
+        objective = make_objective(**config.objective.options())
     except ValueError as err:
         raise ConfigError(f"objective: {err}") from err
+    if config.data.tie_policy == "keep" and not objective.supports_ties:
+        raise ConfigError(f"data.tie_policy: 'keep' trains ties, which {config.objective.name} cannot use "
+                          "(it has no loser to compare with); use 'drop'")
     if config.objective.calibration_batches < 1:
         raise ConfigError(f"objective.calibration_batches: must be >= 1, got {config.objective.calibration_batches}")

@@ -290,7 +290,32 @@ class Trainer:
                 {**cfg.to_dict(), "resolved": self._resolved()}, sort_keys=False))
 
     def _calibrate(self) -> None:
-        """Hook after the model and the data are built (``objective.beta: auto``); fills ``self.resolved``."""
+        """``objective.beta: auto``: measure beta on the first batches (:mod:`ncppo.calibration`), the same on
+        every process (their ratios are averaged) and the same on a resume (the measurement is deterministic)."""
+        if not self.objective.needs_calibration:
+            return
+        from ncppo.calibration import calibrate_beta
+
+        cfg, acc = self.config, self.acc
+        batches, generators = [], []
+        for micro_index in range(cfg.objective.calibration_batches * 4):  # batches without a valid pair are skipped
+            batch = self._batch(micro_index)
+            if batch is not None:
+                batches.append(batch)
+                generators.append(torch.Generator().manual_seed(_seed(cfg.seed, micro_index, acc.process_index, 3)))
+            if len(batches) == cfg.objective.calibration_batches:
+                break
+        with acc.autocast():
+            _, record = calibrate_beta(self.model, self.objective, batches, generators)
+        ratio = acc.reduce(torch.tensor([record["noise_over_space"]], device=acc.device), reduction="mean")
+        record["noise_over_space"] = float(ratio)
+        record["beta"] = record["target_beta"] * record["noise_over_space"]
+        self.objective = self.objective.with_beta(record["beta"])
+        self.resolved["beta"] = record["beta"]
+        self.resolved["beta_calibration"] = record
+        self._say(f"beta: auto -> {record['beta']:.6g} (noise MSE / {cfg.objective.name} loss = "
+                  f"{record['noise_over_space']:.4g} over {len(batches)} batches x {acc.num_processes} process(es), "
+                  f"target: noise-space DPO's scale at beta {record['target_beta']:g})")
 
     def _resolved(self) -> dict:
         return {"gradient_accumulation_steps": self.accumulation, "num_processes": self.acc.num_processes,
