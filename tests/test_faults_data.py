@@ -198,6 +198,31 @@ def test_uid_conflicts_do_not_depend_on_the_reading_order(tmp_path):
         assert "row 2 column jpg_0" in example
 
 
+def test_uid_checks_read_no_image_twice(tmp_path, monkeypatch):
+    rows = comparisons_table(comparisons(SPEC), {u: image_for(u) for u in "xqyabc"}).to_pylist()
+    src = _write_rows(tmp_path / "src", rows)
+    reads = []
+
+    def counting(pairs):
+        real = pairs.source.rows
+        monkeypatch.setattr(pairs.source, "rows", lambda i, r, c=None: reads.append(list(r)) or real(i, r, c))
+        return pairs
+
+    pairs = counting(PreferencePairs(src))
+    assert pairs.collate([0, 1], 8) is not None and reads == [[0, 1]]  # uids first seen here: one read
+    digests = pairs.first_image_digests([0, 1])
+    assert set(digests) == {"0"}  # x (slot 0) occurs again; q, y do not
+    reads.clear()
+    assert pairs.collate([2, 3], 8) is not None and reads == [[2, 3]]  # 'a' at rows 2 and 3: in hand together
+    reads.clear()
+    later = counting(PreferencePairs(src))
+    assert later.collate([3], 8) is not None and reads == [[3], [2]]  # its first occurrence unknown: read it
+    resumed = counting(PreferencePairs(src))
+    resumed.remember_first_image_digests({**digests, **later.first_image_digests([2])})
+    reads.clear()
+    assert resumed.collate([3], 8) is not None and reads == [[3]]  # a resumed cache knows it from the shard
+
+
 # -- 3. decompression bombs, and corrupt images that data filter copies -----------------------------------
 
 def test_a_decompression_bomb_is_a_bad_image_not_a_gigabyte(tmp_path, monkeypatch):

@@ -86,14 +86,14 @@ def _read_check(out_dir: Path, k: int) -> dict | None:
         return None
 
 
-def _write_check(out_dir: Path, k: int, shard: Path, uid_digests: dict) -> dict:
+def _write_check(out_dir: Path, k: int, shard: Path, first_image_digests: dict) -> dict:
     from safetensors import safe_open
 
     with safe_open(str(shard), framework="pt") as f:
         n = f.get_slice("pair_index").get_shape()[0] if "pair_index" in f.keys() else 0  # noqa: SIM118 (safe_open has no __contains__)
         skipped = int(f.metadata().get("skipped", 0))
     check = {"file": _shard_path(out_dir, k).name, "bytes": shard.stat().st_size, "blake2b": file_digest(shard),
-             "pairs": n, "skipped": skipped, "uid_digests": uid_digests}
+             "pairs": n, "skipped": skipped, "first_image_digests": first_image_digests}
     atomic_write_text(_check_path(out_dir, k), json.dumps(check))
     return check
 
@@ -201,7 +201,7 @@ def build_cache(model, pairs, out_dir: str | os.PathLike, *, resolution: int, ba
             todo.append(k)
     for k in range(num_shards):  # what finished shards know of uid conflicts: decided as in one run
         if k not in todo and (check := _read_check(out_dir, k)) is not None:
-            pairs.remember_uid_digests(check.get("uid_digests", {}))
+            pairs.remember_first_image_digests(check.get("first_image_digests", {}))
     for k in tqdm(todo, desc=f"cache (rank {state.process_index})", unit="shard", disable=not progress):
         indices = np.arange(k * pairs_per_shard, min((k + 1) * pairs_per_shard, len(pairs)))
         parts, skipped_before = [], pairs.skips.total
@@ -216,7 +216,7 @@ def build_cache(model, pairs, out_dir: str | os.PathLike, *, resolution: int, ba
                         "pair_index", torch.zeros(0, dtype=torch.long)).tolist()])}
         tmp = out_dir / f".tmp-shard-{k:05d}-{os.getpid()}.safetensors"
         save_file({k2: v.contiguous() for k2, v in tensors.items()}, str(tmp), metadata=metadata)
-        _write_check(out_dir, k, tmp, pairs.uid_digests(indices))  # before the rename: a whole shard has one
+        _write_check(out_dir, k, tmp, pairs.first_image_digests(indices))  # before the rename: a whole shard has one
         os.replace(tmp, _shard_path(out_dir, k))
     state.wait_for_everyone()
     if not state.is_main_process:
