@@ -133,6 +133,15 @@ def test_generate_refuses_foreign_folders_and_resumes_its_own(tmp_path, tiny_pip
     assert generate_image_set(pipe, prompts, out, spec, progress=False) == {"generated": 1, "reused": 1, "total": 2}
     assert generate_image_set(pipe, prompts, other, spec, progress=False, overwrite=True)["generated"] == 2
     assert not (other / "notes.txt").exists() and len(read_manifest(other)) == 2
+    # from the command line
+    (tmp_path / "prompts.txt").write_text("a red circle\n")
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "notes.txt").write_text("mine")
+    cli = ["generate", "--model", str(model), "--out", str(tmp_path / "foreign"), "--prompts",
+           str(tmp_path / "prompts.txt"), "--steps", "1", "--height", "32", "--width", "32"]
+    assert main(cli) == 2 and (tmp_path / "foreign" / "notes.txt").is_file()
+    assert main([*cli, "--overwrite"]) == 0 and len(read_manifest(tmp_path / "foreign")) == 1
+    assert main(cli) == 0  # its own output now: a rerun reuses it
 
 
 # -- 2. a uid with two different images: a resumed cache equals an uninterrupted one ---------------------

@@ -79,10 +79,9 @@ def add_data_commands(sub) -> None:
     data = sub.add_parser("data", help="preference data: filter, stats, cache")
     dsub = data.add_subparsers(dest="data_command", required=True)
 
-    def overwrite(p):
+    def overwrite(p, what):
         p.add_argument("--overwrite", action="store_true",
-                       help="replace an existing output folder that is not an earlier output of this command "
-                            "(never the input, nor a folder inside or around it)")
+                       help=f"{what} (never the input, nor a folder inside or around it)")
 
     def common(p):
         p.add_argument("input", help="parquet file/folder, save_to_disk folder, authors' .csv, or hub id")
@@ -100,7 +99,7 @@ def add_data_commands(sub) -> None:
     f.add_argument("--min-wins", type=int, default=2, help="wins an absolute winner needs (paper: 2; authors' code: 1)")
     f.add_argument("--pairs", choices=PAIR_CHOICES, default="latest", help="which pair(s) per winner (default latest)")
     f.add_argument("--variant", choices=VARIANTS, default=None, help="a Table-2 mini version instead")
-    overwrite(f)
+    overwrite(f, "replace an existing output folder even if `data filter` did not write it")
     f.set_defaults(func=_filter)
 
     s = dsub.add_parser("stats", help="statistics of a dataset")
@@ -121,5 +120,6 @@ def add_data_commands(sub) -> None:
     c.add_argument("--ties", choices=TIE_POLICIES, default="drop", help="tie policy (default drop)")
     c.add_argument("--verify", action="store_true",
                    help="check every finished shard's digest (reads them all), not only sizes; damaged ones are rebuilt")
-    overwrite(c)
+    overwrite(c, "remove an existing output folder first and build from scratch (without it, an earlier cache "
+                 "is resumed and any other non-empty folder refused)")
     c.set_defaults(func=_cache)

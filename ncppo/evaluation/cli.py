@@ -109,7 +109,7 @@ def add_eval_commands(sub) -> None:
     gen.add_argument("--out", required=True)
     gen.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="default: the pipeline's own")
     gen.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
-    gen.add_argument("--overwrite", action="store_true", help="replace an --out folder that generate did not write")
+    gen.add_argument("--overwrite", action="store_true", help="remove an existing --out folder first")
     _sampling_options(gen)
     gen.set_defaults(func=_generate)
 
