@@ -137,6 +137,15 @@ def _earlier_cache(out_dir: Path) -> bool:
         return False
 
 
+def _indexed_digests(out_dir: Path) -> dict[str, str]:
+    """Shard digests recorded in an earlier index.json (none when it is missing, damaged or older)."""
+    try:
+        return {s["file"]: s["blake2b"] for s in json.loads((out_dir / "index.json").read_text())["shards"]
+                if "blake2b" in s}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
 def _remove_dead_temporaries(out_dir: Path) -> None:
     for path in out_dir.glob(".tmp-shard-*.safetensors"):
         pid = path.name.rsplit("-", 1)[-1].split(".")[0]
@@ -190,12 +199,16 @@ def build_cache(model, pairs, out_dir: str | os.PathLike, *, resolution: int, ba
 
     num_shards = max(1, -(-len(pairs) // pairs_per_shard))
     mine = [k for k in range(num_shards) if k % state.num_processes == state.process_index]
-    todo = []
+    todo, indexed = [], _indexed_digests(out_dir)
     for k in mine:
         problem = shard_problem(out_dir, k, full=verify)
-        if problem == "no checksum" and _shard_path(out_dir, k).is_file():  # whole, from before checksums
-            _write_check(out_dir, k, _shard_path(out_dir, k), {})
-        elif problem is not None:
+        if problem == "no checksum":  # whole (by its header), from before checksums or its checksum file lost
+            check = _write_check(out_dir, k, _shard_path(out_dir, k), {})
+            if indexed.get(check["file"], check["blake2b"]) != check["blake2b"]:
+                problem = "its bytes do not match the digest in index.json (overwritten or corrupted)"
+            else:
+                problem = None
+        if problem is not None:
             if problem != "missing":
                 print(f"{_shard_path(out_dir, k)}: {problem}; rebuilding it", flush=True)
             todo.append(k)
