@@ -160,3 +160,18 @@ def test_objective_options_are_checked_with_their_choices():
         objective.preference(LOSSES)
     calibrated = objective.with_beta(123.0)
     assert not calibrated.needs_calibration and calibrated.preference.beta == 123.0
+
+
+def test_auto_distance_is_exact_in_float32_and_linear_in_half_precision():
+    space = make_objective("ncp-dpo", distance="auto").space
+    from types import SimpleNamespace
+
+    unet32, unet16 = SimpleNamespace(dtype=torch.float32), SimpleNamespace(dtype=torch.float16)
+    x = torch.zeros(1)
+    assert space._distance(unet32, x) == "exact"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert space._distance(unet32, x) == "linear"
+        with torch.autocast("cpu", enabled=False):  # the fp32 encoder turns autocast off
+            assert space._distance(unet32, x) == "exact"
+    assert space._distance(unet16, x) == "linear"
+    assert make_objective("ncp-dpo", distance="exact").space._distance(unet16, x) == "exact"

@@ -69,7 +69,7 @@ def make_objective(
     level_norm: str = "none",
     encoder_timestep: str = "t-1",
     scale: str = "paper",
-    distance: str = "exact",
+    distance: str = "auto",
     encoder_dtype: str = "model",
 ) -> Objective:
     """Build one of :data:`OBJECTIVE_NAMES`.
@@ -78,7 +78,7 @@ def make_objective(
     :func:`ncppo.objectives.calibrate_beta`; refused for SFT, which has no sigmoid). The other options
     apply to the ``ncp-*`` objectives only (see :class:`PerceptualSpace` and
     :class:`NoiseConditionedEncoder`): ``features``, ``level_weights``, ``level_norm``, ``encoder_timestep``,
-    ``scale`` (``paper`` | ``noise``), ``distance`` (``exact`` | ``linear``), ``encoder_dtype``
+    ``scale`` (``paper`` | ``noise``), ``distance`` (``auto`` | ``exact`` | ``linear``), ``encoder_dtype``
     (``model`` | ``fp32``). Invalid values raise a ``ValueError`` listing the valid ones.
     """
     if name not in OBJECTIVE_NAMES:

@@ -60,7 +60,8 @@ class NoiseSpace:
 
 _OFFSET = re.compile(r"^t-(\d+)$")
 SCALES = ("paper", "noise")
-DISTANCES = ("exact", "linear")
+DISTANCES = ("auto", "exact", "linear")
+HALF = (torch.float16, torch.bfloat16)
 ENCODER_DTYPES = ("model", "fp32")
 TIMESTEP_BINS = 4  # PL / L is reported per quarter of [0, T)
 
@@ -93,7 +94,9 @@ class PerceptualSpace:
     - ``scale``: ``paper`` keeps PL as it is (about ``c^2`` = 1e-5 of the noise MSE); ``noise`` divides it by
       ``c^2``, putting it on the noise MSE's scale up to the encoder's gain.
     - ``distance``: ``exact`` subtracts two encoder passes (the paper); ``linear`` uses ``J_f(x*) (x - x*)``
-      as a JVP around the target, equal to second order and sound in half precision.
+      as a JVP around the target, equal to second order and sound in half precision; ``auto`` is ``exact``
+      when the encoder computes in float32 and ``linear`` when it computes in half precision (weights or
+      autocast), where the exact difference drowns in rounding (``benchmarks/mixed_precision.py``).
     - ``encoder_dtype``: ``model`` runs ``f`` in the training precision; ``fp32`` in float32, without autocast.
 
     The target embedding ``f(x*)`` is computed once without gradient and shared by the policy and
@@ -104,7 +107,7 @@ class PerceptualSpace:
     encoder: NoiseConditionedEncoder = field(default_factory=NoiseConditionedEncoder)
     encoder_timestep: str = "t-1"
     scale: str = "paper"
-    distance: str = "exact"
+    distance: str = "auto"
     encoder_dtype: str = "model"
     needs_frozen_unet = True
 
@@ -146,7 +149,7 @@ class PerceptualSpace:
             x_ref = to_input(eps_ref) if eps_ref is not None else None
         x_policy = to_input(eps_theta)
         with model.perceptual_encoder(self.encoder_dtype) as frozen:
-            if self.distance == "exact":
+            if self._distance(frozen, x_star) == "exact":
                 with torch.no_grad():
                     target = enc(frozen, x_star, t_enc, **cond)
                     reference = enc.distance(enc(frozen, x_ref, t_enc, **cond), target) if x_ref is not None else None
@@ -163,6 +166,13 @@ class PerceptualSpace:
                 target = [f.detach() for f in target]
                 policy = enc.tangent_distance(tangent, target) * gain.pow(2)
         return policy * weight, (reference * weight if reference is not None else None)
+
+    def _distance(self, unet, sample: torch.Tensor) -> str:
+        if self.distance != "auto":
+            return self.distance
+        device = sample.device.type
+        half = unet.dtype in HALF or (torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) in HALF)
+        return "linear" if half else "exact"
 
     def diagnostics(self, model, batch: NoisedBatch, eps_theta, policy_losses) -> dict[str, torch.Tensor]:
         """``pl_over_l_t{q}``: the policy's PL / noise MSE per quarter ``q`` of the timestep range (present bins)."""

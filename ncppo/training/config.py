@@ -61,8 +61,9 @@ class ObjectiveConfig:
         encoder_timestep: ``t-1`` (paper), ``t-k`` (k exact posterior steps), ``uniform``.
         scale: ``paper`` (PL as it is, about 1e-5 of the noise MSE) or ``noise`` (PL divided by the squared
             gain of the step from ``x_t`` to the encoder's input: on the noise-MSE scale).
-        distance: ``exact`` (the paper's difference of two encoder passes) or ``linear`` (the first-order
-            form ``J_f(x*) (x - x*)`` as a JVP: keeps its signal in half precision).
+        distance: ``exact`` (the paper's difference of two encoder passes), ``linear`` (the first-order
+            form ``J_f(x*) (x - x*)`` as a JVP: keeps its signal in half precision), or ``auto`` (exact in
+            float32, linear in half precision).
         encoder_dtype: ``model`` (the encoder runs in the training precision) or ``fp32``.
         calibration_batches: batches measured for ``beta: auto``.
     """
@@ -75,7 +76,7 @@ class ObjectiveConfig:
     level_norm: str = "none"
     encoder_timestep: str = "t-1"
     scale: str = "paper"
-    distance: str = "exact"
+    distance: str = "auto"
     encoder_dtype: str = "model"
     calibration_batches: int = 4
 

@@ -1,0 +1,320 @@
+"""Does NCP help? NCP-X vs X for DPO, CPO and SFT on the toy world, at equal compute, selected on
+validation captions and seeds and judged on held-out test captions and seeds.
+
+Protocol (fixed before any number was seen):
+
+- World: the toy world's default config (base model, Pick-a-Pic-format pairs, ties dropped: the
+  ``original`` dataset), built once and reused. Every run trains through the project's Trainer.
+- Split: the world's 168 captions, sorted, alternate into validation (even positions) and test (odd);
+  validation images use evaluation seed 1001, test images seed 2002, neither used by the pair generator.
+- Grid: baselines ``dpo``, ``cpo``, ``sft`` (beta 5000) and, for each, ``ncp-X`` under the settings
+  ``paper`` (the paper's exact loss, beta 5000) and ``conditioned`` (``scale: noise`` plus ``beta: auto``;
+  SFT has no beta) x features ``last``, ``mid``, ``all``; each with training seeds 0, 1, 2.
+- Budget: equal compute, not wall time: each run gets ``round(dpo_steps * FLOPs(DPO step) / FLOPs(its
+  step))`` steps, FLOPs counted once per config by ``torch.utils.flop_counter`` on a real batch. Wall time
+  is recorded beside it.
+- Selection: for each X, the NCP setting x features with the highest mean validation oracle reward over
+  seeds. Verdict: on the test split (2 images per caption), the selected NCP-X and the paper-exact
+  NCP-X (features ``last``) against X, pooled over seeds, win rates with 95% bootstrap intervals over
+  (seed, caption) units; time to quality from a half-budget checkpoint (linear between base, half, final).
+- Diagnostics per run from its own logs: sigmoid-argument RMS, saturated fraction, PL/L by timestep quarter,
+  gradient norm, the share of updates under AdamW's eps, the trainer's warnings.
+
+Resumable run by run: results go to ``WORK/runs/<name>/seed-<s>/result.json`` and are reused.
+
+    python benchmarks/ncp_ablation.py                       # writes benchmarks/results/ncp_ablation.{json,md}
+    python benchmarks/ncp_ablation.py --quick --seeds 0 --dpo-steps 2 --work /tmp/abl --out /tmp/abl.json  # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ncppo.io import atomic_write_text  # noqa: E402
+
+BASELINES = ("dpo", "cpo", "sft")
+SETTINGS = {"paper": {}, "conditioned": {"scale": "noise", "beta": "auto"}}
+FEATURES = ("last", "mid", "all")
+SPLIT_SEEDS = {"validation": 1001, "test": 2002}
+
+
+def grid() -> dict[str, dict]:
+    """Run name -> objective options."""
+    runs = {x: {"name": x} for x in BASELINES}
+    for x in BASELINES:
+        for setting, options in SETTINGS.items():
+            for features in FEATURES:
+                opts = {k: v for k, v in options.items() if not (x == "sft" and k == "beta")}
+                runs[f"ncp-{x}/{setting}/{features}"] = {"name": f"ncp-{x}", "features": features, **opts}
+    return runs
+
+
+def split_captions() -> dict[str, tuple[list[str], list[int]]]:
+    from ncppo.toy.world import all_scenes
+
+    captions = sorted(s.caption for s in all_scenes())
+    return {"validation": ([c for i, c in enumerate(captions) if i % 2 == 0], list(range(0, len(captions), 2))),
+            "test": ([c for i, c in enumerate(captions) if i % 2 == 1], list(range(1, len(captions), 2)))}
+
+
+def spec(split: str, images: int):
+    from ncppo.evaluation import GenerationSpec
+    from ncppo.toy.config import EvalConfig
+
+    captions, ids = split_captions()[split]
+    e = EvalConfig()
+    return GenerationSpec(tuple(captions), images, SPLIT_SEEDS[split], e.num_inference_steps, e.guidance_scale,
+                          e.batch_size, prompt_ids=tuple(ids))
+
+
+def build_world(work: Path, quick: bool = False):
+    from ncppo.toy.config import QUICK_CONFIG
+    from ncppo.toy.stages import ToyWorld
+
+    world = ToyWorld(work / "world", QUICK_CONFIG if quick else None)
+    world.run(stages=("pretrain", "pairs", "filter"))
+    return world
+
+
+def train_values(world, objective: dict, seed: int, steps: int, run_dir: Path) -> dict:
+    from ncppo.toy.training import train_values as toy_values
+
+    cfg = world.config.train
+    values = toy_values(cfg, objective["name"], world.dataset_path("original"), world.base_model_path(), run_dir,
+                        world.config.pretrain.image_size)
+    values.update(seed=seed, max_steps=steps, max_train_minutes=None, checkpoint_every_minutes=None,
+                  checkpoint_every_steps=max(1, steps // 2), keep_last_checkpoints=4, overwrite_output_dir=True)
+    values["objective"] = {"beta": cfg.beta_noise, **objective}
+    if objective["name"].endswith("sft"):
+        values["objective"].pop("beta")
+    return values
+
+
+def step_flops(world, objective: dict) -> int:
+    """FLOPs of one training step (forward, backward) of ``objective`` on the world's first batch."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ncppo.data.pairs import PreferencePairs
+    from ncppo.models.preference_model import LoraSettings, PreferenceModel
+    from ncppo.objectives import make_objective
+    from ncppo.step import training_step
+
+    global _FLOP_MODEL
+    if "_FLOP_MODEL" not in globals():
+        pairs = PreferencePairs(world.dataset_path("original"))
+        plan = pairs.plan(world.config.train.batch_size, shuffle=False)
+        batch = pairs.collate(plan[0], world.config.pretrain.image_size)
+        model = PreferenceModel.from_pretrained(world.base_model_path(), lora=LoraSettings(world.config.train.lora_rank))
+        _FLOP_MODEL = (model, batch)
+    model, batch = _FLOP_MODEL
+    options = {k: v for k, v in objective.items() if k != "beta"}
+    counter = FlopCounterMode(display=False)
+    with counter:
+        out = training_step(model, make_objective(**options), batch, generator=torch.Generator().manual_seed(0))
+        out.loss.backward()
+    model.unet.zero_grad(set_to_none=True)
+    return int(counter.get_total_flops())
+
+
+def evaluate(run_dir: Path | None, world, generation_spec, checkpoint=None) -> dict:
+    from ncppo.evaluation import generate_samples, make_reward
+    from ncppo.evaluation.runs import apply_checkpoint, load_run_model, run_checkpoints
+    from ncppo.models.loading import load_pipeline
+
+    if run_dir is None:
+        pipe = load_pipeline(world.base_model_path())
+    else:
+        model = load_run_model(run_dir)
+        ckpts = run_checkpoints(run_dir)
+        apply_checkpoint(model, checkpoint or ckpts[-1])
+        pipe = model.pipeline
+    samples = generate_samples(pipe, generation_spec, progress=False)
+    rewards = make_reward("oracle")(samples.images, samples.prompts)
+    return {"mean": float(np.mean(rewards)), "rewards": [float(r) for r in rewards],
+            "prompt_ids": samples.prompt_ids.tolist(), "seeds": samples.seeds.tolist()}
+
+
+def diagnostics(run_dir: Path) -> dict:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    out = {}
+    for key in ("argument_rms", "saturated_frac", "grad_norm", "eps_dominated_frac", "loss",
+                "pl_over_l_t0", "pl_over_l_t1", "pl_over_l_t2", "pl_over_l_t3"):
+        values = [r[key] for r in rows if isinstance(r.get(key), (int, float)) and np.isfinite(r[key])]
+        if values:
+            out[key] = {"median": float(statistics.median(values)), "last": float(values[-1])}
+    summary = json.loads((run_dir / "summary.json").read_text())
+    out["warnings"] = summary.get("warnings", [])
+    config = __import__("yaml").safe_load((run_dir / "config.yaml").read_text())
+    out["beta"] = config.get("resolved", {}).get("beta", config["objective"].get("beta"))
+    return out
+
+
+def train_and_validate(world, work: Path, name: str, objective: dict, seed: int, steps: int, flops: int) -> dict:
+    from ncppo.training import Trainer, load_config
+
+    folder = work / "runs" / name.replace("/", "-") / f"seed-{seed}"
+    result_path = folder / "result.json"
+    if result_path.is_file():
+        return json.loads(result_path.read_text())
+    run_dir = folder / "run"
+    start = time.perf_counter()
+    result = Trainer(load_config(None, **train_values(world, objective, seed, steps, run_dir))).train()
+    train_wall = time.perf_counter() - start
+    record = {"name": name, "seed": seed, "objective": objective, "steps": result.steps, "flops_per_step": flops,
+              "train_wall_seconds": train_wall, "train_seconds": result.train_seconds,
+              "validation": evaluate(run_dir, world, spec("validation", 1)), "diagnostics": diagnostics(run_dir),
+              "run_dir": str(run_dir)}
+    atomic_write_text(result_path, json.dumps(record))
+    print(f"[ablation] {name} seed {seed}: {result.steps} steps, {train_wall:.0f} s, "
+          f"validation reward {record['validation']['mean']:.4f}", flush=True)
+    return record
+
+
+def test_record(world, work: Path, record: dict) -> dict:
+    from ncppo.evaluation.runs import run_checkpoints
+
+    path = Path(record["run_dir"]).parent / "test.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    run_dir = Path(record["run_dir"])
+    ckpts = run_checkpoints(run_dir)
+    final = evaluate(run_dir, world, spec("test", 2))
+    half = evaluate(run_dir, world, spec("test", 2), checkpoint=ckpts[0]) if len(ckpts) > 1 else None
+    out = {"final": final, "half": half, "half_step": ckpts[0].step if half else None, "steps": record["steps"]}
+    atomic_write_text(path, json.dumps(out))
+    return out
+
+
+def time_to_quality(base_mean: float, ncp: dict, target: float) -> float | None:
+    """Fraction of NCP-X's compute at which its reward reaches ``target`` (linear between base, half, final)."""
+    points = [(0.0, base_mean)]
+    if ncp["half"] is not None:
+        points.append((ncp["half_step"] / ncp["steps"], ncp["half"]["mean"]))
+    points.append((1.0, ncp["final"]["mean"]))
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if y1 >= target:
+            return x0 if y0 >= target else x0 + (target - y0) / (y1 - y0) * (x1 - x0)
+    return None
+
+
+def pooled_win(a_records: list[dict], b_records: list[dict]):
+    from ncppo.evaluation import paired_win_rate
+
+    ra, rb, groups = [], [], []
+    for a, b in zip(a_records, b_records, strict=True):
+        if a["final"]["seeds"] != b["final"]["seeds"]:
+            raise ValueError("unpaired test samples")
+        ra += a["final"]["rewards"]
+        rb += b["final"]["rewards"]
+        groups += [f"{a['seed']}-{p}" for p in a["final"]["prompt_ids"]]
+    return paired_win_rate(ra, rb, groups=groups, n_boot=2000)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--dpo-steps", type=int, default=60, help="the budget, as steps of noise-space DPO")
+    parser.add_argument("--work", default="outputs/ncp_ablation")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "ncp_ablation.json"))
+    parser.add_argument("--only", nargs="*", help="train only these run names (for a partial rerun)")
+    parser.add_argument("--quick", action="store_true", help="the quick toy world (a smoke test of this script)")
+    args = parser.parse_args(argv)
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    work = Path(args.work)
+    start = time.perf_counter()
+    world = build_world(work, args.quick)
+    runs = grid()
+    if args.only:
+        runs = {k: v for k, v in runs.items() if k in args.only}
+    flops_path = work / "flops.json"
+    flops = json.loads(flops_path.read_text()) if flops_path.is_file() else {}
+    for name, objective in runs.items():
+        if name not in flops:
+            flops[name] = step_flops(world, objective)
+            atomic_write_text(flops_path, json.dumps(flops, indent=1))
+    steps = {name: max(1, round(args.dpo_steps * flops["dpo"] / flops[name])) for name in runs}
+    print(f"[ablation] {len(runs)} configs x {len(args.seeds)} seeds; steps at equal compute: "
+          + ", ".join(f"{n}={s}" for n, s in steps.items() if "/" not in n or n.endswith("/last")), flush=True)
+    records: dict[str, list[dict]] = {name: [] for name in runs}
+    for seed in args.seeds:  # the whole grid for one seed before the next: a partial run covers the grid
+        for name, objective in runs.items():
+            records[name].append(train_and_validate(world, work, name, objective, seed, steps[name], flops[name]))
+
+    validation = {name: statistics.mean(r["validation"]["mean"] for r in recs) for name, recs in records.items()}
+    base_path = work / "base.json"
+    if not base_path.is_file():
+        atomic_write_text(base_path, json.dumps({split: evaluate(None, world, spec(split, 1 if split == "validation" else 2))
+                                                 for split in SPLIT_SEEDS}))
+    base = json.loads(base_path.read_text())
+    verdicts, selected = [], {}
+    for x in BASELINES:
+        candidates = [n for n in runs if n.startswith(f"ncp-{x}/")]
+        if x not in runs or not candidates:
+            continue
+        selected[x] = max(candidates, key=lambda n: validation[n])
+        for label, ncp_name in (("selected", selected[x]), ("paper", f"ncp-{x}/paper/last")):
+            if ncp_name not in runs:
+                continue
+            tests_x = [{**test_record(world, work, r), "seed": r["seed"]} for r in records[x]]
+            tests_n = [{**test_record(world, work, r), "seed": r["seed"]} for r in records[ncp_name]]
+            win = pooled_win(tests_x, tests_n)
+            vs_base = pooled_win([{"final": base["test"], "seed": r["seed"]} for r in tests_x], tests_n)
+            ttq = [time_to_quality(base["test"]["mean"], n, t["final"]["mean"]) for t, n in zip(tests_x, tests_n)]
+            verdicts.append({"x": x, "ncp": ncp_name, "which": label, "win_rate": win.to_dict(),
+                             "ncp_vs_base": vs_base.to_dict(),
+                             "test_mean_x": statistics.mean(t["final"]["mean"] for t in tests_x),
+                             "test_mean_ncp": statistics.mean(t["final"]["mean"] for t in tests_n),
+                             "time_to_quality_per_seed": ttq})
+    record = {"command": "python benchmarks/ncp_ablation.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "protocol": __doc__.split("Resumable")[0].strip(), "seeds": args.seeds, "dpo_steps": args.dpo_steps,
+              "steps": steps, "flops_per_step": {n: flops[n] for n in runs},
+              "base": {s: base[s]["mean"] for s in base}, "validation_mean": validation, "selected": selected,
+              "verdicts": verdicts,
+              "runs": {n: [{k: r[k] for k in ("seed", "steps", "train_wall_seconds", "diagnostics")}
+                           | {"validation_mean": r["validation"]["mean"]} for r in recs] for n, recs in records.items()},
+              "wall_seconds_this_invocation": time.perf_counter() - start}
+    atomic_write_text(args.out, json.dumps(record, indent=1))
+    atomic_write_text(Path(args.out).with_suffix(".md"), markdown(record))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def markdown(r: dict) -> str:
+    lines = ["# NCP ablation on the toy world", "", f"Command: `{r['command']}`", "",
+             f"Base model oracle reward: validation {r['base']['validation']:.4f}, test {r['base']['test']:.4f}.", "",
+             "## Validation (selection): mean oracle reward over seeds", "",
+             "| run | steps (equal compute) | validation reward | arg RMS (median) | PL/L t0..t3 (median) | eps-dominated |",
+             "|---|---|---|---|---|---|"]
+    for name, recs in r["runs"].items():
+        def med(key, d=recs[0]["diagnostics"]):
+            return d.get(key, {}).get("median")
+        pl = " / ".join(f"{med(f'pl_over_l_t{q}'):.2g}" if med(f"pl_over_l_t{q}") is not None else "-" for q in range(4))
+        arg = f"{med('argument_rms'):.3g}" if med("argument_rms") is not None else "-"
+        eps = f"{med('eps_dominated_frac'):.2f}" if med("eps_dominated_frac") is not None else "-"
+        lines.append(f"| {name} | {r['steps'][name]} | {r['validation_mean'][name]:.4f} | {arg} | {pl} | {eps} |")
+    lines += ["", "## Test (held-out captions and seeds): NCP-X vs X, pooled over seeds", "",
+              "| X | NCP-X | which | win rate of NCP-X [95% CI] | NCP-X vs base | test reward X -> NCP-X | time to quality |",
+              "|---|---|---|---|---|---|---|"]
+    for v in r["verdicts"]:
+        w, b = v["win_rate"], v["ncp_vs_base"]
+        ttq = ", ".join("never" if t is None else f"{t:.2f}" for t in v["time_to_quality_per_seed"])
+        lines.append(f"| {v['x']} | {v['ncp']} | {v['which']} | {100 * w['rate']:.1f}% "
+                     f"[{100 * w['low']:.1f}, {100 * w['high']:.1f}] | {100 * b['rate']:.1f}% | "
+                     f"{v['test_mean_x']:.4f} -> {v['test_mean_ncp']:.4f} | {ttq} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
