@@ -297,7 +297,8 @@ def _same_tensors(folder, good: dict) -> bool:
     return True
 
 
-def test_a_truncated_shard_is_named_and_a_rerun_repairs_it(built_cache, capsys):
+def test_a_truncated_shard_is_named_and_a_rerun_repairs_it(built_cache, capsys, monkeypatch):
+    from ncppo.data import cache as cache_module
     from ncppo.data.cache import LatentCache
 
     folder, args = built_cache
@@ -305,6 +306,12 @@ def test_a_truncated_shard_is_named_and_a_rerun_repairs_it(built_cache, capsys):
     shard = folder / "shard-00001.safetensors"
     shard.write_bytes(good[shard.name][:-100])
     with pytest.raises(StateError, match=r"shard-00001.safetensors: .* bytes, the index says .*rerun `ncppo data cache`"):
+        LatentCache(folder)
+    with monkeypatch.context() as patch:  # a repair that is interrupted leaves the cache marked incomplete
+        patch.setattr(cache_module, "_encode", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+        with pytest.raises(KeyboardInterrupt):
+            main(args)
+    with pytest.raises(DataError, match="incomplete"):
         LatentCache(folder)
     mtimes = {p.name: p.stat().st_mtime_ns for p in folder.glob("shard-*.safetensors")}
     assert main(args) == 0

@@ -186,6 +186,7 @@ def build_cache(model, pairs, out_dir: str | os.PathLike, *, resolution: int, ba
         if changed:
             raise DataError(f"{out_dir} holds a cache built with other settings {changed}; "
                             "use a new output folder, or pass --overwrite to rebuild it")
+    indexed = {} if overwrite else _indexed_digests(out_dir)  # read by all before any process changes it
     state.wait_for_everyone()
     if state.is_main_process:
         if overwrite:
@@ -199,7 +200,7 @@ def build_cache(model, pairs, out_dir: str | os.PathLike, *, resolution: int, ba
 
     num_shards = max(1, -(-len(pairs) // pairs_per_shard))
     mine = [k for k in range(num_shards) if k % state.num_processes == state.process_index]
-    todo, indexed = [], _indexed_digests(out_dir)
+    todo = []
     for k in mine:
         problem = shard_problem(out_dir, k, full=verify)
         if problem == "no checksum":  # whole (by its header), from before checksums or its checksum file lost
@@ -212,6 +213,8 @@ def build_cache(model, pairs, out_dir: str | os.PathLike, *, resolution: int, ba
             if problem != "missing":
                 print(f"{_shard_path(out_dir, k)}: {problem}; rebuilding it", flush=True)
             todo.append(k)
+    if todo:  # the cache is incomplete again until its index is rewritten at the end
+        (out_dir / "index.json").unlink(missing_ok=True)
     for k in range(num_shards):  # what finished shards know of uid conflicts: decided as in one run
         if k not in todo and (check := _read_check(out_dir, k)) is not None:
             pairs.remember_first_image_digests(check.get("first_image_digests", {}))
