@@ -88,6 +88,39 @@ def test_filter_reruns_into_its_own_output_and_a_csv_source_is_guarded(tmp_path)
         filter_dataset(tmp_path / "csv" / "pairs.csv", tmp_path / "csv" / "images" / "out", progress=False)
 
 
+KILL_DURING_FILTER_SWAP = textwrap.dedent("""
+    import os, signal, sys
+    import ncppo.io as nio
+    from ncppo.data.writer import filter_dataset
+
+    nio._exchange = lambda a, b: False  # two renames: the kill falls between them
+    real = os.replace
+
+    def dying(a, b):
+        if str(a).rsplit("/", 1)[-1].startswith(".new-"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(a, b)
+
+    os.replace = dying
+    filter_dataset(sys.argv[1], sys.argv[2], min_wins=2, progress=False)
+""")
+
+
+def test_a_filter_killed_while_swapping_its_output_is_completed_by_the_next_run(tmp_path):
+    src = write_dataset(tmp_path / "src", SPEC)
+    out = tmp_path / "out"
+    filter_dataset(src, out, min_wins=1, progress=False)
+    run = subprocess.run([sys.executable, "-c", KILL_DURING_FILTER_SWAP, str(src), str(out)], capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == -signal.SIGKILL, run.stderr[-2000:]
+    assert not out.exists() and sorted(p.name[:5] for p in tmp_path.iterdir() if p.name.startswith(".")) == [
+        ".new-", ".old-"]  # killed between the two renames
+    assert len(PreferencePairs(src)) == len(SPEC)  # the source never moved
+    stats = filter_dataset(src, out, min_wins=1, progress=False)  # restores the killed run's output, then replaces it
+    assert json.loads((out / "stats.json").read_text()) == json.loads(json.dumps(stats))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+
+
 def test_cache_refuses_foreign_folders_and_resumes_its_own(tmp_path, tiny_pipeline_dirs, capsys):
     src = write_dataset(tmp_path / "src", SPEC)
     model = str(tiny_pipeline_dirs["sd15"])
