@@ -286,6 +286,21 @@ def test_a_decompression_bomb_is_a_bad_image_not_a_gigabyte(tmp_path, monkeypatc
     assert PreferencePairs(src).collate([0], 8) is None
 
 
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+def test_image_headers_are_checked_without_decoding(fmt):
+    from ncppo.data.images import inspect_image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(buf, fmt)
+    data = buf.getvalue()
+    assert inspect_image(data) is None
+    assert inspect_image(data[: len(data) // 2]) is not None  # truncated
+    assert inspect_image(b"\0" * 8 + data[8:]).startswith("not a JPEG, PNG or WebP image")
+    assert inspect_image(data, max_pixels=48 * 64 - 1).startswith("image too large")
+    assert inspect_image(None) == "no image data"
+    assert inspect_image(_bomb()).startswith("image too large (the header claims 10000x10000")
+
+
 def test_filter_counts_the_bad_images_it_copies(tmp_path, capsys):
     rows = comparisons_table(comparisons(SPEC), {u: image_for(u) for u in "xqyabc"}).to_pylist()
     noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
