@@ -28,11 +28,11 @@ def test_wrong_types_and_choices():
         load_config(None, [*BASE, "max_steps=ten"])
     with pytest.raises(ConfigError, match="gradient_checkpointing: expected bool"):
         load_config(None, [*BASE, "gradient_checkpointing=3"])
-    with pytest.raises(ConfigError, match="objective.name: 'ncp_dpo' is not one of.*did you mean 'ncp-dpo'"):
+    with pytest.raises(ConfigError, match="objective: unknown objective 'ncp_dpo'; expected one of .*Did you mean 'ncp-dpo'"):
         load_config(None, [*BASE, "objective.name=ncp_dpo"])
     with pytest.raises(ConfigError, match="model.finetune: 'none' is not one of lora, full"):
         load_config(None, [*BASE, "model.finetune=none"])
-    with pytest.raises(ConfigError, match="objective.encoder_timestep"):
+    with pytest.raises(ConfigError, match="objective: unknown encoder timestep 't\\+1'"):
         load_config(None, [*BASE, "objective.encoder_timestep=t+1"])
     with pytest.raises(ConfigError, match="model: expected a mapping"):
         load_config(None, [*BASE[1:], "model=3"])
@@ -58,3 +58,20 @@ def test_shipped_configs_load():
     for path in configs:
         cfg = load_config(path)
         assert cfg.objective.name in ("dpo", "ncp-dpo", "sft", "cpo", "ncp-sft", "ncp-cpo")
+
+
+def test_resume_output_and_guard_options():
+    assert load_config(None, [*BASE]).resume is True
+    assert load_config(None, [*BASE, "resume=false"]).resume is False
+    assert load_config(None, [*BASE, "resume=force"]).resume == "force"
+    assert load_config(None, [*BASE, "resume=yes"]).resume is True  # YAML's booleans keep working
+    with pytest.raises(ConfigError, match="resume: expected true, false or force, got 'forse'"):
+        load_config(None, [*BASE, "resume=forse"])
+    cfg = load_config(None, BASE)
+    assert (cfg.overwrite_output_dir, cfg.max_skipped_step_fraction, cfg.skipped_step_check_after,
+            cfg.diagnostics_window) == (False, 0.1, 10, 20)
+    assert load_config(None, [*BASE, "max_skipped_step_fraction=null"]).max_skipped_step_fraction is None
+    with pytest.raises(ConfigError, match=r"max_skipped_step_fraction: must be in \[0, 1\] or null, got 1.5"):
+        load_config(None, [*BASE, "max_skipped_step_fraction=1.5"])
+    with pytest.raises(ConfigError, match="diagnostics_window: must be >= 1, got 0"):
+        load_config(None, [*BASE, "diagnostics_window=0"])

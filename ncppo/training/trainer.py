@@ -157,9 +157,9 @@ class Trainer:
     def _prepare_output_dir(self) -> None:
         """Guard, lock, replace or refuse what is there, clean leftovers; then find the checkpoint to resume."""
         cfg, acc = self.config, self.acc
-        inputs = [p for p in (cfg.data.source, cfg.data.cache, cfg.model.pretrained) if p and Path(p).expanduser().exists()]
-        guard_output_dir(self.out, COMMAND, inputs=inputs, overwrite=True)  # inputs and "is a file"; the rest below
         if acc.is_main_process:
+            inputs = [p for p in (cfg.data.source, cfg.data.cache, cfg.model.pretrained) if p and Path(p).expanduser().exists()]
+            guard_output_dir(self.out, COMMAND, inputs=inputs, overwrite=True)  # inputs and "is a file"; the rest below
             self.out.mkdir(parents=True, exist_ok=True)
             for stale in self.out.parent.glob(f".replaced-{self.out.name}-*"):
                 shutil.rmtree(stale, ignore_errors=True)  # an overwrite killed while it deleted the old run
