@@ -93,6 +93,16 @@ def _same(a, b) -> bool:
     return a == b
 
 
+_PATHS = ("model.pretrained", "data.source", "data.cache")
+
+
+def _normal(key: str, value):
+    """Local paths compare as absolute paths (``outputs/data`` and ``/home/me/outputs/data`` are one folder)."""
+    if key in _PATHS and isinstance(value, str) and value and Path(value).expanduser().exists():
+        return str(Path(value).expanduser().resolve())
+    return value
+
+
 def setting_differences(old: dict, new: dict) -> list[str]:
     """``key: old -> new`` for every flat key that differs and may not change on resume."""
     diffs = []
@@ -101,7 +111,7 @@ def setting_differences(old: dict, new: dict) -> list[str]:
         if key in CHANGEABLE_ON_RESUME or (key.startswith("resolved.") and key not in old):
             continue
         before = old.get(key, defaults.get(key))  # a key an older version did not write: its default
-        if not _same(before, new[key]):
+        if not _same(_normal(key, before), _normal(key, new[key])):
             diffs.append(f"{key}: {before!r} -> {new[key]!r}")
     return diffs
 
@@ -619,7 +629,7 @@ class Trainer:
                 total += v.numel()
         if not total:
             return None
-        return float(torch.stack([b.to("cpu") for b in below]).sum()) / total
+        return float(torch.stack(below).sum()) / total  # one device sync
 
     def _diagnose(self, step: int, row: dict) -> None:
         n = self.config.diagnostics_window
