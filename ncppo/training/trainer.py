@@ -510,6 +510,7 @@ class Trainer:
             "skipped_steps": {"no_valid_pair": self.counts["no_valid_pair"], "nonfinite": self.counts["nonfinite"]},
             "final_metrics": finite[-1] if finite else None, "mean_metrics": mean,
             "diagnostics": self._diagnostics(rows), "warnings": self.warnings,
+            "notes": self.notes + self.logger.notes,
             "weights": str(weights), "sample_command": sample,
             "param_checksums_per_rank": checksums,
         }
@@ -705,6 +706,7 @@ class Trainer:
 
         cfg, acc, model = self.config, self.acc, self.model
         stopped_by = "max_steps"
+        first_step, first_seconds = step, train_seconds
         while step < cfg.max_steps:
             if train_seconds >= budget:
                 stopped_by = "time_budget"
@@ -749,8 +751,10 @@ class Trainer:
             step += 1
             seconds = time.perf_counter() - start
             train_seconds += seconds
-            if timed:
-                bar.update(max(0.0, min(train_seconds, budget) - bar.n))
+            if timed:  # the bar ends at the budget, or sooner where max_steps will come first at this pace
+                pace = (train_seconds - first_seconds) / (step - first_step)
+                bar.total = min(budget, train_seconds + (cfg.max_steps - step) * pace)
+                bar.update(max(0.0, min(train_seconds, bar.total) - bar.n))
             else:
                 bar.update(1)
             if step % cfg.log_every == 0 or not finite:
