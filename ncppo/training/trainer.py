@@ -385,7 +385,7 @@ class Trainer:
             usable = len(plan) - len(plan) % acc.num_processes
             if usable == 0:
                 raise ConfigError(f"the data has {len(plan)} full batches of {cfg.batch_size} pairs: too few for "
-                                  f"{acc.num_processes} process(es)")
+                                  f"{acc.num_processes} process(es) ({len(source)} pairs; {self._skip_report()})")
             self._epoch_plan = (epoch, plan[acc.process_index:usable:acc.num_processes])
         return self._epoch_plan[1]
 
