@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from ncppo.errors import MissingDependencyError
 from ncppo.evaluation import make_reward
 from ncppo.evaluation.clip_rewards import MissingWeightsError, aesthetic_head
 from ncppo.evaluation.open_clip_convert import open_clip_to_transformers
@@ -95,7 +96,7 @@ def test_missing_weights_say_what_is_expected(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(MissingWeightsError, match="config.json"):
         make_reward("clip", str(tmp_path / "empty"))
-    with pytest.raises(ValueError, match="ImageReward package|does not exist|needs"):
+    with pytest.raises((ValueError, MissingDependencyError), match="ImageReward package|does not exist|needs"):
         make_reward("imagereward", str(tmp_path / "ImageReward.pt"))
 
 

@@ -11,8 +11,9 @@ from ncppo.data.filter import dataset_stats
 from ncppo.data.pairs import PreferencePairs
 from ncppo.evaluation import paired_win_rate
 from ncppo.toy.config import QUICK_CONFIG, ToyConfig, toy_config_from_dict
+from ncppo.toy.layout import ToyLayout, slug
 from ncppo.toy.oracle import OracleReward
-from ncppo.toy.stages import STAGES, ToyWorld, slug
+from ncppo.toy.stages import STAGES, ToyWorld
 
 
 def test_quick_demo_writes_every_stage_and_the_report(quick_world):
@@ -74,6 +75,11 @@ def test_a_stage_reruns_only_when_its_inputs_change(quick_world, tmp_path):
     assert [s for s in STAGES if changed._fresh(s)] == ["pretrain", "pairs", "filter", "train"]
     retrain = ToyWorld(quick_world, toy_config_from_dict({"train": {"learning_rate": 1e-4}}, QUICK_CONFIG))
     assert [s for s in STAGES if retrain._fresh(s)] == ["pretrain", "pairs", "filter"]
+    layout = ToyLayout(quick_world, ("x>y",))
+    assert world.layout == ToyLayout(quick_world) and world.run_dir("filtered/dpo") == layout.run_dir("filtered/dpo")
+    assert layout.dataset("x>y") == quick_world / "filtered-x_gt_y" and layout.eval_images("a/b").name == "a-b.npz"
+    with pytest.raises(ValueError, match="unknown toy dataset 'x>z'"):
+        layout.dataset("x>z")
     with pytest.raises(FileNotFoundError, match="ncppo toy pairs"):
         ToyWorld(tmp_path / "empty", QUICK_CONFIG).run(stages=("filter",))
 
@@ -85,12 +91,19 @@ def test_toy_config_errors_name_the_key(tmp_path, capsys):
     assert toy_config_from_dict({}) == ToyConfig()
     assert main(["toy", "train", "--out", str(tmp_path), "train.bogus=1"]) == 2
     assert "bogus" in capsys.readouterr().err
+    # every value is type-checked when the config is loaded, not when a stage uses it
+    assert main(["toy", "train", "--out", str(tmp_path), "train.minutes_per_run=abc"]) == 2
+    assert "toy config.train.minutes_per_run: expected float, got 'abc'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="train.methods: 'dpoo' is not one of .*did you mean 'dpo'"):
+        toy_config_from_dict({"train": {"methods": ["dpoo"]}})
+    with pytest.raises(ValueError, match="pairs.guidance_scales: expected a list"):
+        toy_config_from_dict({"pairs": {"guidance_scales": 3}})
 
 
 def test_the_shipped_world_config_is_the_default():
     from pathlib import Path
 
-    from ncppo.toy.cli import load_toy_config
+    from ncppo.toy.config import load_toy_config
 
     path = Path(__file__).parents[1] / "configs" / "world" / "toy.yaml"
     assert load_toy_config(str(path), [], quick=False) == ToyConfig()

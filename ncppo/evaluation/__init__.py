@@ -1,8 +1,23 @@
-"""Evaluation: paired generation with fixed seeds, rewards, win rates with bootstrap intervals, curves."""
+"""Evaluation: paired generation with fixed seeds, rewards, win rates with bootstrap intervals, curves.
 
-from ncppo.evaluation.generation import GenerationSpec, Samples, generate_samples
-from ncppo.evaluation.rewards import REWARD_NAMES, Reward, make_reward
-from ncppo.evaluation.stats import WinRate, paired_win_rate
+The names below are imported on first use (``import ncppo.evaluation`` stays cheap).
+"""
 
-__all__ = ["GenerationSpec", "Samples", "generate_samples", "REWARD_NAMES", "Reward", "make_reward", "WinRate",
-           "paired_win_rate"]
+import importlib
+
+_NAMES = {
+    "GenerationSpec": "generation", "Samples": "generation", "generate_samples": "generation",
+    "REWARD_NAMES": "rewards", "Reward": "rewards", "make_reward": "rewards", "register_reward": "rewards",
+    "reward_names": "rewards", "WinRate": "stats", "paired_win_rate": "stats",
+}
+__all__ = list(_NAMES)
+
+
+def __getattr__(name: str):
+    if name in _NAMES:
+        return getattr(importlib.import_module(f"ncppo.evaluation.{_NAMES[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

@@ -7,42 +7,76 @@ hub: ``oracle`` (the toy world's programmatic judge, no weights), ``pickscore``,
 
 from __future__ import annotations
 
-import difflib
+import importlib
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import numpy as np
 
+from ncppo.configuration import did_you_mean
+from ncppo.errors import MissingDependencyError, UsageError
+
 
 class Reward(Protocol):
+    """What every reward is: a ``name`` and ``reward(images, prompts) -> np.ndarray`` (one score per image)."""
+
     name: str
 
     def __call__(self, images: Sequence[np.ndarray], prompts: Sequence[str]) -> np.ndarray: ...
 
 
-def _oracle(weights: str | None = None) -> Reward:
-    from ncppo.toy.oracle import OracleReward
+RewardFactory = Callable[[str | None], Reward]  # weights (a local path, or None) -> a reward
 
-    if weights:
-        raise ValueError("the oracle reward takes no weights (it is programmatic)")
-    return OracleReward()
+_FACTORIES: dict[str, RewardFactory | str] = {}
+# packages that register rewards of their own when imported (module path strings: no import arrow from
+# here to them); they are imported on the first lookup of the registry
+REWARD_PROVIDERS: list[str] = ["ncppo.toy"]
+_providers_loaded = False
 
 
-def _clip_family(cls_name: str):
-    def make(weights: str | None) -> Reward:
-        from ncppo.evaluation import clip_rewards
+def register_reward(name: str, factory: RewardFactory | str, replace: bool = False) -> None:
+    """Make ``make_reward(name, weights)`` call ``factory(weights)``; ``factory`` may be a callable or a
+    ``"module:attribute"`` string, imported on first use (so registering costs nothing)."""
+    if name in _FACTORIES and not replace and _FACTORIES[name] != factory:
+        raise UsageError(f"a reward called {name!r} is already registered")
+    _FACTORIES[name] = factory
 
-        return getattr(clip_rewards, cls_name).from_dir(weights)
 
-    return make
+def _load_providers() -> None:
+    global _providers_loaded
+    if not _providers_loaded:
+        _providers_loaded = True
+        for module in REWARD_PROVIDERS:
+            importlib.import_module(module)
+
+
+def reward_names() -> tuple[str, ...]:
+    """Every registered reward's name."""
+    _load_providers()
+    return tuple(_FACTORIES)
+
+
+def __getattr__(name: str):
+    if name == "REWARD_NAMES":  # computed: providers register theirs on first use
+        return reward_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _resolve(factory: RewardFactory | str) -> RewardFactory:
+    if callable(factory):
+        return factory
+    module, _, attribute = factory.partition(":")
+    target = importlib.import_module(module)
+    for part in attribute.split("."):
+        target = getattr(target, part)
+    return target
 
 
 def _image_reward(weights: str | None) -> Reward:
     try:
         import ImageReward as image_reward  # noqa: N813 (the package's own name)
     except ImportError as err:
-        raise ValueError("reward 'imagereward' needs the ImageReward package (pip install image-reward); "
-                         "it is optional and not installed") from err
+        raise MissingDependencyError("image-reward", "reward 'imagereward'") from err
     from ncppo.evaluation.clip_rewards import _require_dir
 
     path = _require_dir(weights, "imagereward", "the ImageReward.pt checkpoint (and med_config.json beside it)")
@@ -60,21 +94,17 @@ def _image_reward(weights: str | None) -> Reward:
     return _ImageReward()
 
 
-_FACTORIES: dict[str, Callable[..., Reward]] = {
-    "oracle": _oracle,
-    "pickscore": _clip_family("PickScore"),
-    "clip": _clip_family("ClipReward"),
-    "aesthetic": _clip_family("AestheticScore"),
-    "hpsv2": _clip_family("HPSv2"),
-    "imagereward": _image_reward,
-}
-REWARD_NAMES = tuple(_FACTORIES)
+for _name, _factory in (("pickscore", "ncppo.evaluation.clip_rewards:PickScore.from_dir"),
+                        ("clip", "ncppo.evaluation.clip_rewards:ClipReward.from_dir"),
+                        ("aesthetic", "ncppo.evaluation.clip_rewards:AestheticScore.from_dir"),
+                        ("hpsv2", "ncppo.evaluation.clip_rewards:HPSv2.from_dir"),
+                        ("imagereward", _image_reward)):
+    register_reward(_name, _factory)
 
 
 def make_reward(name: str, weights: str | None = None) -> Reward:
     """The reward called ``name``, loading its weights from the local path ``weights`` when it has any."""
+    names = reward_names()
     if name not in _FACTORIES:
-        close = difflib.get_close_matches(name, REWARD_NAMES, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown reward {name!r}{hint} (known: {', '.join(REWARD_NAMES)})")
-    return _FACTORIES[name](weights)
+        raise UsageError(f"unknown reward {name!r}{did_you_mean(name, names)} (known: {', '.join(names)})")
+    return _resolve(_FACTORIES[name])(weights)

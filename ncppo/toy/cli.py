@@ -3,34 +3,17 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
+from ncppo.toy.config import load_toy_config
 from ncppo.toy.stages import STAGES
 
-
-def load_toy_config(path: str | None, overrides: list[str], quick: bool):
-    """Defaults (or ``--quick``'s), then a YAML file, then ``section.key=value`` overrides."""
-    import yaml
-
-    from ncppo.toy.config import QUICK_CONFIG, ToyConfig, toy_config_from_dict
-    from ncppo.training.config import parse_overrides
-
-    config = QUICK_CONFIG if quick else ToyConfig()
-    if path:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: a toy-world config must be a mapping of sections")
-        config = toy_config_from_dict(data, config)
-    if overrides:
-        config = toy_config_from_dict(parse_overrides(overrides), config)
-    return config
+__all__ = ["add_toy_commands", "load_toy_config"]
 
 
 def _run(args, stages) -> int:
     from ncppo.toy.stages import ToyWorld
 
-    config = load_toy_config(args.config, args.overrides, args.quick)
-    report = ToyWorld(args.out, config).run(stages, force=args.force)
+    report = ToyWorld(args.out, load_toy_config(args.config, args.overrides, args.quick)).run(stages, force=args.force)
     print(f"report: {report}" if "report" in stages else f"done: {', '.join(stages)} in {args.out}")
     return 0
 

@@ -6,7 +6,10 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
+from ncppo.configuration import ConfigError, did_you_mean, parse_overrides, read_mapping, updated
+from ncppo.data.filter import PAIR_CHOICES, VARIANTS
 from ncppo.objectives import OBJECTIVE_NAMES
 from ncppo.toy.annotators import AnnotatorConfig
 from ncppo.toy.pretrain import QUICK, PretrainConfig
@@ -14,35 +17,69 @@ from ncppo.toy.pretrain import QUICK, PretrainConfig
 
 @dataclass(frozen=True)
 class PairsConfig:
+    """The ``pairs`` stage: Pick-a-Pic-format preference data from simulated annotators.
+
+    Parameters:
+        images_per_prompt: images sampled per caption, split over the generators.
+        guidance_scales: one guidance scale per "generator" (Pick-a-Pic mixes models).
+        num_inference_steps: DDIM steps per sample.
+        prompts: how many captions (``None``: every caption of the world, 168), drawn with the world's seed.
+        annotators: the simulated annotators (:class:`ncppo.toy.annotators.AnnotatorConfig`).
+    """
+
     images_per_prompt: int = 4
-    guidance_scales: tuple[float, ...] = (3.0, 1.5)  # two "generators", as Pick-a-Pic mixes models
+    guidance_scales: tuple[float, ...] = (3.0, 1.5)
     num_inference_steps: int = 10
-    prompts: int | None = None  # None: every caption of the world (168)
+    prompts: int | None = None
     annotators: AnnotatorConfig = AnnotatorConfig()
 
 
 @dataclass(frozen=True)
 class FilterConfig:
+    """The ``filter`` stage: NCP absolute winners (``ncppo data filter``).
+
+    Parameters:
+        min_wins: wins an absolute winner needs (no losses, no draws).
+        pairs: which pair is kept per absolute winner: ``latest``, ``first`` or ``all``.
+        variants: Table 2's ``x>y``, ``x>y,x>z``, ``x>y,y>z``: each also a dataset to train on.
+    """
+
     min_wins: int = 2
     pairs: str = "latest"
-    variants: tuple[str, ...] = ()  # Table 2's "x>y", "x>y,x>z", "x>y,y>z": each a dataset to train on too
+    variants: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class TrainStageConfig:
+    """The ``train`` stage: every run through ``ncppo.training.Trainer`` with the same budget, data and optimiser.
+
+    Parameters:
+        methods: the objectives to train (``ncppo objectives``).
+        datasets: ``original`` (ties dropped), ``filtered`` and/or a ``filter.variants`` entry.
+        extra_runs: more ``dataset/method`` runs, e.g. ``x>y,y>z/ncp-dpo`` for Table 2.
+        minutes_per_run: the equal training-time budget of every run.
+        max_steps: a cap; the time budget normally stops a run first.
+        checkpoints_per_run: checkpoints evenly spaced in training time (the curve's points).
+        batch_size: pairs per step.
+        lora_rank: LoRA rank.
+        learning_rate: one learning rate for every method (1e-3 made NCP-DPO and SFT worse than the base).
+        beta_noise: beta of the noise-space objectives (METHOD.md's convention and default).
+        beta_perceptual: beta of the NCP objectives.
+        seed: the trainer's seed.
+    """
+
     methods: tuple[str, ...] = OBJECTIVE_NAMES
-    datasets: tuple[str, ...] = ("filtered",)  # "original" (ties dropped), "filtered", filter.variants
-    extra_runs: tuple[str, ...] = ()  # more "dataset/method" runs, e.g. "x>y,y>z/ncp-dpo" for Table 2
-    minutes_per_run: float = 0.5  # equal time budgets: every run trains for this long
-    max_steps: int = 100_000  # a cap; the time budget normally stops a run first
-    checkpoints_per_run: int = 3  # evenly spaced in training time: the reward-vs-time curve's points
+    datasets: tuple[str, ...] = ("filtered",)
+    extra_runs: tuple[str, ...] = ()
+    minutes_per_run: float = 0.5
+    max_steps: int = 100_000
+    checkpoints_per_run: int = 3
     batch_size: int = 8
     lora_rank: int = 8
-    learning_rate: float = 2e-4  # one lr for every method; 1e-3 made NCP-DPO and SFT worse than the base
-    beta_noise: float = 5000.0  # METHOD.md's convention and default
+    learning_rate: float = 2e-4
+    beta_noise: float = 5000.0
     beta_perceptual: float = 5000.0
     seed: int = 0
-
 
     def run_names(self) -> list[str]:
         """Every run, as ``dataset/method``: datasets x methods, then the extra runs."""
@@ -52,9 +89,22 @@ class TrainStageConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    images_per_prompt: int = 1  # with seeds the pair generator never used
-    prompts: int | None = None  # None: every caption of the world (168); else that many, evenly spaced
-    curve_prompt_stride: int = 3  # intermediate checkpoints are scored on every 3rd caption
+    """The ``evaluate`` stage: paired samples scored by the oracle.
+
+    Parameters:
+        images_per_prompt: images per caption, from seeds the pair generator never used.
+        prompts: how many captions (``None``: every caption, 168; else that many, evenly spaced).
+        curve_prompt_stride: intermediate checkpoints are scored on every ``stride``-th caption.
+        num_inference_steps: DDIM steps per sample.
+        guidance_scale: classifier-free guidance.
+        seed: the evaluation seed (seeds per (prompt, image) derive from it).
+        batch_size: images per pipeline call.
+        bootstrap: bootstrap resamples of the win-rate intervals.
+    """
+
+    images_per_prompt: int = 1
+    prompts: int | None = None
+    curve_prompt_stride: int = 3
     num_inference_steps: int = 10
     guidance_scale: float = 3.0
     seed: int = 777
@@ -64,6 +114,17 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class ToyConfig:
+    """The toy world's whole configuration, one section per stage (``configs/world/toy.yaml`` mirrors it).
+
+    Parameters:
+        pretrain: the base model (:class:`ncppo.toy.pretrain.PretrainConfig`).
+        pairs: the preference data (:class:`PairsConfig`).
+        filter: the NCP filter (:class:`FilterConfig`).
+        train: the training runs (:class:`TrainStageConfig`).
+        eval: the evaluation (:class:`EvalConfig`).
+        seed: the world's seed (captions, image pools).
+    """
+
     pretrain: PretrainConfig = PretrainConfig()
     pairs: PairsConfig = PairsConfig()
     filter: FilterConfig = FilterConfig()
@@ -92,32 +153,26 @@ QUICK_CONFIG = ToyConfig(
 )
 
 
-def _build(cls, data: dict, where: str):
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(data) - set(names)
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; expected {sorted(names)}")
-    kwargs = {}
-    for key, value in data.items():
-        default = getattr(cls(), key)
-        if dataclasses.is_dataclass(default):
-            value = _build(type(default), value or {}, f"{where}.{key}")
-        elif isinstance(default, tuple):
-            value = tuple(value)
-        kwargs[key] = value
-    return cls(**kwargs)
-
-
 def toy_config_from_dict(data: dict, base: ToyConfig = ToyConfig()) -> ToyConfig:
-    """``base`` updated by a nested dict (from YAML); unknown keys raise with the valid ones."""
-    merged = base.to_dict()
+    """``base`` updated by a nested dict (from YAML), type-checked: an unknown key or a wrong type is a
+    :class:`~ncppo.configuration.ConfigError` naming the key (``toy config.train.minutes_per_run: ...``)."""
+    config = updated(base, data, "toy config")
+    choices = {"train.methods": (config.train.methods, OBJECTIVE_NAMES),
+               "filter.pairs": ((config.filter.pairs,), PAIR_CHOICES), "filter.variants": (config.filter.variants, VARIANTS)}
+    for key, (values, allowed) in choices.items():
+        for value in values:
+            if value not in allowed:
+                raise ConfigError(f"toy config.{key}: {value!r} is not one of {', '.join(allowed)}"
+                                  f"{did_you_mean(value, allowed)}")
+    return config
 
-    def merge(into: dict, new: dict):
-        for key, value in new.items():
-            if isinstance(value, dict) and isinstance(into.get(key), dict):
-                merge(into[key], value)
-            else:
-                into[key] = value
 
-    merge(merged, data)
-    return _build(ToyConfig, merged, "toy config")
+def load_toy_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                    quick: bool = False) -> ToyConfig:
+    """The defaults (or ``--quick``'s), then a YAML file, then ``section.key=value`` overrides."""
+    config = QUICK_CONFIG if quick else ToyConfig()
+    if path:
+        config = toy_config_from_dict(read_mapping(path, "a toy-world config"), config)
+    if overrides:
+        config = toy_config_from_dict(parse_overrides(overrides), config)
+    return config

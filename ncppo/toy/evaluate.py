@@ -9,18 +9,19 @@ from pathlib import Path
 
 import numpy as np
 
+from ncppo.errors import StateError
 from ncppo.evaluation import GenerationSpec, generate_samples, make_reward, paired_win_rate
-from ncppo.evaluation.runs import apply_checkpoint, load_run_model, run_checkpoints
-from ncppo.io import atomic_write_text
+from ncppo.evaluation.curves import checkpoint_curve
+from ncppo.io import atomic_directory
+from ncppo.toy.config import EvalConfig, ToyConfig
+from ncppo.toy.layout import ToyLayout
 from ncppo.toy.oracle import score_components
-from ncppo.toy.stages import slug
 
 
-def eval_specs(world) -> tuple[GenerationSpec, GenerationSpec]:
+def eval_specs(cfg: EvalConfig) -> tuple[GenerationSpec, GenerationSpec]:
     """The final evaluation (every caption) and the curve subset (every ``stride``-th, same seeds)."""
     from ncppo.toy.world import all_scenes
 
-    cfg = world.config.eval
     captions = [s.caption for s in all_scenes()]
     full = GenerationSpec(tuple(captions), cfg.images_per_prompt, cfg.seed, cfg.num_inference_steps,
                           cfg.guidance_scale, cfg.batch_size)
@@ -31,10 +32,7 @@ def eval_specs(world) -> tuple[GenerationSpec, GenerationSpec]:
 
 def _save_images(path: Path, samples) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
-    with open(tmp, "wb") as f:
-        np.savez_compressed(f, images=samples.images, prompt_ids=samples.prompt_ids, seeds=samples.seeds)
-    tmp.replace(path)
+    np.savez_compressed(path, images=samples.images, prompt_ids=samples.prompt_ids, seeds=samples.seeds)
 
 
 def _model_record(samples, rewards: np.ndarray) -> dict:
@@ -56,13 +54,14 @@ def time_to_reach(curve: list[dict], target: float) -> float | None:
     return None
 
 
-def evaluate_world(world) -> dict:
-    cfg = world.config.eval
-    full, curve_spec = eval_specs(world)
+def evaluate_world(layout: ToyLayout, config: ToyConfig, progress: bool = True) -> dict:
+    """Sample, score and compare the base model and every run of ``config`` in ``layout``; writes ``eval/``
+    (``results.json`` and the samples) in one piece and returns the results."""
+    from ncppo.models.loading import load_pipeline
+
+    full, curve_spec = eval_specs(config.eval)
     curve_ids = set(curve_spec.prompt_ids)
     reward = make_reward("oracle")
-    progress = world.progress
-    from ncppo.models.loading import load_pipeline
 
     def score(pipe, spec, desc):
         samples = generate_samples(pipe, spec, progress=progress, desc=desc)
@@ -71,33 +70,28 @@ def evaluate_world(world) -> dict:
     def curve_mean(samples, rewards):
         return float(np.mean([r for r, p in zip(rewards, samples.prompt_ids) if p in curve_ids]))
 
-    models, curves = {}, {}
-    samples, rewards = score(load_pipeline(world.base_model_path()), full, "eval base")
-    models["base"] = _model_record(samples, rewards)
-    _save_images(world.out / "eval" / "images" / "base.npz", samples)
-    base_point = {"step": 0, "train_seconds": 0.0, "mean": curve_mean(samples, rewards)}
-    for name in world.config.train.run_names():
-        run = world.run_dir(name)
-        model, checkpoints = load_run_model(run), run_checkpoints(run)
-        if not checkpoints:
-            raise FileNotFoundError(f"{run}: the run has no checkpoint to evaluate")
-        points = [base_point]
-        for ckpt in checkpoints[:-1]:
-            apply_checkpoint(model, ckpt)
-            s, r = score(model.pipeline, curve_spec, f"eval {name} step {ckpt.step}")
-            points.append({"step": ckpt.step, "train_seconds": ckpt.train_seconds, "mean": float(r.mean())})
-        last = checkpoints[-1]
-        apply_checkpoint(model, last)
-        s, r = score(model.pipeline, full, f"eval {name}")
-        points.append({"step": last.step, "train_seconds": last.train_seconds, "mean": curve_mean(s, r)})
-        models[name], curves[name] = _model_record(s, r), points
-        _save_images(world.out / "eval" / "images" / f"{slug(name)}.npz", s)
+    models, curves, samples_of = {}, {}, {}
+    samples, rewards = score(load_pipeline(layout.base_model), full, "eval base")
+    models["base"], samples_of["base"] = _model_record(samples, rewards), samples
+    base_mean = curve_mean(samples, rewards)
+    for name in config.train.run_names():
+        def score_checkpoint(pipe, ckpt, last, name=name):
+            if not last:  # intermediate checkpoints: the curve prompts only
+                return float(score(pipe, curve_spec, f"eval {name} step {ckpt.step}")[1].mean())
+            s, r = score(pipe, full, f"eval {name}")  # the last: every prompt, for the win rates
+            models[name], samples_of[name] = _model_record(s, r), s
+            return curve_mean(s, r)
+
+        curves[name] = checkpoint_curve(layout.run_dir(name), score_checkpoint, base_mean)
     results = {"spec": {"prompts": len(full.prompts), "images_per_prompt": full.images_per_prompt, "seed": full.seed,
                         "num_inference_steps": full.num_inference_steps, "guidance_scale": full.guidance_scale,
                         "curve_prompts": len(curve_spec.prompts)},
                "models": models, "curves": curves}
-    results["comparisons"] = compare_models(models, curves, cfg.bootstrap)
-    atomic_write_text(world.out / "eval" / "results.json", json.dumps(results, indent=1))
+    results["comparisons"] = compare_models(models, curves, config.eval.bootstrap)
+    with atomic_directory(layout.eval_dir) as tmp:  # results and samples appear together
+        for name, samples in samples_of.items():
+            _save_images(layout.eval_images(name, tmp), samples)
+        (tmp / layout.results.name).write_text(json.dumps(results, indent=1))
     return results
 
 
@@ -119,7 +113,7 @@ def compare_models(models: dict, curves: dict, n_boot: int) -> list[dict]:
     for a, b, kind in pairs:
         ra, rb = models[a], models[b]
         if ra["seeds"] != rb["seeds"]:
-            raise ValueError(f"{a} and {b} were not sampled with the same seeds; their comparison would not be paired")
+            raise StateError(f"{a} and {b} were not sampled with the same seeds; their comparison would not be paired")
         win = paired_win_rate(ra["rewards"], rb["rewards"], groups=ra["prompt_ids"], n_boot=n_boot)
         row = {"a": a, "b": b, "kind": kind, **win.to_dict(), "mean_a": ra["mean"], "mean_b": rb["mean"]}
         if kind == "NCP vs noise space":

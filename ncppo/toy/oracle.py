@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ncppo.errors import UsageError
 from ncppo.toy.world import COLOURS, SHAPES, Scene
 
 EXPECTED_FILL = {"circle": np.pi / 4, "square": 1.0, "triangle": 0.5}
@@ -126,3 +127,10 @@ class OracleReward:
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
         return np.array([oracle_score(np.asarray(i), p, self.weights) for i, p in zip(images, prompts)],
                         dtype=np.float64)
+
+
+def oracle_reward(weights: str | None = None) -> OracleReward:
+    """``make_reward("oracle")``'s factory (registered by :mod:`ncppo.toy`): the oracle takes no weights."""
+    if weights:
+        raise UsageError("the oracle reward takes no weights (it is programmatic)")
+    return OracleReward()

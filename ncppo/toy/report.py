@@ -9,7 +9,8 @@ import numpy as np
 
 from ncppo.io import atomic_write_text
 from ncppo.plots import save_image_grid, save_reward_curves, save_win_rate_bars
-from ncppo.toy.stages import slug
+from ncppo.toy.config import ToyConfig
+from ncppo.toy.layout import ToyLayout
 
 GRID_COLUMNS = 8
 
@@ -22,11 +23,11 @@ def _verdict(row: dict) -> str:
     return "no clear difference (interval contains 50%)"
 
 
-def _run_table(world) -> list[str]:
+def _run_table(layout: ToyLayout, config: ToyConfig) -> list[str]:
     lines = ["| run | steps | training s | median s/step | loss (first 10% -> last 10%) | implicit acc (last 10%) |",
              "|---|---|---|---|---|---|"]
-    for name in world.config.train.run_names():
-        run = world.run_dir(name)
+    for name in config.train.run_names():
+        run = layout.run_dir(name)
         history = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         summary = json.loads((run / "summary.json").read_text())
         k = max(1, len(history) // 10)
@@ -39,15 +40,16 @@ def _run_table(world) -> list[str]:
     return lines
 
 
-def write_report(world) -> None:
-    out, cfg = world.out, world.config
-    results = json.loads((out / "eval" / "results.json").read_text())
-    base = json.loads((out / "base_model.json").read_text())
-    pairs = json.loads((out / "pairs.json").read_text())
-    filtered = json.loads((out / "filtered" / "stats.json").read_text())
-    stages = json.loads((out / "stages.json").read_text())
+def write_report(layout: ToyLayout, config: ToyConfig) -> None:
+    """``report.md`` and its figures from the files the earlier stages wrote in ``layout``."""
+    cfg = config
+    results = json.loads(layout.results.read_text())
+    base = json.loads(layout.base_model_record.read_text())
+    pairs = json.loads(layout.pairs_stats.read_text())
+    filtered = json.loads((layout.filtered / "stats.json").read_text())
+    stages = json.loads(layout.stages_file.read_text())
     models, curves, comparisons = results["models"], results["curves"], results["comparisons"]
-    figures = out / "figures"
+    figures = layout.figures
     figures.mkdir(exist_ok=True)
 
     save_reward_curves(curves, figures / "curves.png", "mean oracle reward (curve prompts)", curves and
@@ -58,7 +60,7 @@ def write_report(world) -> None:
     columns = np.linspace(0, n_prompts - 1, min(GRID_COLUMNS, n_prompts)).round().astype(int)
     rows = []
     for name in names:
-        images = np.load(out / "eval" / "images" / f"{slug(name)}.npz")["images"]
+        images = np.load(layout.eval_images(name))["images"]
         rows.append(images[columns * results["spec"]["images_per_prompt"]])
     save_image_grid(rows, names, figures / "samples.png")
 
@@ -107,7 +109,7 @@ def write_report(world) -> None:
         f"{cfg.train.learning_rate:g}, beta {cfg.train.beta_noise:g} (noise space) / {cfg.train.beta_perceptual:g} "
         f"(NCP), budget {cfg.train.minutes_per_run * 60:.0f} s of training time, checkpoints for the curves.",
         "",
-        *_run_table(world),
+        *_run_table(layout, config),
         "",
         "## Evaluation",
         "",
@@ -150,4 +152,4 @@ def write_report(world) -> None:
         "![samples](figures/samples.png)",
         "",
     ]
-    atomic_write_text(out / "report.md", "\n".join(lines))
+    atomic_write_text(layout.report, "\n".join(lines))
