@@ -323,6 +323,15 @@ def test_a_resume_with_changed_settings_is_refused_unless_forced(tmp_path, tiny_
     assert Trainer(_config(tmp_path, model, dataset, "objective.beta=2500", "max_steps=3")).train().steps == 3
 
 
+def test_a_damaged_checkpoint_is_named(tmp_path, tiny_pipeline_dirs, dataset):
+    model = tiny_pipeline_dirs["sd15"]
+    Trainer(_config(tmp_path, model, dataset)).train()
+    ckpt = tmp_path / "run" / "checkpoints" / "step-000001"
+    (ckpt / "trainable.safetensors").write_bytes(b"\0" * 64)
+    with pytest.raises(StateError, match=rf"^train: {ckpt} cannot be restored into this run .*delete that folder"):
+        Trainer(_config(tmp_path, model, dataset, "max_steps=2")).train()
+
+
 def test_resume_false_and_overwrite_and_inputs(tmp_path, tiny_pipeline_dirs, dataset):
     model = tiny_pipeline_dirs["sd15"]
     run = tmp_path / "run"

@@ -573,8 +573,10 @@ class Trainer:
             load_optimizer_state(path, self.optimizer, self.scheduler)
         except (NcppoError, OSError):
             raise
-        except (RuntimeError, ValueError, KeyError) as err:
-            raise StateError(f"train: {path} cannot be restored into this run ({str(err).splitlines()[0]}){changed}") from err
+        except Exception as err:  # a damaged file (safetensors, torch.load) or tensors of another model
+            first = (str(err).splitlines() or [type(err).__name__])[0]
+            raise StateError(f"train: {path} cannot be restored into this run ({first}){changed}; if the checkpoint is "
+                             "damaged, delete that folder to resume from the one before it") from err
         with torch.no_grad():
             for name, tensor in trainable.items():
                 own[name].copy_(tensor)
