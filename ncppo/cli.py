@@ -66,12 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv``, run the command; user errors (:data:`ncppo.errors.USER_ERRORS`) print one line and return 2."""
     from ncppo.errors import USER_ERRORS
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (*USER_ERRORS, ValueError) as err:  # user errors (NcppoError, file errors): one line
+    except USER_ERRORS as err:  # NcppoError and the OS's file errors: one line; anything else is a bug (traceback)
         print(f"ncppo: error: {err}", file=sys.stderr)
         return 2
 

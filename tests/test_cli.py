@@ -17,3 +17,34 @@ def test_objectives_listing(capsys):
     listed = capsys.readouterr().out
     for name in ("sft", "dpo", "cpo", "ncp-sft", "ncp-dpo", "ncp-cpo"):
         assert re.search(rf"^{re.escape(name)}\s", listed, re.M)
+
+
+def test_user_errors_are_one_line_and_bugs_keep_their_traceback(monkeypatch, capsys):
+    import pytest
+
+    import ncppo.cli
+    from ncppo.errors import UsageError
+
+    def fail(error):
+        def command(_args):
+            raise error
+        return command
+
+    parser = ncppo.cli.build_parser()
+    monkeypatch.setattr(ncppo.cli, "build_parser", lambda: parser)
+    monkeypatch.setattr(parser, "parse_args", lambda argv: type("A", (), {"func": staticmethod(fail(UsageError("bad")))})())
+    assert main([]) == 2 and capsys.readouterr().err == "ncppo: error: bad\n"
+    monkeypatch.setattr(parser, "parse_args", lambda argv: type("A", (), {"func": staticmethod(fail(ValueError("shape")))})())
+    with pytest.raises(ValueError, match="shape"):  # an internal ValueError is a bug: not swallowed
+        main([])
+
+
+def test_the_readme_python_api_names_import_lazily_from_ncppo():
+    import subprocess
+    import sys
+
+    code = ("import sys, ncppo; assert 'torch' not in sys.modules; "
+            "from ncppo import PreferenceModel, LoraSettings, PreferenceBatch, make_objective, training_step, "
+            "Trainer, TrainConfig, load_config, PreferencePairs, load_pipeline, GenerationSpec, make_reward; "
+            "assert make_reward('oracle').name == 'oracle'")
+    subprocess.run([sys.executable, "-c", code], check=True)

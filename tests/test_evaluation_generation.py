@@ -45,3 +45,21 @@ def test_reward_registry():
     assert oracle([image], ["a red circle on a blue background"]).shape == (1,)
     with pytest.raises(ValueError, match="did you mean 'oracle'"):
         make_reward("oracel")
+
+
+def test_rewards_register_by_name_or_module_path():
+    from ncppo.evaluation.rewards import _FACTORIES, register_reward, reward_names
+
+    register_reward("test-constant", lambda weights: (lambda images, prompts: np.full(len(images), float(weights))))
+    register_reward("test-lazy", "ncppo.toy.oracle:oracle_reward")
+    try:
+        assert {"oracle", "test-constant", "test-lazy"} <= set(reward_names())
+        assert list(make_reward("test-constant", "2")([0, 0], ["a", "b"])) == [2.0, 2.0]
+        assert make_reward("test-lazy").name == "oracle"
+        with pytest.raises(ValueError, match="already registered"):
+            register_reward("oracle", lambda weights: None)
+        with pytest.raises(ValueError, match="takes no weights"):
+            make_reward("oracle", "some/path")
+    finally:
+        _FACTORIES.pop("test-constant")
+        _FACTORIES.pop("test-lazy")

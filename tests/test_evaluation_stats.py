@@ -49,3 +49,13 @@ def test_bad_input_is_named():
         paired_win_rate([1, 2], [1])
     with pytest.raises(ValueError, match="groups"):
         paired_win_rate([1, 2], [1, 2], groups=[0])
+
+
+def test_win_rate_text_and_round_trip():
+    from ncppo.evaluation.stats import WinRate, bradley_terry_probability
+
+    win = paired_win_rate(np.zeros(10), np.r_[np.ones(6), -np.ones(4)], n_boot=200)
+    assert str(win) == f"{100 * win.rate:.1f}% [{100 * win.low:.1f}, {100 * win.high:.1f}]" and win.counts == "6/0/4"
+    assert WinRate.from_dict({**win.to_dict(), "a": "base", "b": "run"}) == win
+    assert bradley_terry_probability(0.0, 0.05) == 0.5
+    np.testing.assert_allclose(bradley_terry_probability(np.array([0.1, -0.1]), 0.05), 1 / (1 + np.exp([-2.0, 2.0])))

@@ -5,43 +5,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-SCHEDULERS = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "pndm": "PNDMScheduler", "euler": "EulerDiscreteScheduler",
-              "euler-a": "EulerAncestralDiscreteScheduler", "dpm++": "DPMSolverMultistepScheduler",
-              "unipc": "UniPCMultistepScheduler"}
+from ncppo.evaluation.generation import GenerationSpec
+from ncppo.evaluation.sampling import DTYPES, SCHEDULERS
 
 
-def _spec(args, prompts):
-    from ncppo.evaluation.generation import GenerationSpec
-
-    return GenerationSpec(tuple(prompts.prompts), args.images_per_prompt, args.seed, args.steps, args.guidance,
-                          args.batch_size, args.height, args.width)
-
-
-def _load(args):
-    import diffusers
-    import torch
-
-    from ncppo.models.loading import load_pipeline
-
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    pipe = load_pipeline(args.model, torch_dtype=dtype)
-    if args.scheduler:
-        pipe.scheduler = getattr(diffusers, SCHEDULERS[args.scheduler]).from_config(pipe.scheduler.config)
-    if args.lora:
-        if not Path(args.lora).exists():
-            raise FileNotFoundError(f"--lora {args.lora} does not exist")
-        pipe.load_lora_weights(args.lora)
-    return pipe.to("cuda" if torch.cuda.is_available() else "cpu")
+def _spec_options(args) -> dict:
+    return {"images_per_prompt": args.images_per_prompt, "seed": args.seed, "num_inference_steps": args.steps,
+            "guidance_scale": args.guidance, "batch_size": args.batch_size, "height": args.height, "width": args.width}
 
 
 def _generate(args) -> int:
-    from ncppo.evaluation.image_sets import generate_image_set
-    from ncppo.evaluation.prompts import load_prompts
+    from ncppo.evaluation.sampling import generate_from_files
 
-    prompts = load_prompts(args.prompts, limit=args.limit)
-    counts = generate_image_set(_load(args), prompts, args.out, _spec(args, prompts), model=str(args.model),
-                                lora=str(args.lora or ""), settings={"scheduler": args.scheduler or "default",
-                                                                     "dtype": args.dtype}, overwrite=args.overwrite)
+    counts = generate_from_files(args.model, args.prompts, args.out, lora=args.lora, scheduler=args.scheduler,
+                                 dtype=args.dtype, limit=args.limit, overwrite=args.overwrite, **_spec_options(args))
     print(f"{args.out}: {counts['generated']} generated, {counts['reused']} already there, {counts['total']} in all")
     return 0
 
@@ -68,13 +45,10 @@ def _compare(args) -> int:
 
 
 def _curve(args) -> int:
-    from ncppo.evaluation.curves import run_curves
-    from ncppo.evaluation.prompts import load_prompts
-    from ncppo.evaluation.rewards import make_reward
+    from ncppo.evaluation.sampling import curves_from_files
 
-    prompts = load_prompts(args.prompts, limit=args.limit)
-    curves = run_curves(args.runs, prompts, _spec(args, prompts), make_reward(args.reward, args.weights), args.out,
-                        args.weights)
+    curves = curves_from_files(args.runs, args.prompts, args.reward, args.out, weights=args.weights, limit=args.limit,
+                               **_spec_options(args))
     for name, points in curves.items():
         print(name + ": " + ", ".join(f"{p['train_seconds']:.0f}s {p['mean']:.4f}" for p in points))
     print(f"plot: {Path(args.out) / 'curves.png'}")
@@ -91,24 +65,28 @@ def _report(args) -> int:
 def _sampling_options(p) -> None:
     p.add_argument("--prompts", required=True, help=".txt (one a line), .csv/.tsv (a prompt column) or .json")
     p.add_argument("--limit", type=int, help="only the first N prompts")
-    p.add_argument("--images-per-prompt", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0, help="seeds per (prompt, image) derive from it: equal across models")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--batch-size", type=int, default=8)
+    d = GenerationSpec  # the defaults live in the library
+    p.add_argument("--images-per-prompt", type=int, default=d.images_per_prompt)
+    p.add_argument("--seed", type=int, default=d.seed, help="seeds per (prompt, image) derive from it: equal across models")
+    p.add_argument("--steps", type=int, default=d.num_inference_steps, help=f"denoising steps (default {d.num_inference_steps})")
+    p.add_argument("--guidance", type=float, default=d.guidance_scale,
+                   help=f"classifier-free guidance (default {d.guidance_scale:g})")
+    p.add_argument("--batch-size", type=int, default=8, help="images per pipeline call (default 8: real models on one GPU)")
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
 
 
 def add_eval_commands(sub) -> None:
-    from ncppo.evaluation.rewards import REWARD_NAMES
+    from ncppo.evaluation.rewards import reward_names
+
+    REWARD_NAMES = reward_names()  # noqa: N806 (every registered reward, the toy world's oracle too)
 
     gen = sub.add_parser("generate", help="images for a prompt file, paired by seed across models (resumable)")
     gen.add_argument("--model", required=True, help="a diffusers pipeline folder")
     gen.add_argument("--lora", help="a LoRA folder (diffusers format, e.g. a run's lora/)")
     gen.add_argument("--out", required=True)
     gen.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="default: the pipeline's own")
-    gen.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
+    gen.add_argument("--dtype", choices=DTYPES, default="fp32")
     gen.add_argument("--overwrite", action="store_true", help="remove an existing --out folder first")
     _sampling_options(gen)
     gen.set_defaults(func=_generate)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ncppo.errors import NcppoError
+from ncppo.errors import NcppoError, StateError
 
 
 class MissingWeightsError(NcppoError, FileNotFoundError):
@@ -85,6 +85,8 @@ def _features(out) -> torch.Tensor:
 
 
 class PickScore(ClipReward):
+    """PickScore: ``logit_scale.exp() * cos(image, text)`` of the PickScore_v1 CLIP."""
+
     name = "pickscore"
 
     @torch.no_grad()
@@ -93,6 +95,8 @@ class PickScore(ClipReward):
 
 
 class HPSv2(ClipReward):
+    """HPSv2 / HPSv2.1: ``cos(image, text)`` of the open_clip checkpoint, converted to a transformers CLIP."""
+
     name = "hpsv2"
 
     @classmethod
@@ -119,6 +123,8 @@ def aesthetic_head(embed_dim: int = 768) -> torch.nn.Sequential:
 
 
 class AestheticScore(ClipReward):
+    """The LAION improved aesthetic predictor: an MLP head on the normalised CLIP ViT-L/14 image embedding."""
+
     name = "aesthetic"
 
     def __init__(self, model, processor, head: torch.nn.Module, **kwargs):
@@ -148,7 +154,7 @@ class AestheticScore(ClipReward):
         try:
             head.load_state_dict(state)
         except RuntimeError as err:
-            raise ValueError(f"aesthetic: {heads[0]} is not an improved-aesthetic-predictor head for a "
+            raise StateError(f"aesthetic: {heads[0]} is not an improved-aesthetic-predictor head for a "
                              f"{model.config.projection_dim}-d CLIP embedding ({err})") from err
         return cls(model, CLIPProcessor.from_pretrained(path), head, **kwargs)
 

@@ -16,15 +16,28 @@ from tqdm.auto import tqdm
 
 @dataclass(frozen=True)
 class GenerationSpec:
+    """What to sample, identically for every model; the defaults are also ``ncppo generate``'s and ``ncppo curve``'s.
+
+    Parameters:
+        prompts: the prompts, in order.
+        images_per_prompt: images per prompt.
+        seed: the seed every per-(prompt, image) seed derives from (:meth:`seed_for`).
+        num_inference_steps: denoising steps.
+        guidance_scale: classifier-free guidance.
+        batch_size: images per pipeline call (does not change the images beyond float summation order).
+        height: image height (``None``: the model's default); likewise ``width``.
+        prompt_ids: a stable id per prompt (default: its index); seeds follow it, so a subset keeps its images.
+    """
+
     prompts: tuple[str, ...]
     images_per_prompt: int = 1
     seed: int = 0
     num_inference_steps: int = 20
     guidance_scale: float = 3.0
     batch_size: int = 64
-    height: int | None = None  # None: the model's default
+    height: int | None = None
     width: int | None = None
-    prompt_ids: tuple[int, ...] | None = None  # a stable id per prompt (default: its index); seeds follow it
+    prompt_ids: tuple[int, ...] | None = None
 
     def seed_for(self, prompt_index: int, image_index: int) -> int:
         pid = self.prompt_ids[prompt_index] if self.prompt_ids is not None else prompt_index
@@ -51,13 +64,21 @@ class Samples:
     seeds: np.ndarray
 
 
+def render_images(pipe, prompts: list[str], seeds: list[int], num_inference_steps: int, guidance_scale: float,
+                  height: int | None = None, width: int | None = None) -> np.ndarray:
+    """uint8 images ``(n, H, W, 3)``, image ``i`` of ``prompts[i]`` drawn from its own generator seeded with
+    ``seeds[i]``: the one rendering rule, so an image depends on its seed only, never on its batch."""
+    generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
+    kwargs = {"height": height, "width": width} if height is not None or width is not None else {}
+    images = pipe(list(prompts), num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                  output_type="np", generator=generators, **kwargs).images
+    return (np.asarray(images) * 255).round().astype(np.uint8)
+
+
 def render_batch(pipe, spec: GenerationSpec, chunk: list[tuple[int, int]]) -> np.ndarray:
     """uint8 images ``(n, H, W, 3)`` of the (prompt index, image index) pairs in ``chunk``, each from its own seed."""
-    generators = [torch.Generator().manual_seed(spec.seed_for(p, k)) for p, k in chunk]
-    images = pipe([spec.prompts[p] for p, _ in chunk], num_inference_steps=spec.num_inference_steps,
-                  guidance_scale=spec.guidance_scale, height=spec.height, width=spec.width, output_type="np",
-                  generator=generators).images
-    return (np.asarray(images) * 255).round().astype(np.uint8)
+    return render_images(pipe, [spec.prompts[p] for p, _ in chunk], [spec.seed_for(p, k) for p, k in chunk],
+                         spec.num_inference_steps, spec.guidance_scale, spec.height, spec.width)
 
 
 def generate_samples(pipe, spec: GenerationSpec, progress: bool = True, desc: str = "generate") -> Samples:

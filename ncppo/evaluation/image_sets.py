@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from ncppo.errors import OutputDirError, StateError
 from ncppo.evaluation.generation import GenerationSpec, render_batch
 from ncppo.evaluation.prompts import PromptSet
 from ncppo.io import atomic_write_text, clear_output_dir, guard_output_dir, mark_output_dir, output_owner
@@ -31,6 +32,8 @@ COMMAND = "generate"
 
 @dataclass(frozen=True)
 class ImageRecord:
+    """One row of ``manifest.jsonl``: an image of a generated set and what identifies it."""
+
     id: str
     prompt: str
     prompt_index: int
@@ -56,7 +59,7 @@ def read_manifest(folder: str | Path) -> list[ImageRecord]:
         try:
             records.append(ImageRecord(**json.loads(line)))
         except (json.JSONDecodeError, TypeError) as err:
-            raise ValueError(f"{path}:{number}: not a manifest row ({err})") from err
+            raise StateError(f"{path}:{number}: not a manifest row ({err})") from err
     return records
 
 
@@ -111,7 +114,7 @@ def generate_image_set(pipe, prompts: PromptSet, out_dir: str | Path, spec: Gene
         found = json.loads(settings_path.read_text())
         if found != json.loads(json.dumps(wanted)):
             changed = sorted(k for k in set(found) | set(wanted) if found.get(k) != json.loads(json.dumps(wanted)).get(k))
-            raise ValueError(f"{out} holds a generation with other settings ({', '.join(changed)} differ); "
+            raise OutputDirError(f"{out} holds a generation with other settings ({', '.join(changed)} differ); "
                              "use another --out, or pass --overwrite to replace it")
     else:
         atomic_write_text(settings_path, json.dumps(wanted, indent=2))

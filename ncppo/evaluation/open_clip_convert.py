@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from ncppo.errors import StateError
+
 HEAD_WIDTH = 64
 
 
@@ -93,7 +95,7 @@ def read_open_clip_state(path: str | Path) -> dict:
     data = torch.load(path, map_location="cpu", weights_only=True)
     state = data.get("state_dict", data) if isinstance(data, dict) else None
     if not isinstance(state, dict) or "visual.conv1.weight" not in {k.removeprefix("module.") for k in state}:
-        raise ValueError(f"{path} is not an open_clip CLIP checkpoint (no visual.conv1.weight)")
+        raise StateError(f"{path} is not an open_clip CLIP checkpoint (no visual.conv1.weight)")
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
@@ -105,7 +107,7 @@ def open_clip_to_transformers(state: dict, activation: str = "gelu"):
     result = model.load_state_dict(converted, strict=False)
     missing = [k for k in result.missing_keys if not k.endswith("position_ids")]
     if missing or result.unexpected_keys:
-        raise ValueError(f"conversion left tensors unmatched: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")
+        raise StateError(f"conversion left tensors unmatched: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")
     return model.eval()
 
 

@@ -9,11 +9,15 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ncppo.errors import UsageError
+
 PROMPT_COLUMNS = ("prompt", "Prompt", "caption", "text")
 
 
 @dataclass
 class PromptSet:
+    """Prompts in file order, with one metadata dict per prompt (the file's other columns) and the file."""
+
     prompts: list[str]
     metadata: list[dict] = field(default_factory=list)  # one dict per prompt (the file's other columns)
     source: str = ""
@@ -29,7 +33,7 @@ class PromptSet:
 
 def _check(prompt, where: str) -> str:
     if not isinstance(prompt, str) or not prompt.strip():
-        raise ValueError(f"{where}: empty or non-text prompt {prompt!r}")
+        raise UsageError(f"{where}: empty or non-text prompt {prompt!r}")
     return prompt.strip()
 
 
@@ -50,7 +54,7 @@ def load_prompts(path: str | Path, limit: int | None = None) -> PromptSet:
             reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
             column = next((c for c in PROMPT_COLUMNS if c in (reader.fieldnames or [])), None)
             if column is None:
-                raise ValueError(f"{path}: no prompt column (expected one of {', '.join(PROMPT_COLUMNS)}; "
+                raise UsageError(f"{path}: no prompt column (expected one of {', '.join(PROMPT_COLUMNS)}; "
                                  f"found {reader.fieldnames})")
             for number, row in enumerate(reader, start=2):
                 prompts.append(_check(row[column], f"{path}: row {number}, column {column!r}"))
@@ -59,25 +63,25 @@ def load_prompts(path: str | Path, limit: int | None = None) -> PromptSet:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON ({err})") from err
+            raise UsageError(f"{path}: not valid JSON ({err})") from err
         items = data.get("prompts") if isinstance(data, dict) else data
         if not isinstance(items, list):
-            raise ValueError(f"{path}: expected a list of prompts (or {{\"prompts\": [...]}})")
+            raise UsageError(f"{path}: expected a list of prompts (or {{\"prompts\": [...]}})")
         for index, item in enumerate(items):
             where = f"{path}: item {index}"
             if isinstance(item, dict):
                 key = next((c for c in PROMPT_COLUMNS if c in item), None)
                 if key is None:
-                    raise ValueError(f"{where}: no prompt key (expected one of {', '.join(PROMPT_COLUMNS)})")
+                    raise UsageError(f"{where}: no prompt key (expected one of {', '.join(PROMPT_COLUMNS)})")
                 prompts.append(_check(item[key], where))
                 metadata.append({k: v for k, v in item.items() if k != key})
             else:
                 prompts.append(_check(item, where))
                 metadata.append({})
     else:
-        raise ValueError(f"{path}: unknown prompt file type {suffix!r} (expected .txt, .csv, .tsv or .json)")
+        raise UsageError(f"{path}: unknown prompt file type {suffix!r} (expected .txt, .csv, .tsv or .json)")
     if not prompts:
-        raise ValueError(f"{path}: no prompts")
+        raise UsageError(f"{path}: no prompts")
     if limit is not None:
         prompts, metadata = prompts[:limit], metadata[:limit]
     return PromptSet(prompts, metadata, str(path))

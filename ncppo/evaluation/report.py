@@ -13,8 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ncppo.errors import UsageError
 from ncppo.evaluation.image_sets import load_image, read_manifest
 from ncppo.evaluation.scoring import compare_image_sets, read_scores
+from ncppo.evaluation.stats import WinRate
 from ncppo.io import atomic_write_text
 
 
@@ -39,7 +41,7 @@ def write_eval_report(sets: list[str | Path], out_dir: str | Path, labels: list[
     sets = [Path(s) for s in sets]
     labels = labels or [s.name for s in sets]
     if len(labels) != len(sets):
-        raise ValueError(f"{len(labels)} labels for {len(sets)} image sets")
+        raise UsageError(f"{len(labels)} labels for {len(sets)} image sets")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sections: list[tuple[str, list[str], list[list[str]]]] = []
@@ -56,10 +58,8 @@ def write_eval_report(sets: list[str | Path], out_dir: str | Path, labels: list[
         result = compare_image_sets(sets[0], folder)
         comparisons.append({"b": label, "a": labels[0], **result})
         for reward, e in result["rewards"].items():
-            w = e["win_rate"]
-            compare_rows.append([f"{label} vs {labels[0]}", reward, str(e["pairs"]),
-                                 f"{100 * w['rate']:.1f}% [{100 * w['low']:.1f}, {100 * w['high']:.1f}]",
-                                 f"{w['wins']}/{w['ties']}/{w['losses']}"])
+            w = WinRate.from_dict(e["win_rate"])
+            compare_rows.append([f"{label} vs {labels[0]}", reward, str(e["pairs"]), str(w), w.counts])
     if compare_rows:
         sections.append(("Paired win rates (ties half, 95% bootstrap interval over prompts)",
                          ["B vs A", "reward", "pairs", "win rate of B", "W/T/L"], compare_rows))

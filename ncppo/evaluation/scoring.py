@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from ncppo.errors import StateError, UsageError
 from ncppo.evaluation.image_sets import load_image, pair_by_prompt_and_seed, read_manifest
-from ncppo.evaluation.stats import paired_win_rate
+from ncppo.evaluation.stats import WinRate, paired_win_rate
 from ncppo.io import atomic_write_text
 
 
@@ -53,10 +54,10 @@ def paired_scores(a_dir, b_dir, reward: str):
             raise FileNotFoundError(f"{folder} has no {reward} scores; run `ncppo score --reward {reward} ... {folder}`")
     pairs = pair_by_prompt_and_seed(a_records, b_records)
     if not pairs:
-        raise ValueError(f"{a_dir} and {b_dir} share no (prompt, seed): they were not generated from the same prompts and seed")
+        raise UsageError(f"{a_dir} and {b_dir} share no (prompt, seed): they were not generated from the same prompts and seed")
     missing = [ra.id for ra, rb in pairs if ra.id not in a_scores] + [rb.id for ra, rb in pairs if rb.id not in b_scores]
     if missing:
-        raise ValueError(f"{len(missing)} paired images have no {reward} score (first: {missing[0]}); score both sets again")
+        raise StateError(f"{len(missing)} paired images have no {reward} score (first: {missing[0]}); score both sets again")
     a = np.array([a_scores[ra.id] for ra, _ in pairs])
     b = np.array([b_scores[rb.id] for _, rb in pairs])
     unpaired = len(a_records) + len(b_records) - 2 * len(pairs)
@@ -70,7 +71,7 @@ def compare_image_sets(a_dir, b_dir, rewards: list[str] | None = None, n_boot: i
         read_manifest(folder)  # both must be generation outputs: say so before anything else
     shared = sorted(set(read_scores(a_dir)) & set(read_scores(b_dir))) if rewards is None else rewards
     if not shared:
-        raise ValueError(f"{a_dir} and {b_dir} have no reward scored on both; run `ncppo score` on each")
+        raise UsageError(f"{a_dir} and {b_dir} have no reward scored on both; run `ncppo score` on each")
     result = {"a": str(a_dir), "b": str(b_dir), "rewards": {}}
     for reward in shared:
         a, b, records, unpaired = paired_scores(a_dir, b_dir, reward)
@@ -91,17 +92,16 @@ def compare_image_sets(a_dir, b_dir, rewards: list[str] | None = None, n_boot: i
 
 
 def comparison_markdown(result: dict) -> str:
+    """A :func:`compare_image_sets` result as Markdown tables (what ``ncppo compare`` prints)."""
     lines = [f"B = `{result['b']}` vs A = `{result['a']}`", "",
              "| reward | pairs | win rate of B [95% CI] | W/T/L | mean A -> B | median A -> B |", "|---|---|---|---|---|---|"]
     for reward, e in result["rewards"].items():
-        w = e["win_rate"]
-        lines.append(f"| {reward} | {e['pairs']} | {100 * w['rate']:.1f}% [{100 * w['low']:.1f}, {100 * w['high']:.1f}] | "
-                     f"{w['wins']}/{w['ties']}/{w['losses']} | {e['a']['mean']:.4f} -> {e['b']['mean']:.4f} | "
+        w = WinRate.from_dict(e["win_rate"])
+        lines.append(f"| {reward} | {e['pairs']} | {w} | {w.counts} | {e['a']['mean']:.4f} -> {e['b']['mean']:.4f} | "
                      f"{e['a']['median']:.4f} -> {e['b']['median']:.4f} |")
     for reward, e in result["rewards"].items():
         if "by_category" in e:
             lines += ["", f"By category ({reward}):", "", "| category | prompts | win rate of B [95% CI] |", "|---|---|---|"]
             for category, w in e["by_category"].items():
-                lines.append(f"| {category} | {w['prompts']} | {100 * w['rate']:.1f}% [{100 * w['low']:.1f}, "
-                             f"{100 * w['high']:.1f}] |")
+                lines.append(f"| {category} | {w['prompts']} | {WinRate.from_dict(w)} |")
     return "\n".join(lines) + "\n"

@@ -6,15 +6,30 @@ Items of one prompt are not independent (same text), so the bootstrap resamples 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
 
+def bradley_terry_probability(gap, temperature: float):
+    """``P(a beats b) = sigmoid((r_a - r_b) / temperature)`` for a reward gap ``r_a - r_b`` (the Bradley-Terry
+    choice of the simulated annotators), written with ``tanh`` so that large gaps do not overflow."""
+    return 0.5 * (1.0 + np.tanh(np.asarray(gap) / (2 * temperature)))
+
+
 @dataclass(frozen=True)
 class WinRate:
-    rate: float  # of B over A, ties counted half
-    low: float  # bootstrap 95% interval
+    """A paired win rate of B over A with its bootstrap interval; ``str()`` is ``"61.2% [55.0, 67.1]"``.
+
+    Parameters:
+        rate: B's share of wins, ties counted half.
+        low: the interval's lower end (95% by default); ``high`` its upper end.
+        wins: items B wins; ``ties`` and ``losses`` likewise.
+        prompts: the bootstrap units (prompts).
+    """
+
+    rate: float
+    low: float
     high: float
     wins: int
     ties: int
@@ -23,6 +38,16 @@ class WinRate:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> WinRate:
+        """The win rate in a :meth:`to_dict` mapping (other keys, e.g. a comparison's names, are ignored)."""
+        return cls(**{f.name: data[f.name] for f in fields(cls)})
+
+    @property
+    def counts(self) -> str:
+        """``"wins/ties/losses"``."""
+        return f"{self.wins}/{self.ties}/{self.losses}"
 
     def __str__(self) -> str:
         return f"{100 * self.rate:.1f}% [{100 * self.low:.1f}, {100 * self.high:.1f}]"

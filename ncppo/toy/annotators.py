@@ -18,10 +18,23 @@ from pathlib import Path
 import numpy as np
 
 from ncppo.data.pickapic import Comparison, comparisons_table, jpeg_bytes, write_parquet_shards
+from ncppo.errors import UsageError
+from ncppo.evaluation.stats import bradley_terry_probability
 
 
 @dataclass(frozen=True)
 class AnnotatorConfig:
+    """The simulated annotators.
+
+    Parameters:
+        comparisons_per_prompt: labelled pairs per caption (images recur across them).
+        annotators: the pool of users; each comparison is made by one of them.
+        temperature: the Bradley-Terry scale on the oracle's [0, 1] reward.
+        tie_margin: a smaller reward gap is judged a tie.
+        careless_rate: share of votes that are a coin flip.
+        seed: the votes' seed.
+    """
+
     comparisons_per_prompt: int = 6
     annotators: int = 40  # the pool of users; each comparison is made by one of them
     temperature: float = 0.05  # Bradley-Terry scale on the oracle's [0, 1] reward
@@ -32,6 +45,8 @@ class AnnotatorConfig:
 
 @dataclass(frozen=True)
 class PooledImage:
+    """One sampled image of a caption's pool: its uid, oracle reward and the generator that made it."""
+
     uid: str
     reward: float
     generator: str  # which model/setting made it (Pick-a-Pic's model_0/model_1)
@@ -43,7 +58,7 @@ def simulate_votes(pools: dict[str, Sequence[PooledImage]], cfg: AnnotatorConfig
     rows, clock = [], 0
     for caption, pool in pools.items():
         if len(pool) < 2:
-            raise ValueError(f"prompt {caption!r} has {len(pool)} image(s); comparisons need at least 2")
+            raise UsageError(f"prompt {caption!r} has {len(pool)} image(s); comparisons need at least 2")
         for _ in range(cfg.comparisons_per_prompt):
             i, j = rng.choice(len(pool), size=2, replace=False)
             a, b = pool[i], pool[j]
@@ -53,7 +68,7 @@ def simulate_votes(pools: dict[str, Sequence[PooledImage]], cfg: AnnotatorConfig
             elif rng.random() < cfg.careless_rate:
                 label = float(rng.integers(2))
             else:
-                label = float(rng.random() < 0.5 * (1.0 + np.tanh(gap / (2 * cfg.temperature))))  # sigmoid
+                label = float(rng.random() < bradley_terry_probability(gap, cfg.temperature))
             clock += int(rng.integers(1, 60))  # seconds between votes: created_at orders them
             rows.append(Comparison(caption, a.uid, b.uid, label, created_at=clock * 10**9,
                                    user_id=int(rng.integers(cfg.annotators)), ranking_id=len(rows),
@@ -84,16 +99,14 @@ def build_pools(captions: Sequence[str], generate: Callable[[list[str], int, flo
 def pipeline_generator(pipe, num_inference_steps: int = 20, batch_size: int = 56):
     """Adapt a text-to-image pipeline to ``build_pools``: one fixed seed per (caption, draw). Batches of
     ~56 run faster on CPU than one batch of every caption (cache-sized activations)."""
-    import torch
+    from ncppo.evaluation.generation import render_images
 
     def generate(captions: list[str], seed: int, guidance: float) -> np.ndarray:
         out = []
         for start in range(0, len(captions), batch_size):
             chunk = captions[start:start + batch_size]
-            generators = [torch.Generator().manual_seed(seed * 100_003 + start + i) for i in range(len(chunk))]
-            images = pipe(chunk, num_inference_steps=num_inference_steps, guidance_scale=guidance,
-                          output_type="np", generator=generators).images
-            out.append((np.asarray(images) * 255).round().astype(np.uint8))
+            seeds = [seed * 100_003 + start + i for i in range(len(chunk))]
+            out.append(render_images(pipe, chunk, seeds, num_inference_steps, guidance))
         return np.concatenate(out)
 
     return generate

@@ -28,6 +28,8 @@ NOISE_SCALE = 30.0  # mean |Laplacian| at which the quality score falls to 1/e
 
 @dataclass(frozen=True)
 class OracleWeights:
+    """The weights of the oracle's terms (renormalised over the terms a caption names)."""
+
     object_colour: float = 0.35
     background: float = 0.25
     shape: float = 0.15

@@ -27,6 +27,17 @@ FORMAT_VERSION = 2  # bump when the pretraining recipe changes: old caches are t
 
 @dataclass(frozen=True)
 class PretrainConfig:
+    """The ``pretrain`` stage: the base model's shape and recipe (its hash names the cached model).
+
+    Parameters:
+        image_size: pixels per side.
+        block_out_channels: the U-Net's channels per level; ``layers_per_block`` its resnets per level.
+        steps: optimisation steps; ``batch_size`` images per step; ``learning_rate`` AdamW's.
+        caption_dropout: share of empty captions (so classifier-free guidance works).
+        prediction_type: ``v_prediction`` or ``epsilon``.
+        seed: the pretraining seed.
+    """
+
     image_size: int = 32
     block_out_channels: tuple[int, ...] = (32, 64, 128)
     layers_per_block: int = 1
