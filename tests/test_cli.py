@@ -48,3 +48,13 @@ def test_the_readme_python_api_names_import_lazily_from_ncppo():
             "Trainer, TrainConfig, load_config, PreferencePairs, load_pipeline, GenerationSpec, make_reward; "
             "assert make_reward('oracle').name == 'oracle'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_sampling_defaults_come_from_the_library():
+    from ncppo.cli import build_parser
+    from ncppo.evaluation import GenerationSpec
+
+    for command in (["generate", "--model", "m", "--out", "o"], ["curve", "run", "--reward", "oracle", "--out", "o"]):
+        args = build_parser().parse_args([*command, "--prompts", "p.txt"])
+        assert (args.steps, args.guidance) == (GenerationSpec.num_inference_steps, GenerationSpec.guidance_scale)
+        assert (args.images_per_prompt, args.seed) == (GenerationSpec.images_per_prompt, GenerationSpec.seed)

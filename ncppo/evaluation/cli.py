@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ncppo.evaluation.generation import GenerationSpec
@@ -35,11 +34,8 @@ def _score(args) -> int:
 
 def _compare(args) -> int:
     from ncppo.evaluation.scoring import compare_image_sets, comparison_markdown
-    from ncppo.io import atomic_write_text
 
-    result = compare_image_sets(args.a, args.b, args.reward or None, n_boot=args.bootstrap)
-    if args.json:
-        atomic_write_text(args.json, json.dumps(result, indent=1))
+    result = compare_image_sets(args.a, args.b, args.reward or None, n_boot=args.bootstrap, json_path=args.json)
     print(comparison_markdown(result), end="")
     return 0
 

@@ -65,8 +65,9 @@ def paired_scores(a_dir, b_dir, reward: str):
 
 
 def compare_image_sets(a_dir, b_dir, rewards: list[str] | None = None, n_boot: int = 2000,
-                       category_key: str = "Category") -> dict:
-    """Per reward: the paired win rate of B over A, the means and medians, and per-category rates."""
+                       category_key: str = "Category", json_path: str | Path | None = None) -> dict:
+    """Per reward: the paired win rate of B over A, the means and medians, and per-category rates
+    (also written to ``json_path`` when given)."""
     for folder in (a_dir, b_dir):
         read_manifest(folder)  # both must be generation outputs: say so before anything else
     shared = sorted(set(read_scores(a_dir)) & set(read_scores(b_dir))) if rewards is None else rewards
@@ -88,6 +89,8 @@ def compare_image_sets(a_dir, b_dir, rewards: list[str] | None = None, n_boot: i
                 entry["by_category"][category] = paired_win_rate(a[mask], b[mask], groups=prompts[mask],
                                                                  n_boot=n_boot).to_dict()
         result["rewards"][reward] = entry
+    if json_path:
+        atomic_write_text(json_path, json.dumps(result, indent=1))
     return result
 
 
