@@ -98,6 +98,8 @@ def test_toy_config_errors_name_the_key(tmp_path, capsys):
         toy_config_from_dict({"train": {"methods": ["dpoo"]}})
     with pytest.raises(ValueError, match="pairs.guidance_scales: expected a list"):
         toy_config_from_dict({"pairs": {"guidance_scales": 3}})
+    with pytest.raises(ValueError, match=r"eval.curve_prompt_stride: must be > 0, got 0"):
+        toy_config_from_dict({"eval": {"curve_prompt_stride": 0}})
 
 
 def test_the_shipped_world_config_is_the_default():

@@ -164,7 +164,18 @@ def toy_config_from_dict(data: dict, base: ToyConfig = ToyConfig()) -> ToyConfig
             if value not in allowed:
                 raise ConfigError(f"toy config.{key}: {value!r} is not one of {', '.join(allowed)}"
                                   f"{did_you_mean(value, allowed)}")
+    for key in _POSITIVE:
+        section, leaf = key.split(".")
+        value = getattr(getattr(config, section), leaf)
+        if value is not None and value <= 0:
+            raise ConfigError(f"toy config.{key}: must be > 0, got {value}")
     return config
+
+
+_POSITIVE = ("pretrain.image_size", "pretrain.steps", "pretrain.batch_size", "pairs.images_per_prompt",
+             "pairs.num_inference_steps", "pairs.prompts", "filter.min_wins", "train.minutes_per_run", "train.max_steps",
+             "train.checkpoints_per_run", "train.batch_size", "train.lora_rank", "eval.images_per_prompt", "eval.prompts",
+             "eval.curve_prompt_stride", "eval.num_inference_steps", "eval.batch_size", "eval.bootstrap")
 
 
 def load_toy_config(path: str | Path | None = None, overrides: list[str] | None = None,
