@@ -58,3 +58,11 @@ def test_sampling_defaults_come_from_the_library():
         args = build_parser().parse_args([*command, "--prompts", "p.txt"])
         assert (args.steps, args.guidance) == (GenerationSpec.num_inference_steps, GenerationSpec.guidance_scale)
         assert (args.images_per_prompt, args.seed) == (GenerationSpec.images_per_prompt, GenerationSpec.seed)
+
+
+def test_generate_with_a_folder_that_is_no_lora_is_one_line(tiny_pipeline_dirs, tmp_path, capsys):
+    (tmp_path / "lora").mkdir()
+    (tmp_path / "p.txt").write_text("a red circle\n")
+    assert main(["generate", "--model", str(tiny_pipeline_dirs["sd15"]), "--lora", str(tmp_path / "lora"), "--prompts",
+                 str(tmp_path / "p.txt"), "--out", str(tmp_path / "out"), "--steps", "1"]) == 2
+    assert "not a diffusers-format LoRA" in capsys.readouterr().err

@@ -22,7 +22,7 @@ def load_sampling_pipeline(model: str | Path, lora: str | Path | None = None, sc
     import diffusers
     import torch
 
-    from ncppo.models.loading import load_pipeline
+    from ncppo.models.loading import ModelLoadError, load_pipeline
 
     if dtype not in DTYPES:
         raise UsageError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
@@ -34,7 +34,10 @@ def load_sampling_pipeline(model: str | Path, lora: str | Path | None = None, sc
     if scheduler:
         pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
     if lora:
-        pipe.load_lora_weights(str(lora))
+        try:
+            pipe.load_lora_weights(str(lora))
+        except (ValueError, OSError, KeyError, RuntimeError) as err:  # diffusers/peft on a folder that is no LoRA of it
+            raise ModelLoadError(f"--lora {lora}: not a diffusers-format LoRA for {model} ({err})") from err
     return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
