@@ -33,6 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ncppo.batch import Condition, EncodedPairs  # noqa: E402
+from ncppo.calibration import calibrate_beta  # noqa: E402
 from ncppo.io import atomic_write_text  # noqa: E402
 from ncppo.models.preference_model import LoraSettings, PreferenceModel  # noqa: E402
 from ncppo.models.tiny import build_tiny_pipeline  # noqa: E402
@@ -119,12 +120,6 @@ def _flops(model, objective, pairs) -> dict:
     return int(counter.get_total_flops())
 
 
-def _encoder_flops(model, objective, pairs, options) -> int:
-    """FLOPs of the step minus those of noise-space DPO's: what the perceptual path adds."""
-    return _flops(model, make_objective("ncp-dpo", scale="noise", **options), pairs) - _flops(
-        model, make_objective("dpo"), pairs)
-
-
 def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(a, b, dim=0))
 
@@ -135,7 +130,13 @@ def bench_kind(kind: str, batches: int, batch_pairs: int, image_size: int, devic
     reference = _model(pipe, None, device)
     rows = []
     names = {"dpo (control)": ("dpo", {})} | {f"ncp-dpo {k}": ("ncp-dpo", v) for k, v in FORMULATIONS.items()}
-    exact32 = make_objective("ncp-dpo", scale=scale)
+    # beta as `beta: auto` sets it (calibrated on the float32 model), so that no formulation saturates
+    calibration = [_pairs(reference, batch_pairs, size, seed=900 + b) for b in range(2)]
+    beta, _ = calibrate_beta(reference, make_objective("ncp-dpo", beta="auto", scale=scale), calibration,
+                             [torch.Generator().manual_seed(b) for b in range(2)])
+    beta = beta.preference.beta
+    ncp = lambda options: make_objective("ncp-dpo", beta=beta, scale=scale, **options)  # noqa: E731
+    exact32 = ncp({})
     truths = []
     for b in range(batches):
         pairs = _pairs(reference, batch_pairs, size, seed=100 + b)
@@ -143,14 +144,14 @@ def bench_kind(kind: str, batches: int, batch_pairs: int, image_size: int, devic
                        "dpo": _gradient(reference, make_objective("dpo"), pairs, b, None, device)[0]})
     fp32_seconds = {}
     for label, (name, options) in names.items():
-        objective = make_objective(name, **({"scale": scale} if name.startswith("ncp") else {}), **options)
+        objective = ncp(options) if name.startswith("ncp") else make_objective(name)
         seconds = [_gradient(reference, objective, _pairs(reference, batch_pairs, size, 100 + b), b, None, device)[1]
                    for b in range(batches)]
         fp32_seconds[label] = statistics.median(seconds)
     for precision in DTYPES:
         model = _model(pipe, precision, device)
         for label, (name, options) in names.items():
-            objective = make_objective(name, **({"scale": scale} if name.startswith("ncp") else {}), **options)
+            objective = ncp(options) if name.startswith("ncp") else make_objective(name)
             cosines, seconds = [], []
             for b in range(batches):
                 pairs = _pairs(reference, batch_pairs, size, seed=100 + b)
@@ -163,14 +164,14 @@ def bench_kind(kind: str, batches: int, batch_pairs: int, image_size: int, devic
                          "fp32_seconds_per_step_median": fp32_seconds[label]})
             print(f"{kind} {precision} {label:28s} cos min {min(cosines):.5f} median {statistics.median(cosines):.5f}")
     # exact float32 on its own: linearisation error only
-    linear = make_objective("ncp-dpo", scale=scale, distance="linear")
+    linear = ncp({"distance": "linear"})
     lin_cos = [_cos(_gradient(reference, linear, _pairs(reference, batch_pairs, size, 100 + b), b, None, device)[0],
                     truths[b]["ncp"]) for b in range(batches)]
     pairs = _pairs(reference, batch_pairs, size, seed=100)
     flops = {"dpo": _flops(reference, make_objective("dpo"), pairs)}
     for label, options in FORMULATIONS.items():
         if options["encoder_dtype"] == "model":
-            flops[label.split(" ")[0]] = _flops(reference, make_objective("ncp-dpo", scale=scale, **options), pairs)
+            flops[label.split(" ")[0]] = _flops(reference, ncp(options), pairs)
     gpu = {}
     for label, options in FORMULATIONS.items():
         distance = options["distance"]
@@ -183,6 +184,7 @@ def bench_kind(kind: str, batches: int, batch_pairs: int, image_size: int, devic
                         "encoder_fp32": base / (H100_TFLOPS["bf16"] * 1e12) + encoder / (H100_TFLOPS["fp32"] * 1e12)}
         gpu[label] = {k: v / (base / (H100_TFLOPS["bf16"] * 1e12)) for k, v in estimate.items()}
     return {"kind": kind, "image_size": image_size, "batch_pairs": batch_pairs, "batches": batches, "scale": scale,
+            "ncp_beta_auto": beta,
             "rows": rows, "fp32_linearisation_cosine_min": min(lin_cos),
             "flops_per_step": {k.replace("/model", ""): v for k, v in flops.items()},
             "estimated_h100_step_time_vs_dpo_at_peak": gpu}

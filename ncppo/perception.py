@@ -28,6 +28,7 @@ frozen U-Net (for LoRA, the policy U-Net inside its adapters-disabled context).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -110,8 +111,12 @@ class NoiseConditionedEncoder:
         def f(x):
             return tuple(_down_path(unet, x, timestep, encoder_hidden_states, added_cond_kwargs, names))
 
+        # Autocast would cast the primal of float32 weights to half precision but not its tangent (a dtype
+        # mismatch); with float32 weights the JVP then runs in float32, with half-precision weights in theirs.
+        device = sample.device.type
+        autocast = torch.autocast(device, enabled=False) if dtype == torch.float32 else contextlib.nullcontext()
         # the fused attention kernels have no forward-mode derivative; the math kernel has
-        with sdpa_kernel(SDPBackend.MATH):
+        with sdpa_kernel(SDPBackend.MATH), autocast:
             primal, tangents = jvp(f, (sample.to(dtype).contiguous(),), (tangent.to(dtype).contiguous(),))
         return list(primal), list(tangents)
 
@@ -122,7 +127,13 @@ class NoiseConditionedEncoder:
 
     def tangent_distance(self, tangents: Sequence[torch.Tensor], target: Sequence[torch.Tensor]) -> torch.Tensor:
         """``|| J_f(x*) d ||^2`` per sample with the same reduction and normalisation as :meth:`distance`."""
-        return _reduce([t.float() for t in tangents], target, self.level_weights, self.level_norm)
+        return self.tangent_inner(tangents, tangents, target)
+
+    def tangent_inner(self, u: Sequence[torch.Tensor], v: Sequence[torch.Tensor], target: Sequence[torch.Tensor]
+                      ) -> torch.Tensor:
+        """``<J u, J v>`` per sample, the bilinear form whose diagonal is :meth:`tangent_distance`: with it a
+        difference of two distances is computed from the difference of their tangents, not by cancellation."""
+        return _reduce([a.float() for a in u], target, self.level_weights, self.level_norm, [b.float() for b in v])
 
 
 def _level_factor(target: torch.Tensor, channels_last: int, level_norm: str) -> torch.Tensor | float:
@@ -134,7 +145,8 @@ def _level_factor(target: torch.Tensor, channels_last: int, level_norm: str) -> 
     return 1.0
 
 
-def _reduce(differences, target, level_weights, level_norm: str) -> torch.Tensor:
+def _reduce(differences, target, level_weights, level_norm: str, others=None) -> torch.Tensor:
+    """Per sample, the weighted mean over levels of ``mean((d s)^2)`` (or ``mean((d s)(e s))`` with ``others``)."""
     if len(differences) != len(target) or not differences:
         raise ValueError("both feature lists must have the same, non-zero number of levels")
     weights = list(level_weights) if level_weights is not None else [1.0] * len(differences)
@@ -142,10 +154,11 @@ def _reduce(differences, target, level_weights, level_norm: str) -> torch.Tensor
     if total <= 0:
         raise ValueError("perceptual level weights must not all be zero")
     channels_last = target[-1].shape[1]
-    per_level = [
-        (d * _level_factor(b, channels_last, level_norm)).pow(2).flatten(1).mean(dim=1) * (w / total)
-        for d, b, w in zip(differences, target, weights, strict=True)
-    ]
+    others = differences if others is None else others
+    per_level = []
+    for d, e, b, w in zip(differences, others, target, weights, strict=True):
+        factor = _level_factor(b, channels_last, level_norm)
+        per_level.append(((d * factor) * (e * factor)).flatten(1).mean(dim=1) * (w / total))
     return torch.stack(per_level).sum(dim=0)
 
 

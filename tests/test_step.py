@@ -229,9 +229,17 @@ def test_fp32_encoder_under_half_precision_weights(model):
     assert len(model._fp32_encoder.up_blocks) == 0
     cos_fp32_encoder = torch.nn.functional.cosine_similarity(g.double(), g32.double(), dim=0)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the paper's path in bf16 loses the signal: the check can fail
-        out = training_step(model, make_objective("ncp-dpo", beta=100.0, scale="noise"), batch, generator=torch.Generator().manual_seed(4))
+        out = training_step(model, make_objective("ncp-dpo", beta=100.0, scale="noise", distance="exact"), batch,
+                            generator=torch.Generator().manual_seed(4))
     model.unet.zero_grad(set_to_none=True)
     out.loss.backward()
     g_half = torch.cat([p.grad.flatten() for p in model.trainable_parameters()])
     cos_paper = torch.nn.functional.cosine_similarity(g_half.double(), g32.double(), dim=0)
-    assert cos_fp32_encoder > 0.99 > cos_paper
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the default distance in half precision: linear
+        out = training_step(model, make_objective("ncp-dpo", beta=100.0, scale="noise"), batch,
+                            generator=torch.Generator().manual_seed(4))
+    model.unet.zero_grad(set_to_none=True)
+    out.loss.backward()
+    g_linear = torch.cat([p.grad.flatten() for p in model.trainable_parameters()])
+    cos_linear = torch.nn.functional.cosine_similarity(g_linear.double(), g32.double(), dim=0)
+    assert cos_fp32_encoder > 0.99 > cos_paper and cos_linear > 0.99

@@ -157,14 +157,20 @@ class PerceptualSpace:
             else:
                 # tangents of size O(1): the gain is applied to the squared distance, in float32
                 unit = gain.view(-1, *([1] * (x_star.ndim - 1)))
-                reference = None
-                if x_ref is not None:
+                if x_ref is None:
+                    target, tangent = enc.jvp(frozen, x_star, (x_policy - x_star) / unit, t_enc, **cond)
+                    policy = enc.tangent_distance(tangent, [f.detach() for f in target]) * gain.pow(2)
+                    reference = None
+                else:
+                    # PL_theta - PL_ref = <J delta, J delta + 2 J d_ref> with delta = d_theta - d_ref: the small
+                    # difference DPO needs comes from its own tangent, not from subtracting two half-precision
+                    # distances (which loses it). PL_theta = PL_ref + that difference, in float32.
                     with torch.no_grad():
-                        target, tangent = enc.jvp(frozen, x_star, (x_ref - x_star) / unit, t_enc, **cond)
-                        reference = enc.tangent_distance(tangent, target) * gain.pow(2)
-                target, tangent = enc.jvp(frozen, x_star, (x_policy - x_star) / unit, t_enc, **cond)
-                target = [f.detach() for f in target]
-                policy = enc.tangent_distance(tangent, target) * gain.pow(2)
+                        target, t_ref = enc.jvp(frozen, x_star, (x_ref - x_star) / unit, t_enc, **cond)
+                        reference = enc.tangent_distance(t_ref, target) * gain.pow(2)
+                    _, t_delta = enc.jvp(frozen, x_star, (x_policy - x_ref) / unit, t_enc, **cond)
+                    both = [d + 2 * r for d, r in zip(t_delta, t_ref)]
+                    policy = reference + enc.tangent_inner(t_delta, both, target) * gain.pow(2)
         return policy * weight, (reference * weight if reference is not None else None)
 
     def _distance(self, unet, sample: torch.Tensor) -> str:
