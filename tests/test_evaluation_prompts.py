@@ -38,3 +38,21 @@ def test_formats_and_errors(tmp_path):
     (tmp_path / "h.yaml").write_text("- a")
     with pytest.raises(ValueError, match="unknown prompt file type"):
         load_prompts(tmp_path / "h.yaml")
+
+
+def test_a_file_that_is_not_text_is_a_usage_error(tmp_path):
+    from ncppo.errors import UsageError
+
+    (tmp_path / "p.txt").write_bytes(b"\xff\xfe\x00 not text")
+    with pytest.raises(UsageError, match="p.txt: not UTF-8 text"):
+        load_prompts(tmp_path / "p.txt")
+
+
+def test_a_damaged_scores_file_is_named(tmp_path):
+    from ncppo.errors import StateError
+    from ncppo.evaluation.scoring import read_scores
+
+    (tmp_path / "scores").mkdir()
+    (tmp_path / "scores" / "oracle.json").write_text("{")
+    with pytest.raises(StateError, match="oracle.json is not a scores file"):
+        read_scores(tmp_path)

@@ -110,3 +110,11 @@ def test_the_shipped_world_config_is_the_default():
     path = Path(__file__).parents[1] / "configs" / "world" / "toy.yaml"
     assert load_toy_config(str(path), [], quick=False) == ToyConfig()
     assert load_toy_config(str(path), ["train.minutes_per_run=2"], quick=False).train.minutes_per_run == 2
+
+
+def test_a_damaged_stage_record_is_named(tmp_path):
+    from ncppo.errors import StateError
+
+    (tmp_path / "stages.json").write_text("[1")
+    with pytest.raises(StateError, match="stages.json is damaged"):
+        ToyWorld(tmp_path, QUICK_CONFIG).run(stages=("pretrain",))

@@ -42,6 +42,13 @@ def load_prompts(path: str | Path, limit: int | None = None) -> PromptSet:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {path} does not exist")
+    try:
+        return _read_prompts(path, limit)
+    except UnicodeDecodeError as err:
+        raise UsageError(f"{path}: not UTF-8 text ({err})") from err
+
+
+def _read_prompts(path: Path, limit: int | None) -> PromptSet:
     suffix = path.suffix.lower()
     prompts, metadata = [], []
     if suffix == ".txt":

@@ -40,8 +40,11 @@ def read_scores(folder: str | Path) -> dict[str, dict[str, float]]:
     """Every reward's scores of a folder, by reward name then image id."""
     out = {}
     for path in sorted((Path(folder) / "scores").glob("*.json")):
-        data = json.loads(path.read_text())
-        out[data["reward"]] = data["scores"]
+        try:
+            data = json.loads(path.read_text())
+            out[data["reward"]] = data["scores"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise StateError(f"{path} is not a scores file ({err!r}); score the folder again (`ncppo score`)") from err
     return out
 
 
