@@ -175,3 +175,30 @@ def test_auto_distance_is_exact_in_float32_and_linear_in_half_precision():
             assert space._distance(unet32, x) == "exact"
     assert space._distance(unet16, x) == "linear"
     assert make_objective("ncp-dpo", distance="exact").space._distance(unet16, x) == "exact"
+
+
+def test_calibration_refuses_a_zero_loss_naming_the_batch(monkeypatch):
+    import contextlib
+
+    from ncppo.calibration import calibrate_beta
+    from ncppo.errors import StateError
+
+    objective = make_objective("ncp-dpo", beta="auto")
+    monkeypatch.setattr(type(objective.space), "losses", lambda self, model, batch, eps, ref=None: (eps[:, 0, 0, 0] * 0, None))
+
+    class Model:  # the least a model must offer calibrate_beta
+        def __init__(self):
+            from ncppo.diffusion import NoiseSchedule
+
+            self.schedule = NoiseSchedule(torch.linspace(1e-4, 0.02, 10), torch.cumprod(1 - torch.linspace(1e-4, 0.02, 10), 0))
+            self.frozen_unet = lambda: contextlib.nullcontext(None)
+
+        def predict_epsilon(self, unet, x_t, t, condition):
+            return torch.zeros_like(x_t)
+
+    from ncppo.batch import Condition, EncodedPairs
+
+    pairs = EncodedPairs(torch.randn(2, 1, 2, 2), torch.randn(2, 1, 2, 2), Condition(torch.zeros(2, 1, 1)),
+                         Condition(torch.zeros(2, 1, 1)), ids=["row 7", "row 9"])
+    with pytest.raises(StateError, match=r"calibration batch 0 \(pair ids \['row 7', 'row 9'\]\).*zero"):
+        calibrate_beta(Model(), objective, [pairs], [torch.Generator().manual_seed(0)])
