@@ -111,7 +111,10 @@ def generate_image_set(pipe, prompts: PromptSet, out_dir: str | Path, spec: Gene
               "prompt_source": prompts.source, "prompts": len(prompts), "model": model, "lora": lora, **(settings or {})}
     settings_path = out / SETTINGS
     if settings_path.is_file():
-        found = json.loads(settings_path.read_text())
+        try:
+            found = json.loads(settings_path.read_text())
+        except ValueError as err:
+            raise StateError(f"{settings_path} is damaged ({err}); pass --overwrite to generate the folder again") from err
         if found != json.loads(json.dumps(wanted)):
             changed = sorted(k for k in set(found) | set(wanted) if found.get(k) != json.loads(json.dumps(wanted)).get(k))
             raise OutputDirError(f"{out} holds a generation with other settings ({', '.join(changed)} differ); "
