@@ -7,6 +7,7 @@ import statistics
 
 import numpy as np
 
+from ncppo.evaluation.stats import WinRate
 from ncppo.io import atomic_write_text
 from ncppo.plots import save_image_grid, save_reward_curves, save_win_rate_bars
 from ncppo.toy.config import ToyConfig
@@ -128,8 +129,8 @@ def write_report(layout: ToyLayout, config: ToyConfig) -> None:
                      f"{c['background']:.3f} | {c['shape']:.3f} | {c['quality']:.3f} |")
     lines += ["", "| B vs A | kind | win rate of B [95% CI] | W/T/L | mean A -> B | verdict |", "|---|---|---|---|---|---|"]
     for row in comparisons:
-        lines.append(f"| {row['b']} vs {row['a']} | {row['kind']} | {100 * row['rate']:.1f}% "
-                     f"[{100 * row['low']:.1f}, {100 * row['high']:.1f}] | {row['wins']}/{row['ties']}/{row['losses']} | "
+        win = WinRate.from_dict(row)
+        lines.append(f"| {row['b']} vs {row['a']} | {row['kind']} | {win} | {win.counts} | "
                      f"{row['mean_a']:.4f} -> {row['mean_b']:.4f} | {_verdict(row)} |")
     ttq = [r for r in comparisons if "time_to_quality" in r]
     if ttq:
