@@ -4,7 +4,8 @@ dataclasses' type hints, with errors that name the key.
 The generic part of every ncppo config (training, the toy world): :func:`check_type` coerces a value to
 a type hint (``int`` -> ``float`` where a float is wanted, a YAML list -> a ``tuple``) or raises a
 :class:`ConfigError` naming the key; :func:`apply` sets values on a mutable dataclass in place and
-:func:`updated` returns an updated copy of a (frozen) one; :func:`parse_overrides` turns
+:func:`updated` returns an updated copy of a (frozen) one; :func:`check_choice` checks a value against
+the choices of the module that owns them; :func:`parse_overrides` turns
 ``["a.b=1"]`` into ``{"a": {"b": 1}}`` (values read as YAML); :func:`read_mapping` reads a YAML file that
 must hold a mapping; :func:`did_you_mean` is the one close-match hint of the project.
 """
@@ -29,6 +30,15 @@ def did_you_mean(word, choices: Iterable, quote: str = "'", prefix: str = "") ->
     """``"; did you mean 'x'?"`` for the closest of ``choices`` to ``word``, or ``""`` when none is close."""
     close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1)
     return f"; did you mean {quote}{prefix}{close[0]}{quote}?" if close else ""
+
+
+def check_choice(value, choices: Iterable, key: str):
+    """``value`` when it is one of ``choices``, else a :class:`ConfigError`
+    ``KEY: 'x' is not one of a, b; did you mean 'a'?``."""
+    choices = tuple(choices)
+    if value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}{did_you_mean(value, choices)}")
+    return value
 
 
 def type_name(hint) -> str:

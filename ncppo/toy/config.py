@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ncppo.configuration import ConfigError, did_you_mean, parse_overrides, read_mapping, updated
+from ncppo.configuration import ConfigError, check_choice, parse_overrides, read_mapping, updated
 from ncppo.data.filter import PAIR_CHOICES, VARIANTS
 from ncppo.objectives import OBJECTIVE_NAMES
 from ncppo.toy.annotators import AnnotatorConfig
@@ -161,9 +161,7 @@ def toy_config_from_dict(data: dict, base: ToyConfig = ToyConfig()) -> ToyConfig
                "filter.pairs": ((config.filter.pairs,), PAIR_CHOICES), "filter.variants": (config.filter.variants, VARIANTS)}
     for key, (values, allowed) in choices.items():
         for value in values:
-            if value not in allowed:
-                raise ConfigError(f"toy config.{key}: {value!r} is not one of {', '.join(allowed)}"
-                                  f"{did_you_mean(value, allowed)}")
+            check_choice(value, allowed, f"toy config.{key}")
     for key in _POSITIVE:
         section, leaf = key.split(".")
         value = getattr(getattr(config, section), leaf)
