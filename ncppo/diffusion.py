@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from ncppo.errors import UsageError
+
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
@@ -36,7 +38,7 @@ class NoiseSchedule:
 
     def __post_init__(self):
         if self.prediction_type not in PREDICTION_TYPES:
-            raise ValueError(
+            raise UsageError(
                 f"unknown prediction_type {self.prediction_type!r}; expected one of {PREDICTION_TYPES}"
             )
         if self.betas.shape != self.alphas_cumprod.shape or self.betas.ndim != 1:
@@ -221,7 +223,7 @@ def to_epsilon(
     elif kind == "sample":
         eps = (_math(x_t) - abar.sqrt() * _math(model_output)) / (1 - abar).sqrt()
     else:
-        raise ValueError(f"unknown prediction_type {kind!r}; expected one of {PREDICTION_TYPES}")
+        raise UsageError(f"unknown prediction_type {kind!r}; expected one of {PREDICTION_TYPES}")
     return eps.to(model_output.dtype)
 
 

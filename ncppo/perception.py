@@ -34,6 +34,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ncppo.errors import UsageError
+
 FEATURE_CHOICES = ("last", "mid", "all+mid", "all", "last+mid")
 LEVEL_NORMS = ("none", "channels", "target")
 
@@ -51,7 +53,7 @@ def feature_names(features: str, num_down_blocks: int) -> list[str]:
         return ["conv_in"] + [f"down_{i}" for i in range(num_down_blocks)]
     if features == "all+mid":
         return [f"down_{i}" for i in range(num_down_blocks)] + ["mid"]
-    raise ValueError(f"unknown perceptual feature choice {features!r}; expected one of {FEATURE_CHOICES}")
+    raise UsageError(f"unknown perceptual feature choice {features!r}; expected one of {FEATURE_CHOICES}")
 
 
 @dataclass(frozen=True)
@@ -64,19 +66,19 @@ class NoiseConditionedEncoder:
 
     def __post_init__(self):
         if self.features not in FEATURE_CHOICES:
-            raise ValueError(
+            raise UsageError(
                 f"unknown perceptual feature choice {self.features!r}; expected one of {FEATURE_CHOICES}"
             )
         if self.level_norm not in LEVEL_NORMS:
-            raise ValueError(f"unknown level_norm {self.level_norm!r}; expected one of {LEVEL_NORMS}")
+            raise UsageError(f"unknown level_norm {self.level_norm!r}; expected one of {LEVEL_NORMS}")
         if self.level_weights is not None and any(w < 0 for w in self.level_weights):
-            raise ValueError("perceptual level weights must be non-negative")
+            raise UsageError("perceptual level weights must be non-negative")
 
     def levels(self, unet: torch.nn.Module) -> list[str]:
         """The feature levels this choice returns for ``unet`` (checked against ``level_weights``)."""
         names = feature_names(self.features, len(unet.down_blocks))
         if self.level_weights is not None and len(self.level_weights) != len(names):
-            raise ValueError(
+            raise UsageError(
                 f"features={self.features!r} has {len(names)} levels ({names}) but "
                 f"{len(self.level_weights)} level weights were given"
             )
@@ -185,9 +187,9 @@ def _down_path(unet, sample, timestep, encoder_hidden_states, added_cond_kwargs,
     if config.addition_embed_type == "text_time" and not (
         added_cond_kwargs and "text_embeds" in added_cond_kwargs and "time_ids" in added_cond_kwargs
     ):
-        raise ValueError("an SDXL-class U-Net needs added_cond_kwargs with 'text_embeds' and 'time_ids'")
+        raise UsageError("an SDXL-class U-Net needs added_cond_kwargs with 'text_embeds' and 'time_ids'")
     if config.class_embed_type is not None or config.num_class_embeds is not None:
-        raise ValueError("class-conditioned U-Nets are not supported by the perceptual encoder")
+        raise UsageError("class-conditioned U-Nets are not supported by the perceptual encoder")
 
     sample = sample.to(unet.dtype)
     encoder_hidden_states = encoder_hidden_states.to(unet.dtype)  # an fp32 encoder gets half-precision embeddings
@@ -220,7 +222,7 @@ def _down_path(unet, sample, timestep, encoder_hidden_states, added_cond_kwargs,
         found[f"down_{i}"] = hidden
     if "mid" in wanted:
         if unet.mid_block is None:
-            raise ValueError("this U-Net has no mid block; choose features 'last' or 'all'")
+            raise UsageError("this U-Net has no mid block; choose features 'last' or 'all'")
         if getattr(unet.mid_block, "has_cross_attention", False):
             found["mid"] = unet.mid_block(hidden, emb, encoder_hidden_states=encoder_hidden_states)
         else:

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from ncppo.batch import PreferenceBatch
 from ncppo.data.schema import DataError
-from ncppo.errors import StateError
+from ncppo.errors import StateError, UsageError
 from ncppo.io import (
     OUTPUT_MARKER,
     _alive,
@@ -166,7 +166,7 @@ def build_cache(model, pairs, out_dir: str | os.PathLike, *, resolution: int, ba
     from safetensors.torch import save_file
 
     if dtype not in DTYPES:
-        raise ValueError(f"unknown cache dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
+        raise UsageError(f"unknown cache dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
     state = state or PartialState()
     out_dir = Path(out_dir)
     config = {"format": CACHE_FORMAT, "model": model_name, "model_kind": model.kind, "resolution": resolution,

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ncppo.data.schema import NormalizedPairs
+from ncppo.errors import UsageError
 
 PAIR_CHOICES = ("latest", "first", "all")
 VARIANTS = ("x>y", "x>y,x>z", "x>y,y>z")
@@ -43,7 +44,7 @@ class ComparisonGraph:
 
     def absolute_winners(self, min_wins: int) -> np.ndarray:
         if min_wins < 1:
-            raise ValueError(f"min_wins must be >= 1, got {min_wins}")
+            raise UsageError(f"min_wins must be >= 1, got {min_wins}")
         return (self.losses == 0) & (self.draws == 0) & (self.wins >= min_wins)
 
 
@@ -108,11 +109,11 @@ def select_pairs(meta: NormalizedPairs, *, min_wins: int = 2, pairs: str = "late
     """Rows to keep under the absolute-winner rule (see the module docstring). ``meta`` must keep ties;
     pass its ``graph`` when already built."""
     if pairs not in PAIR_CHOICES:
-        raise ValueError(f"unknown pair choice {pairs!r}; expected one of {PAIR_CHOICES}")
+        raise UsageError(f"unknown pair choice {pairs!r}; expected one of {PAIR_CHOICES}")
     if variant is not None and variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
+        raise UsageError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
     if variant is not None and pairs != "latest":
-        raise ValueError("the Table-2 variants use each winner's latest loser; use them with pairs='latest'")
+        raise UsageError("the Table-2 variants use each winner's latest loser; use them with pairs='latest'")
     graph = graph or build_graph(meta)
     absolute = graph.absolute_winners(min_wins)
     decisive_rows = np.flatnonzero(~graph.is_tie)

@@ -25,6 +25,7 @@ from ncppo.data.schema import (
     normalize,
 )
 from ncppo.data.sources import open_source
+from ncppo.errors import UsageError
 
 METADATA_COLUMNS = list(REQUIRED_COLUMNS + OPTIONAL_METADATA)
 
@@ -46,7 +47,7 @@ class PreferencePairs:
     def __init__(self, source, *, tie_policy: str = "drop", on_bad_row: str = "skip", split: str = "train",
                  image_dir: str | os.PathLike | None = None, max_image_pixels: int | None = None):
         if on_bad_row not in BAD_ROW_POLICIES:
-            raise ValueError(f"unknown bad-row policy {on_bad_row!r}; expected one of {BAD_ROW_POLICIES}")
+            raise UsageError(f"unknown bad-row policy {on_bad_row!r}; expected one of {BAD_ROW_POLICIES}")
         self.source = source if hasattr(source, "metadata") else open_source(source, split=split, image_dir=image_dir)
         self.tie_policy, self.on_bad_row = tie_policy, on_bad_row
         self.skips = SkipReport()

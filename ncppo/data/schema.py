@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ncppo.errors import NcppoError
+from ncppo.errors import NcppoError, UsageError
 
 IMAGE_COLUMNS = ("jpg_0", "jpg_1")
 REQUIRED_COLUMNS = ("caption", "label_0", "label_1", "image_0_uid", "image_1_uid")
@@ -156,7 +156,7 @@ def normalize(table: pa.Table, shard: int, where: str, tie_policy: str, skips: S
               on_bad_row: str = "skip", row_offset: int = 0) -> NormalizedPairs:
     """Validate one shard's metadata and put the winner first. Bad rows are counted in ``skips`` or raise."""
     if tie_policy not in TIE_POLICIES:
-        raise ValueError(f"unknown tie policy {tie_policy!r}; expected one of {TIE_POLICIES}")
+        raise UsageError(f"unknown tie policy {tie_policy!r}; expected one of {TIE_POLICIES}")
     check_columns(table.schema, where)
     n = table.num_rows
     rows = np.arange(row_offset, row_offset + n, dtype=np.int64)

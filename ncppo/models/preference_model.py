@@ -17,6 +17,7 @@ import torch
 
 from ncppo.batch import Condition, EncodedPairs, PreferenceBatch
 from ncppo.diffusion import NoiseSchedule, to_epsilon
+from ncppo.errors import UsageError
 from ncppo.io import atomic_directory
 from ncppo.models.loading import load_pipeline, pipeline_kind
 
@@ -36,7 +37,7 @@ class LoraSettings:
         from peft import LoraConfig
 
         if self.rank < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
+            raise UsageError(f"LoRA rank must be >= 1, got {self.rank}")
         # 'gaussian' init keeps B = 0, so at step 0 the policy equals the reference exactly.
         return LoraConfig(
             r=self.rank,
@@ -52,7 +53,7 @@ class PreferenceModel:
 
     def __init__(self, pipeline, *, finetune: str = "lora", lora: LoraSettings | None = None):
         if finetune not in FINETUNE_MODES:
-            raise ValueError(f"unknown finetune mode {finetune!r}; expected one of {FINETUNE_MODES}")
+            raise UsageError(f"unknown finetune mode {finetune!r}; expected one of {FINETUNE_MODES}")
         self.pipeline = pipeline
         self.kind = pipeline_kind(pipeline)
         self.unet = pipeline.unet
@@ -140,7 +141,7 @@ class PreferenceModel:
                 yield unet
             return
         if dtype != "fp32":
-            raise ValueError(f"unknown encoder dtype {dtype!r}; expected 'model' or 'fp32'")
+            raise UsageError(f"unknown encoder dtype {dtype!r}; expected 'model' or 'fp32'")
         with torch.autocast(self.device.type, enabled=False):
             if self.unet.dtype == torch.float32:
                 with self.frozen_unet() as unet:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from ncppo.errors import UsageError
+
 # SD1.5's and SDXL's training schedule (their scheduler configs carry these values).
 SD_SCHEDULER_CONFIG = dict(
     num_train_timesteps=1000,
@@ -152,7 +154,7 @@ def tiny_unet(
             use_linear_projection=True,
             **common,
         )
-    raise ValueError(f"unknown model kind {kind!r}; expected 'sd15' or 'sdxl'")
+    raise UsageError(f"unknown model kind {kind!r}; expected 'sd15' or 'sdxl'")
 
 
 def build_tiny_pipeline(
@@ -208,7 +210,7 @@ def build_tiny_pipeline(
             tokenizer=tokenizer,
             scheduler=scheduler,
         )
-    raise ValueError(f"unknown model kind {kind!r}; expected 'sd15', 'sdxl' or 'pixel'")
+    raise UsageError(f"unknown model kind {kind!r}; expected 'sd15', 'sdxl' or 'pixel'")
 
 
 def save_tiny_pipeline(out_dir: str | Path, kind: str = "sd15", **kwargs) -> Path:

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ncppo.errors import UsageError
+
 DEFAULT_BETA = 5000.0
 AUTO = "auto"
 SATURATION = 5.0  # a pair whose argument exceeds this has gradient weight sigmoid(-5) < 0.7%: saturated
@@ -91,7 +93,7 @@ def _sigmoid_loss(inside: torch.Tensor, tie: torch.Tensor | None) -> torch.Tenso
 
 def _check_beta(beta, objective: str) -> float:
     if isinstance(beta, str):
-        raise ValueError(f"{objective}: beta {beta!r} has not been calibrated; run ncppo.objectives.calibrate_beta "
+        raise UsageError(f"{objective}: beta {beta!r} has not been calibrated; run ncppo.objectives.calibrate_beta "
                          "(the Trainer does) or give a number")
     return beta
 
@@ -113,7 +115,7 @@ class SFT:
 
     def __call__(self, losses: PairLosses) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if losses.tie is not None:
-            raise ValueError("SFT trains on winners only and cannot use ties; use tie_policy 'drop'")
+            raise UsageError("SFT trains on winners only and cannot use ties; use tie_policy 'drop'")
         loss = losses.policy_w.mean()
         return loss, {"loss": loss.detach(), **_means(losses)}
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, replace
 
+from ncppo.errors import UsageError
 from ncppo.objectives.preference import AUTO, CPO, DEFAULT_BETA, DPO, SFT
 from ncppo.objectives.spaces import NoiseSpace, PerceptualSpace
 from ncppo.perception import NoiseConditionedEncoder
@@ -82,13 +83,13 @@ def make_objective(
     (``model`` | ``fp32``). Invalid values raise a ``ValueError`` listing the valid ones.
     """
     if name not in OBJECTIVE_NAMES:
-        raise ValueError(unknown_name_message("objective", name, OBJECTIVE_NAMES))
+        raise UsageError(unknown_name_message("objective", name, OBJECTIVE_NAMES))
     base = name.removeprefix("ncp-")
     if isinstance(beta, str):
         if beta != AUTO:
-            raise ValueError(f"beta must be a number or 'auto', got {beta!r}")
+            raise UsageError(f"beta must be a number or 'auto', got {beta!r}")
         if base == "sft":
-            raise ValueError(f"beta 'auto' calibrates a sigmoid's argument; {name} has none (and no beta)")
+            raise UsageError(f"beta 'auto' calibrates a sigmoid's argument; {name} has none (and no beta)")
     else:
         beta = DEFAULT_BETA if beta is None else float(beta)
     preference = {"sft": SFT(), "dpo": DPO(beta=beta), "cpo": CPO(beta=beta, lam=cpo_lambda)}[base]

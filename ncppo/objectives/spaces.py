@@ -22,6 +22,7 @@ from ncppo.diffusion import (
     renoise_gain,
     reverse_step,
 )
+from ncppo.errors import UsageError
 from ncppo.perception import NoiseConditionedEncoder
 
 
@@ -72,13 +73,13 @@ def parse_encoder_timestep(spec: str) -> int | None:
         return None
     match = _OFFSET.match(spec) if isinstance(spec, str) else None
     if not match or int(match.group(1)) < 1:
-        raise ValueError(f"unknown encoder timestep {spec!r}; expected 't-1' (default), 't-k' with k >= 1, or 'uniform'")
+        raise UsageError(f"unknown encoder timestep {spec!r}; expected 't-1' (default), 't-k' with k >= 1, or 'uniform'")
     return int(match.group(1))
 
 
 def _check_choice(option: str, value, choices) -> None:
     if value not in choices:
-        raise ValueError(f"unknown {option} {value!r}; expected one of {', '.join(choices)}")
+        raise UsageError(f"unknown {option} {value!r}; expected one of {', '.join(choices)}")
 
 
 @dataclass(frozen=True)
