@@ -54,7 +54,7 @@ def test_shipped_configs_load():
 
     root = Path(__file__).parents[1] / "configs"
     configs = sorted(root.glob("*.yaml")) + sorted((root / "toy").glob("*.yaml"))
-    assert len(configs) == 10
+    assert len(configs) == 12
     for path in configs:
         cfg = load_config(path)
         assert cfg.objective.name in ("dpo", "ncp-dpo", "sft", "cpo", "ncp-sft", "ncp-cpo")
