@@ -35,7 +35,8 @@ def _score(args) -> int:
 def _compare(args) -> int:
     from ncppo.evaluation.scoring import compare_image_sets, comparison_markdown
 
-    result = compare_image_sets(args.a, args.b, args.reward or None, n_boot=args.bootstrap, json_path=args.json)
+    result = compare_image_sets(args.a, args.b, args.reward or None, n_boot=args.bootstrap, json_path=args.json,
+                                allow_mismatch=args.allow_mismatch)
     print(comparison_markdown(result), end="")
     return 0
 
@@ -72,6 +73,12 @@ def _sampling_options(p) -> None:
     p.add_argument("--width", type=int)
 
 
+def _mismatch_option(p) -> None:
+    p.add_argument("--allow-mismatch", action="store_true",
+                   help="compare sets whose generation settings (generation.json) differ in more than the model and "
+                        "LoRA (refused by default; the differences are printed)")
+
+
 def add_eval_commands(sub) -> None:
     from ncppo.evaluation.rewards import reward_names
 
@@ -100,6 +107,7 @@ def add_eval_commands(sub) -> None:
     compare.add_argument("--reward", action="append", help="only these rewards (default: every reward both have)")
     compare.add_argument("--bootstrap", type=int, default=2000)
     compare.add_argument("--json", help="also write the full result here")
+    _mismatch_option(compare)
     compare.set_defaults(func=_compare)
 
     curve = sub.add_parser("curve", help="reward against training time from runs' checkpoints (the paper's Fig 4)")

@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from ncppo.errors import OutputDirError, StateError
+from ncppo.errors import OutputDirError, StateError, UsageError
 from ncppo.evaluation.generation import GenerationSpec, render_batch
 from ncppo.evaluation.prompts import PromptSet
 from ncppo.io import atomic_write_text, clear_output_dir, guard_output_dir, mark_output_dir, output_owner
@@ -152,3 +154,136 @@ def generate_image_set(pipe, prompts: PromptSet, out_dir: str | Path, spec: Gene
 def _write_manifest(out: Path, records: dict[str, ImageRecord]) -> None:
     rows = [json.dumps(asdict(r)) for r in sorted(records.values(), key=lambda r: (r.prompt_index, r.image_index))]
     atomic_write_text(out / MANIFEST, "\n".join(rows) + ("\n" if rows else ""))
+
+
+# -- pairing two generated sets ---------------------------------------------------------------------------
+IDENTITY_KEYS = ("model", "lora")  # what may differ between two sets that are compared: the model under test
+
+
+class SettingsMismatchError(UsageError):
+    """Two generated sets were made with other settings than the model and LoRA; the message names the keys."""
+
+
+@dataclass
+class Pairing:
+    """Two generated sets paired by (prompt, seed): ``pairs`` in ``a``'s order, the images of each side
+    without a partner, and the generation settings that differ (flattened key -> (a's value, b's value))."""
+
+    a_dir: Path
+    b_dir: Path
+    a_records: list[ImageRecord]
+    b_records: list[ImageRecord]
+    pairs: list[tuple[ImageRecord, ImageRecord]]
+    unpaired_a: list[ImageRecord]
+    unpaired_b: list[ImageRecord]
+    differences: dict[str, tuple]
+    unchecked: list[Path]  # sets without a generation.json: their settings could not be compared
+
+    @property
+    def unpaired(self) -> int:
+        return len(self.unpaired_a) + len(self.unpaired_b)
+
+    @property
+    def prompts(self) -> int:
+        """Distinct prompts among the pairs (the bootstrap units of a win rate)."""
+        return len({ra.prompt for ra, _ in self.pairs})
+
+    def notes(self) -> list[str]:
+        """One line per thing a reader of a comparison must know: unpaired images, unchecked or differing settings."""
+        out = []
+        for folder, missing, records in ((self.a_dir, self.unpaired_a, self.a_records),
+                                         (self.b_dir, self.unpaired_b, self.b_records)):
+            if missing:
+                examples = ", ".join(r.id for r in missing[:3]) + (", ..." if len(missing) > 3 else "")
+                out.append(f"{len(missing)} of {len(records)} images of {folder} have no partner (same prompt and "
+                           f"seed) in the other set and are left out (e.g. {examples})")
+        for folder in self.unchecked:
+            out.append(f"{folder} has no {SETTINGS}: its generation settings could not be checked against the other set")
+        if self.differences:
+            out.append("compared despite other generation settings (--allow-mismatch): " + _describe(self.differences))
+        if self.pairs and self.prompts < 5:
+            out.append(f"only {self.prompts} prompt(s) are paired: a win rate's interval over so few prompts means little")
+        return out
+
+
+def read_settings(folder: str | Path) -> dict | None:
+    """The set's ``generation.json`` (``None`` when it has none); a damaged one is a :class:`StateError`."""
+    path = Path(folder) / SETTINGS
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as err:
+        raise StateError(f"{path} is damaged ({err})") from err
+    if not isinstance(data, dict):
+        raise StateError(f"{path} is not a generation settings file (not a JSON object)")
+    return data
+
+
+def _flat(settings: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _describe(differences: dict[str, tuple]) -> str:
+    return "; ".join(f"{k}: {a!r} vs {b!r}" for k, (a, b) in differences.items())
+
+
+def _ordered_prompts(records: list[ImageRecord]) -> list[str]:
+    return [p for _, p in sorted({(r.prompt_index, r.prompt) for r in records})]
+
+
+def settings_differences(a_settings: dict, b_settings: dict, a_records: list[ImageRecord] | None = None,
+                         b_records: list[ImageRecord] | None = None) -> dict[str, tuple]:
+    """The generation settings (flattened, e.g. ``spec.num_inference_steps``) that differ between two sets,
+    other than the model and LoRA. The prompt file's path (``prompt_source``) counts only when the prompts
+    in the manifests differ too (one file may be named by two paths, or by its packaged set name)."""
+    fa, fb = _flat(a_settings), _flat(b_settings)
+    keys = sorted(k for k in set(fa) | set(fb) if k not in IDENTITY_KEYS and fa.get(k) != fb.get(k))
+    if "prompt_source" in keys and a_records is not None and b_records is not None \
+            and _ordered_prompts(a_records) == _ordered_prompts(b_records):
+        keys.remove("prompt_source")
+    return {k: (fa.get(k), fb.get(k)) for k in keys}
+
+
+def print_note(message: str) -> None:
+    """A notice for the person at the console: ``ncppo: note: ...`` on stderr."""
+    print(f"ncppo: note: {message}", file=sys.stderr)
+
+
+def pair_image_sets(a_dir: str | Path, b_dir: str | Path, allow_mismatch: bool = False,
+                    notify: Callable[[str], None] | None = print_note) -> Pairing:
+    """Pair two ``ncppo generate`` outputs by (prompt, seed): what ``ncppo compare``, ``ncppo report`` and
+    ``ncppo study create`` compare.
+
+    Refused (:class:`SettingsMismatchError`, naming the keys) when the two ``generation.json`` differ in
+    anything but the model and LoRA, unless ``allow_mismatch``; refused when nothing pairs. Every
+    :meth:`Pairing.notes` line (unpaired images with examples, unchecked or differing settings, too few
+    prompts) goes to ``notify`` (default: one ``ncppo: note:`` line each on stderr; ``None``: silent).
+    """
+    a_dir, b_dir = Path(a_dir), Path(b_dir)
+    a_records, b_records = read_manifest(a_dir), read_manifest(b_dir)
+    found = {folder: read_settings(folder) for folder in (a_dir, b_dir)}
+    unchecked = [folder for folder, s in found.items() if s is None]
+    differences = {} if unchecked else settings_differences(found[a_dir], found[b_dir], a_records, b_records)
+    if differences and not allow_mismatch:
+        raise SettingsMismatchError(
+            f"{a_dir} and {b_dir} were generated with other settings ({_describe(differences)}); only the model "
+            "and LoRA may differ between sets that are compared. Generate both with the same settings, or pass "
+            "--allow-mismatch to compare them anyway")
+    pairs = pair_by_prompt_and_seed(a_records, b_records)
+    if not pairs:
+        raise UsageError(f"{a_dir} and {b_dir} share no (prompt, seed): they were not generated from the same "
+                         "prompts and seed")
+    paired_a, paired_b = {id(ra) for ra, _ in pairs}, {id(rb) for _, rb in pairs}
+    pairing = Pairing(a_dir, b_dir, a_records, b_records, pairs, [r for r in a_records if id(r) not in paired_a],
+                      [r for r in b_records if id(r) not in paired_b], differences, unchecked)
+    if notify is not None:
+        for line in pairing.notes():
+            notify(line)
+    return pairing

@@ -16,7 +16,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ncppo.errors import StateError, UsageError
-from ncppo.evaluation.image_sets import load_image, pair_by_prompt_and_seed, read_manifest
+from ncppo.evaluation.image_sets import Pairing, load_image, pair_image_sets, print_note, read_manifest
 from ncppo.evaluation.stats import WinRate, paired_win_rate
 from ncppo.io import atomic_write_text
 
@@ -48,37 +48,44 @@ def read_scores(folder: str | Path) -> dict[str, dict[str, float]]:
     return out
 
 
-def paired_scores(a_dir, b_dir, reward: str):
-    """Aligned score arrays of two sets for ``reward`` by (prompt, seed), with the prompt of each pair."""
-    a_records, b_records = read_manifest(a_dir), read_manifest(b_dir)
+def paired_scores(a_dir, b_dir, reward: str, pairing: Pairing | None = None):
+    """Aligned score arrays of two sets for ``reward`` by (prompt, seed), with the record of each pair and the
+    count of unpaired images (``pairing``: an earlier :func:`pair_image_sets` of the two, else paired here)."""
+    pairing = pairing or pair_image_sets(a_dir, b_dir, notify=None)
     a_scores, b_scores = read_scores(a_dir).get(reward), read_scores(b_dir).get(reward)
     for folder, found in ((a_dir, a_scores), (b_dir, b_scores)):
         if found is None:
             raise FileNotFoundError(f"{folder} has no {reward} scores; run `ncppo score --reward {reward} ... {folder}`")
-    pairs = pair_by_prompt_and_seed(a_records, b_records)
-    if not pairs:
-        raise UsageError(f"{a_dir} and {b_dir} share no (prompt, seed): they were not generated from the same prompts and seed")
+    pairs = pairing.pairs
     missing = [ra.id for ra, rb in pairs if ra.id not in a_scores] + [rb.id for ra, rb in pairs if rb.id not in b_scores]
     if missing:
         raise StateError(f"{len(missing)} paired images have no {reward} score (first: {missing[0]}); score both sets again")
     a = np.array([a_scores[ra.id] for ra, _ in pairs])
     b = np.array([b_scores[rb.id] for _, rb in pairs])
-    unpaired = len(a_records) + len(b_records) - 2 * len(pairs)
-    return a, b, [ra for ra, _ in pairs], unpaired
+    return a, b, [ra for ra, _ in pairs], pairing.unpaired
 
 
 def compare_image_sets(a_dir, b_dir, rewards: list[str] | None = None, n_boot: int = 2000,
-                       category_key: str = "Category", json_path: str | Path | None = None) -> dict:
+                       category_key: str = "Category", json_path: str | Path | None = None,
+                       allow_mismatch: bool = False, notify=print_note) -> dict:
     """Per reward: the paired win rate of B over A, the means and medians, and per-category rates
-    (also written to ``json_path`` when given)."""
+    (also written to ``json_path`` when given).
+
+    The sets are paired by :func:`ncppo.evaluation.image_sets.pair_image_sets`: refused when their generation
+    settings differ in anything but the model and LoRA (unless ``allow_mismatch``); its notes (unpaired images,
+    differing settings) go to ``notify`` and into the result's ``notes``.
+    """
     for folder in (a_dir, b_dir):
         read_manifest(folder)  # both must be generation outputs: say so before anything else
+    pairing = pair_image_sets(a_dir, b_dir, allow_mismatch=allow_mismatch, notify=notify)
     shared = sorted(set(read_scores(a_dir)) & set(read_scores(b_dir))) if rewards is None else rewards
     if not shared:
         raise UsageError(f"{a_dir} and {b_dir} have no reward scored on both; run `ncppo score` on each")
-    result = {"a": str(a_dir), "b": str(b_dir), "rewards": {}}
+    result = {"a": str(a_dir), "b": str(b_dir), "unpaired": {"a": len(pairing.unpaired_a), "b": len(pairing.unpaired_b)},
+              "settings_differences": {k: list(v) for k, v in pairing.differences.items()},
+              "notes": pairing.notes(), "rewards": {}}
     for reward in shared:
-        a, b, records, unpaired = paired_scores(a_dir, b_dir, reward)
+        a, b, records, unpaired = paired_scores(a_dir, b_dir, reward, pairing)
         prompts = np.array([r.prompt for r in records])
         win = paired_win_rate(a, b, groups=prompts, n_boot=n_boot)
         entry = {"win_rate": win.to_dict(), "pairs": len(a), "unpaired_images": unpaired,
@@ -99,7 +106,10 @@ def compare_image_sets(a_dir, b_dir, rewards: list[str] | None = None, n_boot: i
 
 def comparison_markdown(result: dict) -> str:
     """A :func:`compare_image_sets` result as Markdown tables (what ``ncppo compare`` prints)."""
-    lines = [f"B = `{result['b']}` vs A = `{result['a']}`", "",
+    unpaired = result.get("unpaired", {})
+    lines = [f"B = `{result['b']}` vs A = `{result['a']}`"
+             + (f" ({unpaired['a']} images of A and {unpaired['b']} of B unpaired, left out)" if any(unpaired.values()) else ""),
+             "",
              "| reward | pairs | win rate of B [95% CI] | W/T/L | mean A -> B | median A -> B |", "|---|---|---|---|---|---|"]
     for reward, e in result["rewards"].items():
         w = WinRate.from_dict(e["win_rate"])

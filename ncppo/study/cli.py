@@ -9,7 +9,7 @@ def _create(args) -> int:
     from ncppo.study.create import create_study
 
     store = create_study(args.a, args.b, args.out, votes_per_item=args.votes, sample=args.sample, seed=args.seed,
-                         timeout_s=args.timeout, overwrite=args.overwrite)
+                         timeout_s=args.timeout, overwrite=args.overwrite, allow_mismatch=args.allow_mismatch)
     print(f"study {args.out}: {len(store.items())} items x {store.votes_per_item} votes")
     print(f"admin token (results, invites): {store.meta('admin_token')}")
     return 0
@@ -73,6 +73,8 @@ def add_study_commands(sub) -> None:
     create.add_argument("--timeout", type=float, default=600.0, help="seconds before an unanswered item is released")
     create.add_argument("--overwrite", action="store_true",
                         help="replace an existing study in --out (its votes are lost); by default it is refused")
+    create.add_argument("--allow-mismatch", action="store_true",
+                        help="pair sets whose generation settings differ in more than the model and LoRA (refused by default)")
     create.set_defaults(func=_create)
     invite = s.add_parser("invite", help="add annotators and print their links")
     invite.add_argument("study")

@@ -22,7 +22,7 @@ import zlib
 from pathlib import Path
 
 from ncppo.errors import OutputDirError, UsageError
-from ncppo.evaluation.image_sets import MANIFEST, ImageRecord, pair_by_prompt_and_seed, read_manifest
+from ncppo.evaluation.image_sets import MANIFEST, ImageRecord, pair_image_sets
 from ncppo.io import atomic_directory, atomic_write_text, guard_output_dir, mark_output_dir, output_owner
 from ncppo.study.store import FORMAT, IncompleteStudyError, StudyStore
 
@@ -100,7 +100,10 @@ def blind_image(path: Path, where: str) -> bytes:
 
 
 def create_study(a_dir: str | Path, b_dir: str | Path, out: str | Path, votes_per_item: int = 3,
-                 sample: int | None = None, seed: int = 0, timeout_s: float = 600.0, overwrite: bool = False) -> StudyStore:
+                 sample: int | None = None, seed: int = 0, timeout_s: float = 600.0, overwrite: bool = False,
+                 allow_mismatch: bool = False) -> StudyStore:
+    """A study of ``a_dir`` against ``b_dir``, paired by :func:`ncppo.evaluation.image_sets.pair_image_sets` (refused
+    when their generation settings differ in more than the model and LoRA, unless ``allow_mismatch``)."""
     if votes_per_item < 1:
         raise UsageError(f"votes per item must be >= 1, got {votes_per_item}")
     target = guard_output_dir(out, COMMAND, inputs=[a_dir, b_dir], overwrite=overwrite)
@@ -108,11 +111,10 @@ def create_study(a_dir: str | Path, b_dir: str | Path, out: str | Path, votes_pe
         raise OutputDirError(f"{out} already holds a study (with its votes); choose another --out, "
                              "or pass --overwrite to replace it")
     folders = {side: Path(folder).resolve() for side, folder in (("a", a_dir), ("b", b_dir))}
-    records = {side: read_manifest(folder) for side, folder in folders.items()}
+    pairing = pair_image_sets(folders["a"], folders["b"], allow_mismatch=allow_mismatch)
+    records = {"a": pairing.a_records, "b": pairing.b_records}
     rows = {id(r): n for side in records for n, r in enumerate(records[side], start=1)}  # manifest line numbers
-    pairs = pair_by_prompt_and_seed(records["a"], records["b"])
-    if not pairs:
-        raise UsageError(f"{a_dir} and {b_dir} share no (prompt, seed); generate both from one prompt file and seed")
+    pairs = pairing.pairs
     if sample is not None and sample < len(pairs):
         pairs = sorted(random.Random(seed).sample(pairs, sample), key=lambda p: (p[0].prompt_index, p[0].image_index))
     with atomic_directory(target) as scratch:
