@@ -75,3 +75,39 @@ def test_resume_output_and_guard_options():
         load_config(None, [*BASE, "max_skipped_step_fraction=1.5"])
     with pytest.raises(ConfigError, match="diagnostics_window: must be >= 1, got 0"):
         load_config(None, [*BASE, "diagnostics_window=0"])
+
+
+def test_yaml_pitfalls_no_and_single_strings(tmp_path):
+    (tmp_path / "c.yaml").write_text("model: {pretrained: /m, lora_targets: to_q}\ndata: {source: /d}\n"
+                                     "mixed_precision: no\nreport_to: jsonl\nvalidation_prompts: a cat, oil painting\n")
+    cfg = load_config(tmp_path / "c.yaml")
+    assert cfg.mixed_precision == "no"  # YAML read the bare word as false
+    assert cfg.model.lora_targets == ["to_q"] and cfg.report_to == ["jsonl"]
+    assert cfg.validation_prompts == ["a cat, oil painting"]  # a prompt is never split at its commas
+    cfg = load_config(None, [*BASE, "mixed_precision=no", "report_to=jsonl,csv", "model.lora_targets=to_q, to_k"])
+    assert cfg.mixed_precision == "no" and cfg.report_to == ["jsonl", "csv"] and cfg.model.lora_targets == ["to_q", "to_k"]
+    assert load_config(None, [*BASE, "mixed_precision=bf16"]).mixed_precision == "bf16"
+    with pytest.raises(ConfigError, match="mixed_precision: expected str, got True"):
+        load_config(None, [*BASE, "mixed_precision=yes"])  # 'yes' means no precision: still an error
+    with pytest.raises(ConfigError, match="report_to: 'wandbb' is not one of"):
+        load_config(None, [*BASE, "report_to=wandbb"])
+
+
+def test_every_config_key_is_described_with_its_default():
+    import dataclasses
+
+    from ncppo.training.config import TrainConfig, config_options, describe_options
+
+    options = {o["key"]: o for o in config_options()}
+    leaves = []
+    for f in dataclasses.fields(TrainConfig):
+        value = getattr(TrainConfig(), f.name)
+        leaves += [f"{f.name}.{g.name}" for g in dataclasses.fields(value)] if dataclasses.is_dataclass(value) else [f.name]
+    assert sorted(options) == sorted(leaves)
+    undocumented = [k for k, o in options.items() if not o["help"]]
+    assert not undocumented, f"config keys without a meaning in their dataclass's docstring: {undocumented}"
+    text = describe_options()
+    assert "  optim.learning_rate (float, default: 1e-08)\n      the base learning rate" in text
+    assert "  mixed_precision (str, default: no)  one of: no, fp16, bf16" in text
+    assert "  report_to (list of str, default: [jsonl, csv])" in text and "tracker_project (str, default: ncppo)" in text
+    assert "``" not in text and ":class:" not in text

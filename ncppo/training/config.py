@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,22 +27,47 @@ class ConfigError(NcppoError, ValueError):
 
 @dataclass
 class ModelConfig:
-    pretrained: str = ""  # diffusers pipeline folder (or hub id when online)
-    finetune: str = "lora"  # lora | full
+    """The model to train (section ``model``).
+
+    Parameters:
+        pretrained: the diffusers pipeline folder to train (SD1.5- or SDXL-class), or a hub id when online.
+        finetune: ``lora`` (peft adapters on the U-Net; the frozen base is the reference) or ``full`` (the
+            whole U-Net, with a frozen copy as the reference).
+        lora_rank: the LoRA rank (the paper: 64).
+        lora_alpha: the LoRA alpha; the adapters are scaled by ``alpha / rank`` (``null``: alpha = rank).
+        lora_targets: the U-Net modules that get adapters (peft ``target_modules``; one name or a
+            comma-separated string is read as a list).
+    """
+
+    pretrained: str = ""
+    finetune: str = "lora"
     lora_rank: int = 64
-    lora_alpha: float | None = None  # None: alpha = rank
+    lora_alpha: float | None = None
     lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
 
 
 @dataclass
 class DataConfig:
-    source: str = ""  # Pick-a-Pic parquet / save_to_disk / .csv / hub id (raw images)
-    cache: str = ""  # a latent cache folder (ncppo data cache); used instead of source when set
+    """The preference pairs (section ``data``).
+
+    Parameters:
+        source: raw pairs: a Pick-a-Pic parquet folder, a ``save_to_disk`` folder, a ``.csv`` or a hub id.
+        cache: a latent cache folder (``ncppo data cache``); used instead of ``source`` when set.
+        resolution: the training resolution in pixels (images are resized and cropped to it).
+        tie_policy: what to do with tied pairs: ``drop``, ``keep`` (only objectives that can use ties)
+            or ``error``.
+        random_crop: crop at a random place instead of the centre.
+        random_flip: flip half the pairs horizontally (both images of a pair alike).
+        prompt_dropout: the fraction of prompts replaced by the empty prompt (Diffusion-DPO: 0.2 for SDXL).
+    """
+
+    source: str = ""
+    cache: str = ""
     resolution: int = 512
     tie_policy: str = "drop"
     random_crop: bool = False
     random_flip: bool = False
-    prompt_dropout: float = 0.0  # fraction of prompts replaced by "" (Diffusion-DPO: 0.2 for SDXL)
+    prompt_dropout: float = 0.0
 
 
 @dataclass
@@ -91,21 +118,65 @@ class ObjectiveConfig:
 
 @dataclass
 class OptimConfig:
-    optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes)
+    """The optimiser and the learning-rate schedule (section ``optim``).
+
+    Parameters:
+        optimizer: ``adamw`` (torch) or ``adamw8bit`` (bitsandbytes).
+        learning_rate: the base learning rate; with ``scale_lr`` the run trains at this times the
+            effective batch (the value used is printed at start and written to ``config.yaml``'s ``resolved``).
+        scale_lr: multiply the learning rate by the effective batch in pairs, as Diffusion-DPO (1e-8 x 2048).
+        weight_decay: AdamW's decoupled weight decay.
+        adam_beta1: AdamW's first-moment decay.
+        adam_beta2: AdamW's second-moment decay.
+        adam_epsilon: AdamW's epsilon (updates whose gradient scale is below it are set by it; see
+            ``diagnostics_window``).
+        max_grad_norm: clip the total gradient norm to this.
+        lr_scheduler: any ``diffusers.optimization`` scheduler name (``constant``, ``constant_with_warmup``,
+            ``linear``, ``cosine``...).
+        lr_warmup_steps: optimiser steps of linear warm-up.
+    """
+
+    optimizer: str = "adamw"
     learning_rate: float = 1e-8
-    scale_lr: bool = True  # lr x effective batch (pairs), as Diffusion-DPO
+    scale_lr: bool = True
     weight_decay: float = 1e-2
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
-    lr_scheduler: str = "constant_with_warmup"  # any diffusers.optimization scheduler name
+    lr_scheduler: str = "constant_with_warmup"
     lr_warmup_steps: int = 0
 
 
 @dataclass
 class TrainConfig:
-    """One training run (see the README's "Training" for the options).
+    """One training run (see the README's "Training"); the sections are :class:`ModelConfig`,
+    :class:`DataConfig`, :class:`ObjectiveConfig` and :class:`OptimConfig`.
+
+    Run:
+        output_dir: the run's folder: ``config.yaml``, metrics, ``checkpoints/``, ``lora/``, ``README.md``
+            (the model card), ``summary.json``.
+        seed: the seed of everything random (the LoRA's initial weights, data order, noise, dropout).
+
+    Batches and budget:
+        batch_size: pairs per process per micro-step.
+        gradient_accumulation_steps: micro-steps per optimiser step.
+        effective_batch: pairs per optimiser step over all processes; sets ``gradient_accumulation_steps``
+            (``null``: not used).
+        max_steps: stop after this many optimiser steps.
+        max_train_minutes: stop after this much training time (equal-compute comparisons; ``null``: none).
+
+    Precision:
+        mixed_precision: ``no``, ``fp16`` or ``bf16`` (on GPU the frozen weights are kept in half
+            precision, the LoRA in float32). YAML reads a bare ``no`` as false: that means ``no`` too.
+        gradient_checkpointing: recompute activations in the backward pass (less memory, slower).
+
+    Checkpoints:
+        checkpoint_every_steps: write a checkpoint every this many optimiser steps (``null``: only at the
+            end). Each checkpoint ``checkpoints/step-N/`` is also a LoRA in diffusers format
+            (``pipe.load_lora_weights``, ``ncppo generate --lora``).
+        checkpoint_every_minutes: write a checkpoint every this many minutes of training (``null``: none).
+        keep_last_checkpoints: the newest checkpoints kept; older ones are deleted.
 
     Output folder and resume:
         resume: ``true`` (default) continues from the newest complete checkpoint in ``output_dir``;
@@ -124,10 +195,30 @@ class TrainConfig:
             ``output_dir`` equal to, inside or around ``data.source``, ``data.cache`` or
             ``model.pretrained`` is always refused.
 
+    Logging and trackers:
+        log_every: log the metrics every this many optimiser steps.
+        report_to: where the metrics go: ``jsonl`` and ``csv`` (files in ``output_dir``), ``tensorboard``
+            and ``wandb`` (through accelerate's trackers; install ``ncppo[tensorboard]`` or ``ncppo[wandb]``).
+            One name or a comma-separated string is read as a list.
+        tracker_project: the project name for the trackers (W&B project; TensorBoard logs go to
+            ``output_dir/tensorboard/PROJECT``).
+        run_name: the run's name for the trackers and the exported files (``null``: the name of
+            ``output_dir``).
+
+    Validation:
+        validation_every: sample ``validation_prompts`` every this many steps into ``validation/`` and the
+            trackers (``null``: only at the end, when there are prompts).
+        validation_prompts: prompts sampled for validation (one image each, seed = its index); at the end
+            also without the LoRA, as a comparison grid (``validation/comparison.png``).
+        validation_steps: sampling steps for validation images.
+
     Guards and diagnostics:
+        max_nonfinite_in_a_row: the NaN/inf guard: a non-finite loss or gradient skips the step; the run
+            stops after this many in a row.
         max_skipped_step_fraction: stop (with the data's skip report) once more than this share of the
             optimiser steps had no valid pair (all their images failed to decode), checked from step
             ``skipped_step_check_after`` on and at the end of the run; ``null`` disables it.
+        skipped_step_check_after: the first step at which ``max_skipped_step_fraction`` is checked.
         diagnostics_window: consecutive logged steps before a diagnostic warning: ``argument_rms``
             below 1e-3 (the loss sits at log 2) or ``eps_dominated_frac`` above 0.5 (most Adam updates
             are below ``optim.adam_epsilon``).
@@ -139,27 +230,29 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    batch_size: int = 1  # pairs per process per micro-step
+    batch_size: int = 1
     gradient_accumulation_steps: int = 1
-    effective_batch: int | None = None  # pairs per optimizer step; sets gradient_accumulation_steps
+    effective_batch: int | None = None
     max_steps: int = 2000
-    max_train_minutes: float | None = None  # stop on a time budget (equal-compute comparisons)
-    mixed_precision: str = "no"  # no | fp16 | bf16 (frozen weights in half precision)
+    max_train_minutes: float | None = None
+    mixed_precision: str = "no"
     gradient_checkpointing: bool = False
     checkpoint_every_steps: int | None = None
     checkpoint_every_minutes: float | None = None
     keep_last_checkpoints: int = 3
-    resume: bool | str = True  # true | false | force: continue from the newest checkpoint in output_dir
-    overwrite_output_dir: bool = False  # replace a run (or anything else) already in output_dir
+    resume: bool | str = True
+    overwrite_output_dir: bool = False
     log_every: int = 1
-    report_to: list[str] = field(default_factory=lambda: ["jsonl", "csv"])  # + tensorboard, wandb
+    report_to: list[str] = field(default_factory=lambda: ["jsonl", "csv"])
+    tracker_project: str = "ncppo"
+    run_name: str | None = None
     validation_every: int | None = None
     validation_prompts: list[str] = field(default_factory=list)
     validation_steps: int = 20
     max_nonfinite_in_a_row: int = 5
-    max_skipped_step_fraction: float | None = 0.1  # stop when this share of steps had no valid pair
-    skipped_step_check_after: int = 10  # ... checked from this step on (and at the end of the run)
-    diagnostics_window: int = 20  # consecutive logged steps before a diagnostic warning
+    max_skipped_step_fraction: float | None = 0.1
+    skipped_step_check_after: int = 10
+    diagnostics_window: int = 20
 
     def resolved_accumulation(self, num_processes: int) -> int:
         """Gradient accumulation steps, from ``effective_batch`` when it is set."""
@@ -181,7 +274,7 @@ CHANGEABLE_ON_RESUME = frozenset({
     "output_dir", "resume", "overwrite_output_dir", "max_steps", "max_train_minutes", "checkpoint_every_steps",
     "checkpoint_every_minutes", "keep_last_checkpoints", "log_every", "report_to", "validation_every",
     "validation_prompts", "validation_steps", "max_nonfinite_in_a_row", "max_skipped_step_fraction",
-    "skipped_step_check_after", "diagnostics_window", "gradient_checkpointing",
+    "skipped_step_check_after", "diagnostics_window", "gradient_checkpointing", "tracker_project", "run_name",
 })
 RESUME_CHOICES = (True, False, "force")
 
@@ -192,6 +285,27 @@ _CHOICES = {
     "mixed_precision": ("no", "fp16", "bf16"),
 }
 _REPORTERS = ("jsonl", "csv", "tensorboard", "wandb")
+# YAML 1.1 reads a bare no/off/false (yes/on/true) as a boolean: what the word meant for these string keys
+_BOOLEAN_WORDS = {"mixed_precision": {False: "no"}}
+# list keys whose items never hold a comma: "jsonl,wandb" is two items (a validation prompt may hold commas)
+_COMMA_LISTS = frozenset({"report_to", "model.lora_targets"})
+
+
+def _is_list(hint) -> bool:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_is_list(option) for option in typing.get_args(hint))
+    return typing.get_origin(hint) is list
+
+
+def _yaml_pitfalls(key: str, value, hint):
+    """What a YAML value meant: ``mixed_precision: no`` (read as false) is ``"no"``; a single string where a
+    list is expected (``report_to: wandb``) is a one-element list (split at commas for :data:`_COMMA_LISTS`)."""
+    if isinstance(value, bool) and value in _BOOLEAN_WORDS.get(key, {}):
+        return _BOOLEAN_WORDS[key][value]
+    if isinstance(value, str) and _is_list(hint):
+        items = value.split(",") if key in _COMMA_LISTS else [value]
+        return [item.strip() for item in items if item.strip()]
+    return value
 
 
 def _check_type(value, hint, key: str):
@@ -245,7 +359,7 @@ def _apply(obj, values: dict, prefix: str = "") -> None:
                 raise ConfigError(f"{full}: expected a mapping of {type(current).__name__} keys, got {value!r}")
             _apply(current, value, f"{full}.")
         else:
-            setattr(obj, key, _check_type(value, hints[key], full))
+            setattr(obj, key, _check_type(_yaml_pitfalls(full, value, hints[key]), hints[key], full))
 
 
 def _nested(dotted: dict) -> dict:
@@ -332,3 +446,84 @@ def validate(config: TrainConfig) -> None:
                           "(it has no loser to compare with); use 'drop'")
     if config.objective.calibration_batches < 1:
         raise ConfigError(f"objective.calibration_batches: must be >= 1, got {config.objective.calibration_batches}")
+
+
+# -- the option reference (``ncppo train --help``) ---------------------------------------------------------
+_ENTRY = re.compile(r"^ {4}(\w+): (.*)$")
+
+
+def field_docs(cls) -> dict[str, str]:
+    """``{field: meaning}`` from a config dataclass's docstring: its ``name: meaning`` entries, indented four
+    spaces under a section title (``Parameters:``, ``Run:``...), continued on more indented lines."""
+    docs: dict[str, str] = {}
+    current = None
+    for line in inspect.cleandoc(cls.__doc__ or "").splitlines():
+        if m := _ENTRY.match(line):
+            current = m.group(1)
+            docs[current] = m.group(2).strip()
+        elif current and line.startswith(" " * 8):
+            docs[current] += " " + line.strip()
+        else:
+            current = None
+    return docs
+
+
+def _rst(text: str) -> str:
+    text = re.sub(r":(?:class|func|data|meth):`~?([\w.]+)`", lambda m: m.group(1).rsplit(".", 1)[-1], text)
+    return text.replace("``", "")
+
+
+def _hint_text(hint) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " | ".join(_hint_text(h) for h in typing.get_args(hint))
+    if typing.get_origin(hint) is list:
+        return f"list of {_hint_text(typing.get_args(hint)[0])}"
+    return "null" if hint is type(None) else hint.__name__
+
+
+def _value_text(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        return value if value else "''"
+    if isinstance(value, list):
+        return "[" + ", ".join(_value_text(v) for v in value) + "]"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def config_options() -> list[dict]:
+    """Every config key of :class:`TrainConfig`, in order: ``{"key", "type", "default", "choices", "help"}``."""
+    options = []
+
+    def walk(cls, instance, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            value = getattr(instance, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(type(value), value, f"{prefix}{f.name}.")
+                continue
+            key = f"{prefix}{f.name}"
+            options.append({"key": key, "type": _hint_text(hints[f.name]), "default": value,
+                            "choices": _CHOICES.get(key) or (_REPORTERS if key == "report_to" else None),
+                            "help": _rst(docs.get(f.name, ""))})
+
+    walk(TrainConfig, TrainConfig(), "")
+    return options
+
+
+def describe_options(width: int = 100) -> str:
+    """The config keys with their type, default, choices and meaning: the epilog of ``ncppo train --help``."""
+    import textwrap
+
+    lines = ["config keys (a YAML file's sections mirror the dotted names; override any as KEY=VALUE):", ""]
+    for option in config_options():
+        head = f"  {option['key']} ({option['type']}, default: {_value_text(option['default'])})"
+        if option["choices"]:
+            head += f"  one of: {', '.join(map(str, option['choices']))}"
+        lines.append(head)
+        lines += textwrap.wrap(option["help"] or "(undocumented)", width, initial_indent=" " * 6,
+                               subsequent_indent=" " * 6, break_on_hyphens=False)
+    return "\n".join(lines)
