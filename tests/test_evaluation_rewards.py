@@ -1,5 +1,6 @@
 """Reward models on tiny, locally built models saved in the formats the real weights use."""
 
+import re
 from collections import OrderedDict
 
 import numpy as np
@@ -197,4 +198,51 @@ def test_hpsv2_loads_an_open_clip_checkpoint_folder(tmp_path):
     assert scores.shape == (3,) and np.all(np.abs(scores) <= 1.0 + 1e-6)
     (tmp_path / "not_clip.pt").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match="expected one open_clip checkpoint"):
+        make_reward("hpsv2", str(tmp_path))
+
+
+@pytest.mark.parametrize("reward", ["pickscore", "clip", "aesthetic"])
+def test_a_partial_weights_folder_is_one_line_naming_what_is_missing(clip_dir, tmp_path, capsys, reward):
+    import json
+    import shutil
+
+    from ncppo.cli import main
+
+    def partial(name, drop=(), keep_index=False):
+        folder = tmp_path / name
+        shutil.copytree(clip_dir, folder)
+        torch.save(aesthetic_head(32).state_dict(), folder / "head.pth")
+        for f in drop:
+            (folder / f).unlink()
+        if keep_index:  # a sharded copy whose second shard never arrived
+            (folder / "model.safetensors").rename(folder / "model-00001-of-00002.safetensors")
+            (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+                "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+        return folder
+
+    cases = {"model weights (model.safetensors": partial("no-weights", ["model.safetensors"]),
+             "image processor config": partial("no-processor", ["processor_config.json"]),
+             "lacks 1 of the 2 weight shards that model.safetensors.index.json lists (model-00002-of-00002":
+                 partial("no-shard", keep_index=True)}
+    for expected, folder in cases.items():
+        with pytest.raises(MissingWeightsError, match=re.escape(expected)):
+            make_reward(reward, str(folder))
+        assert main(["score", "--reward", reward, "--weights", str(folder), str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"ncppo: error: {reward}: {folder}") and expected in err
+    truncated = partial("truncated")
+    (truncated / "model.safetensors").write_bytes((truncated / "model.safetensors").read_bytes()[:1000])
+    assert main(["score", "--reward", reward, "--weights", str(truncated), str(tmp_path)]) == 2
+    assert "damaged or truncated" in capsys.readouterr().err
+
+
+def test_hpsv2_without_merges_or_with_a_truncated_checkpoint_is_named(tmp_path):
+    from ncppo.errors import StateError
+
+    (tmp_path / "vocab.json").write_text("{}")
+    (tmp_path / "HPS_v2_compressed.pt").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(MissingWeightsError, match="vocab.json without merges.txt"):
+        make_reward("hpsv2", str(tmp_path))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    with pytest.raises(StateError, match="cannot be read as a torch checkpoint"):
         make_reward("hpsv2", str(tmp_path))

@@ -33,6 +33,49 @@ def _require_dir(path, reward: str, expected: str) -> Path:
     return path
 
 
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+
+
+def check_transformers_folder(path: Path, reward: str, what: str = "a transformers CLIP model folder") -> None:
+    """A :class:`MissingWeightsError` naming the first thing a transformers model folder lacks: its
+    ``config.json``, its weights (a single file, or an index and every shard it lists) or the image
+    processor's config (what a partly copied or partly downloaded folder lacks)."""
+    import json
+
+    def missing(thing: str):
+        return MissingWeightsError(f"{reward}: {path} has no {thing}; expected {what} (a complete copy of it)")
+
+    if not (path / "config.json").is_file():
+        raise missing("config.json")
+    found = [name for name in WEIGHT_FILES if (path / name).is_file()]
+    if not found:
+        raise missing(f"model weights ({', '.join(WEIGHT_FILES)})")
+    if found[0].endswith(".index.json"):
+        try:
+            shards = sorted(set(json.loads((path / found[0]).read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise StateError(f"{reward}: {path / found[0]} is damaged ({err!r})") from err
+        absent = [name for name in shards if not (path / name).is_file()]
+        if absent:
+            raise MissingWeightsError(f"{reward}: {path} lacks {len(absent)} of the {len(shards)} weight shards that "
+                                      f"{found[0]} lists ({', '.join(absent[:3])}{', ...' if len(absent) > 3 else ''})")
+    if not any((path / name).is_file() for name in PROCESSOR_FILES):
+        raise missing(f"image processor config ({' or '.join(PROCESSOR_FILES)})")
+
+
+def _from_pretrained(loader, path: Path, reward: str):
+    """``loader.from_pretrained(path)`` with transformers' and safetensors' errors on a damaged folder as one line."""
+    try:
+        return loader.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as err:
+        raise StateError(f"{reward}: {path} cannot be loaded as {loader.__name__} ({str(err).splitlines()[0]})") from err
+    except Exception as err:  # safetensors' SafetensorError on a truncated file derives from Exception only
+        if type(err).__name__ != "SafetensorError":
+            raise
+        raise StateError(f"{reward}: a weights file in {path} is damaged or truncated ({err})") from err
+
+
 class ClipReward:
     """Shared machinery: embed images and prompts with a CLIP model and its processor, in batches."""
 
@@ -50,9 +93,8 @@ class ClipReward:
 
         path = _require_dir(path, cls.name, "a folder with a transformers CLIP model and its processor "
                                               "(config.json, model weights, preprocessor and tokenizer files)")
-        if not (path / "config.json").is_file():
-            raise MissingWeightsError(f"{cls.name}: {path} has no config.json; expected a transformers CLIP model folder")
-        return cls(CLIPModel.from_pretrained(path), CLIPProcessor.from_pretrained(path), **kwargs)
+        check_transformers_folder(path, cls.name)
+        return cls(_from_pretrained(CLIPModel, path, cls.name), _from_pretrained(CLIPProcessor, path, cls.name), **kwargs)
 
     @torch.no_grad()
     def embed(self, images: Sequence[np.ndarray], prompts: Sequence[str] | None):
@@ -137,6 +179,7 @@ class AestheticScore(ClipReward):
 
         path = _require_dir(path, cls.name, "a folder with a transformers CLIP ViT-L/14 model and the head's "
                                             "weights (a .pth or .safetensors file with layers.0 ... layers.7)")
+        check_transformers_folder(path, cls.name, "a transformers CLIP ViT-L/14 model folder with the aesthetic head in it")
         heads = sorted(p for p in path.iterdir() if p.suffix in (".pth", ".pt") or
                        (p.suffix == ".safetensors" and "aesthetic" in p.name))
         if len(heads) != 1:
@@ -149,14 +192,14 @@ class AestheticScore(ClipReward):
         else:
             state = torch.load(heads[0], map_location="cpu", weights_only=True)
         state = {k.removeprefix("layers."): v for k, v in state.items()}
-        model = CLIPModel.from_pretrained(path)
+        model = _from_pretrained(CLIPModel, path, cls.name)
         head = aesthetic_head(model.config.projection_dim)
         try:
             head.load_state_dict(state)
         except RuntimeError as err:
             raise StateError(f"aesthetic: {heads[0]} is not an improved-aesthetic-predictor head for a "
                              f"{model.config.projection_dim}-d CLIP embedding ({err})") from err
-        return cls(model, CLIPProcessor.from_pretrained(path), head, **kwargs)
+        return cls(model, _from_pretrained(CLIPProcessor, path, cls.name), head, **kwargs)
 
     @torch.no_grad()
     def __call__(self, images, prompts=None) -> np.ndarray:

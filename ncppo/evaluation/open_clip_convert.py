@@ -92,7 +92,10 @@ def convert_open_clip_state_dict(state: dict) -> dict:
 
 def read_open_clip_state(path: str | Path) -> dict:
     """The state dict of an open_clip checkpoint file (``{"state_dict": ...}`` or bare; DDP's ``module.`` dropped)."""
-    data = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError) as err:  # truncated, or not a torch file
+        raise StateError(f"{path} cannot be read as a torch checkpoint ({str(err).splitlines()[0]})") from err
     state = data.get("state_dict", data) if isinstance(data, dict) else None
     if not isinstance(state, dict) or "visual.conv1.weight" not in {k.removeprefix("module.") for k in state}:
         raise StateError(f"{path} is not an open_clip CLIP checkpoint (no visual.conv1.weight)")
@@ -117,18 +120,23 @@ def load_open_clip_checkpoint(path: str | Path, activation: str = "gelu"):
     preprocessing at the model's image size is used (as open_clip does)."""
     from transformers import CLIPImageProcessor, CLIPProcessor, CLIPTokenizer
 
+    from ncppo.evaluation.clip_rewards import MissingWeightsError
+
     path = Path(path)
     folder = path if path.is_dir() else path.parent
     if path.is_dir():
         found = sorted(p for p in path.iterdir() if p.suffix in (".pt", ".bin", ".pth"))
         if len(found) != 1:
-            raise FileNotFoundError(f"{path}: expected one open_clip checkpoint (*.pt, *.pth or *.bin), found "
+            raise MissingWeightsError(f"{path}: expected one open_clip checkpoint (*.pt, *.pth or *.bin), found "
                                     f"{[p.name for p in found]}")
         path = found[0]
-    model = open_clip_to_transformers(read_open_clip_state(path), activation)
     if not any((folder / f).is_file() for f in ("vocab.json", "tokenizer.json")):
-        raise FileNotFoundError(f"{folder}: no CLIP tokenizer files (vocab.json + merges.txt or tokenizer.json) "
-                                "beside the checkpoint; copy them from any OpenAI/LAION CLIP model folder")
+        raise MissingWeightsError(f"{folder}: no CLIP tokenizer files (vocab.json + merges.txt or tokenizer.json) "
+                                  "beside the checkpoint; copy them from any OpenAI/LAION CLIP model folder")
+    if (folder / "vocab.json").is_file() and not (folder / "tokenizer.json").is_file() \
+            and not (folder / "merges.txt").is_file():
+        raise MissingWeightsError(f"{folder}: vocab.json without merges.txt (the CLIP tokenizer needs both, or tokenizer.json)")
+    model = open_clip_to_transformers(read_open_clip_state(path), activation)
     tokenizer = CLIPTokenizer.from_pretrained(folder)
     # the text is pooled at the end-of-text token: take its id from the tokenizer that makes the input
     model.config.text_config.eos_token_id = model.text_model.eos_token_id = tokenizer.eos_token_id
