@@ -1,7 +1,6 @@
 """generate -> score -> compare (-> curve) from the command line, on tiny models and a real prompt file."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,8 +10,6 @@ from ncppo.evaluation import paired_win_rate
 from ncppo.evaluation.image_sets import load_image, read_manifest
 from ncppo.evaluation.scoring import read_scores
 from tests.conftest import perturb_lora
-
-PARTI = Path(__file__).parents[2] / "shared" / "data" / "prompts" / "PartiPrompts.tsv"
 
 
 @pytest.fixture(scope="module")
@@ -29,13 +26,8 @@ def models(quick_world, tmp_path_factory):
 
 
 @pytest.fixture
-def prompt_file(tmp_path):
-    if PARTI.is_file():
-        return PARTI
-    path = tmp_path / "parti.tsv"  # the same layout when the shared prompt sets are not beside the checkout
-    path.write_text("Prompt\tCategory\tChallenge\n" + "".join(
-        f"a {c} thing number {i}\t{'Animals' if i % 2 else 'Artifacts'}\tBasic\n" for i, c in enumerate(["red", "blue"] * 4)))
-    return path
+def prompt_file():
+    return "partiprompts"  # the packaged set, by name (1632 prompts with categories)
 
 
 def _gen(model, out, prompts, *extra):

@@ -1,6 +1,15 @@
-"""Prompt sets from local files: ``.txt`` (one a line), ``.csv``/``.tsv`` (a ``prompt``/``Prompt`` column, the
-other columns kept as metadata, e.g. PartiPrompts' ``Category``) or ``.json`` (a list of strings, a list of
-objects with a ``prompt`` key, or ``{"prompts": [...]}``). Errors name the file and the line or row."""
+"""Prompt sets: the standard ones by name, or local files.
+
+Names (:data:`PROMPT_SETS`, shipped in ``ncppo/evaluation/prompt_sets/``, sources and licences in its
+``SOURCES.md``): ``partiprompts`` (PartiPrompts, 1632, with ``Category`` and ``Challenge``), ``pickapic``
+(the 500 unique Pick-a-Pic v2 validation prompts, the paper's), ``hpdv2`` (the HPDv2 benchmark's 3200
+test prompts; ``Category`` is the style: 800 each of anime, concept-art, paintings, photo, in that order).
+
+Files: ``.txt`` (one a line), ``.csv``/``.tsv`` (a ``prompt``/``Prompt`` column, the other columns kept as
+metadata, e.g. PartiPrompts' ``Category``), ``.json`` (a list of strings, a list of objects with a
+``prompt`` key, or ``{"prompts": [...]}``) or ``.jsonl`` (one string or object a line). Errors name the
+file and the line or row. A path that exists is always read as a file, before any name.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +21,21 @@ from pathlib import Path
 from ncppo.errors import UsageError
 
 PROMPT_COLUMNS = ("prompt", "Prompt", "caption", "text")
+PROMPT_SETS = {"partiprompts": "PartiPrompts.tsv", "pickapic": "pickapic_v2_validation_unique.csv",
+               "hpdv2": "hpdv2_benchmark.txt"}
+"""The packaged prompt sets: name -> file in ``ncppo/evaluation/prompt_sets/``."""
+HPDV2_STYLES = ("anime", "concept-art", "paintings", "photo")  # 800 prompts each, in this order
+SUFFIXES = (".txt", ".csv", ".tsv", ".json", ".jsonl")
+
+
+def prompt_set_path(name: str) -> Path:
+    """The packaged file of the prompt set called ``name`` (one of :data:`PROMPT_SETS`)."""
+    from ncppo.configuration import did_you_mean
+
+    if name not in PROMPT_SETS:
+        raise UsageError(f"unknown prompt set {name!r}{did_you_mean(name, PROMPT_SETS)} "
+                         f"(packaged: {', '.join(PROMPT_SETS)}; or give a prompt file)")
+    return Path(__file__).parent / "prompt_sets" / PROMPT_SETS[name]
 
 
 @dataclass
@@ -38,14 +62,39 @@ def _check(prompt, where: str) -> str:
 
 
 def load_prompts(path: str | Path, limit: int | None = None) -> PromptSet:
-    """The prompts of ``path`` in file order (``limit``: only the first ones)."""
+    """The prompts of the file ``path``, or of the packaged set of that name (:data:`PROMPT_SETS`), in order
+    (``limit``: only the first ones). A named set's ``source`` is its name, the same on every install."""
+    name = str(path)
+    if not Path(path).exists() and name in PROMPT_SETS:
+        found = _read_prompts(prompt_set_path(name), limit)
+        if name == "hpdv2":
+            found.metadata = [{**m, "Category": HPDV2_STYLES[i // 800]} for i, m in enumerate(found.metadata)]
+        found.source = name
+        return found
     path = Path(path)
     if not path.is_file():
+        from ncppo.configuration import did_you_mean
+
+        if path.suffix.lower() not in SUFFIXES and path.parent == Path("."):
+            raise FileNotFoundError(f"prompt file {path} does not exist, and {name!r} is no packaged prompt set"
+                                    f"{did_you_mean(name, PROMPT_SETS)} (packaged: {', '.join(PROMPT_SETS)})")
         raise FileNotFoundError(f"prompt file {path} does not exist")
     try:
         return _read_prompts(path, limit)
     except UnicodeDecodeError as err:
         raise UsageError(f"{path}: not UTF-8 text ({err})") from err
+
+
+def _from_item(item, where: str, prompts: list, metadata: list) -> None:
+    if isinstance(item, dict):
+        key = next((c for c in PROMPT_COLUMNS if c in item), None)
+        if key is None:
+            raise UsageError(f"{where}: no prompt key (expected one of {', '.join(PROMPT_COLUMNS)})")
+        prompts.append(_check(item[key], where))
+        metadata.append({k: v for k, v in item.items() if k != key})
+    else:
+        prompts.append(_check(item, where))
+        metadata.append({})
 
 
 def _read_prompts(path: Path, limit: int | None) -> PromptSet:
@@ -75,18 +124,19 @@ def _read_prompts(path: Path, limit: int | None) -> PromptSet:
         if not isinstance(items, list):
             raise UsageError(f"{path}: expected a list of prompts (or {{\"prompts\": [...]}})")
         for index, item in enumerate(items):
-            where = f"{path}: item {index}"
-            if isinstance(item, dict):
-                key = next((c for c in PROMPT_COLUMNS if c in item), None)
-                if key is None:
-                    raise UsageError(f"{where}: no prompt key (expected one of {', '.join(PROMPT_COLUMNS)})")
-                prompts.append(_check(item[key], where))
-                metadata.append({k: v for k, v in item.items() if k != key})
-            else:
-                prompts.append(_check(item, where))
-                metadata.append({})
+            _from_item(item, f"{path}: item {index}", prompts, metadata)
+    elif suffix == ".jsonl":
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UsageError(f"{path}:{number}: not valid JSON ({err})") from err
+            _from_item(item, f"{path}:{number}", prompts, metadata)
     else:
-        raise UsageError(f"{path}: unknown prompt file type {suffix!r} (expected .txt, .csv, .tsv or .json)")
+        raise UsageError(f"{path}: unknown prompt file type {suffix!r} (expected {', '.join(SUFFIXES)}, or a packaged "
+                         f"set: {', '.join(PROMPT_SETS)})")
     if not prompts:
         raise UsageError(f"{path}: no prompts")
     if limit is not None:
