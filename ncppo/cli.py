@@ -33,8 +33,32 @@ def _objectives(_args) -> int:
     return 0
 
 
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default unless it is None/False, the option is required, or its help names it."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.required or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """``--help`` of every command shows the defaults (subcommand parsers are of the parent's class)."""
+
+    def __init__(self, *args, formatter_class=_DefaultsHelp, **kwargs):
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
+
+class _KeysHelp(_DefaultsHelp, argparse.RawDescriptionHelpFormatter):
+    """Defaults, and the epilog (``ncppo train``'s config keys) laid out as written."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ncppo", description=__doc__)
+    from ncppo import __version__
+    from ncppo.training.config import describe_options
+
+    parser = _Parser(prog="ncppo", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     tiny = sub.add_parser("tiny-model", help="save a tiny SD1.5-/SDXL-class pipeline (random weights) to a folder")
@@ -45,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=_tiny_model)
 
-    train = sub.add_parser("train", help="train with a YAML config and key=value overrides")
+    train = sub.add_parser("train", help="train with a YAML config and key=value overrides", formatter_class=_KeysHelp,
+                           epilog=describe_options())
     train.add_argument("config", help="YAML config (see configs/)")
     train.add_argument("overrides", nargs="*", help="section.key=value, e.g. objective.beta=2500 max_steps=100")
     train.set_defaults(func=_train)

@@ -30,6 +30,10 @@ def load_sampling_pipeline(model: str | Path, lora: str | Path | None = None, sc
         raise UsageError(f"unknown scheduler {scheduler!r}; expected one of {', '.join(sorted(SCHEDULERS))}")
     if lora and not Path(lora).exists():
         raise FileNotFoundError(f"--lora {lora} does not exist")
+    if lora:  # a run folder: its lora/; a folder without a LoRA: the folders in it that hold one
+        from ncppo.models.lora_export import find_lora
+
+        lora = find_lora(lora)
     pipe = load_pipeline(model, torch_dtype={"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype])
     if scheduler:
         pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)

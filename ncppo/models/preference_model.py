@@ -259,6 +259,12 @@ class PreferenceModel:
     # -- saving ----------------------------------------------------------------------------------
     def save_lora(self, out_dir) -> None:
         """Save the U-Net LoRA in diffusers' format: ``pipe.load_lora_weights(out_dir)`` loads it."""
+        with atomic_directory(out_dir) as tmp:
+            self.write_lora(tmp)
+
+    def write_lora(self, folder) -> None:
+        """Write ``pytorch_lora_weights.safetensors`` (diffusers' format) into the existing ``folder`` as it is
+        (no scratch folder: for a folder that is itself being written atomically, e.g. a checkpoint)."""
         if self.lora is None:
             raise ValueError("this model is fully fine-tuned; use save_unet()")
         from diffusers.utils import convert_state_dict_to_diffusers
@@ -266,8 +272,7 @@ class PreferenceModel:
 
         layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))
         metadata = self.unet.peft_config["default"].to_dict()
-        with atomic_directory(out_dir) as tmp:
-            type(self.pipeline).save_lora_weights(tmp, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata)
+        type(self.pipeline).save_lora_weights(folder, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata)
 
     def save_unet(self, out_dir) -> None:
         """Save the fully fine-tuned U-Net in diffusers' format (``UNet2DConditionModel.from_pretrained``)."""

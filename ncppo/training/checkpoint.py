@@ -2,7 +2,10 @@
 
 ``checkpoints/step-000120/`` holds ``trainable.safetensors`` (LoRA or the full U-Net's trainable
 tensors, not the frozen base), ``optimizer.pt``, ``scheduler.pt`` and ``state.json`` (step, micro-step,
-training seconds, the run's settings), written last. It is written in a scratch folder and renamed
+training seconds, the run's settings), written last; a LoRA run's checkpoint also holds
+``pytorch_lora_weights.safetensors``, the same LoRA in diffusers' format, so the checkpoint folder is a
+LoRA that ``pipe.load_lora_weights`` and ``ncppo generate --lora`` load (resume reads
+``trainable.safetensors``: the same tensors). It is written in a scratch folder and renamed
 (:func:`ncppo.io.atomic_directory`), so a kill during a save leaves the previous checkpoint whole; a
 folder counts as a checkpoint only when all four files are there. The newest ``keep_last`` are kept:
 an older one is renamed to ``.trash-step-...`` before it is deleted, so a kill during the deletion
@@ -27,6 +30,7 @@ from ncppo.io import atomic_directory, recover_atomic
 
 PREFIX = "step-"
 FILES = ("trainable.safetensors", "optimizer.pt", "scheduler.pt", "state.json")
+LORA_FILE = "pytorch_lora_weights.safetensors"  # a LoRA run's checkpoint is also a diffusers-format LoRA
 TRASH = ".trash-"
 _NAME = re.compile(rf"^{PREFIX}(\d+)$")
 _ATOMIC_LEFTOVER = re.compile(rf"^\.(?:tmp|new|old)-({PREFIX}\d+)-")
@@ -116,7 +120,12 @@ def _torch_save(obj, path: Path) -> None:
 
 
 def save_checkpoint(output_dir, step: int, trainable: dict[str, torch.Tensor], optimizer, scheduler,
-                    state: dict, keep_last: int) -> Path:
+                    state: dict, keep_last: int, write_lora=None) -> Path:
+    """Write ``checkpoints/step-N/`` atomically (see the module docstring) and prune the old ones.
+
+    ``write_lora(folder)``, when given, writes the LoRA in diffusers' format (:data:`LORA_FILE`) into the
+    checkpoint, so the checkpoint is also a LoRA (``pipe.load_lora_weights(checkpoint)``).
+    """
     from safetensors.torch import save_file
 
     target = Path(output_dir) / "checkpoints" / f"{PREFIX}{step:06d}"
@@ -125,6 +134,8 @@ def save_checkpoint(output_dir, step: int, trainable: dict[str, torch.Tensor], o
         _write(target / FILES[0], lambda: save_file(tensors, str(tmp / FILES[0])))
         _write(target / FILES[1], lambda: _torch_save(optimizer.state_dict(), tmp / FILES[1]))
         _write(target / FILES[2], lambda: _torch_save(scheduler.state_dict(), tmp / FILES[2]))
+        if write_lora is not None:
+            _write(target / LORA_FILE, lambda: write_lora(tmp))
         text = json.dumps({**state, "step": step}, indent=2)
         _write(target / FILES[3], lambda: (tmp / FILES[3]).write_text(text))  # last: the checkpoint is complete
     for old in checkpoint_dirs(output_dir)[:-keep_last]:

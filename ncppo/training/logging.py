@@ -1,4 +1,7 @@
-"""Metric sinks: JSONL and CSV always available; TensorBoard and W&B when installed.
+"""Metric sinks: JSONL and CSV files (:class:`MetricLogger`); TensorBoard and W&B through accelerate's
+trackers (``report_to``; the packages are the extras ``ncppo[tensorboard]`` and ``ncppo[wandb]``, checked
+by :func:`check_tracker_packages` before a run starts), which also get the validation images
+(:func:`log_images`).
 
 Rows are appended, one per logged optimizer step. On resume :meth:`MetricLogger.truncate_after` drops
 the rows after the checkpoint (they are logged again) by rewriting each file through a temporary file
@@ -9,6 +12,7 @@ middle of an append) is dropped; a damaged line anywhere else is an error that n
 from __future__ import annotations
 
 import csv
+import importlib.util
 import io
 import json
 from pathlib import Path
@@ -16,9 +20,48 @@ from pathlib import Path
 from ncppo.errors import MissingDependencyError, StateError
 from ncppo.io import atomic_write_text
 
+# report_to names served by accelerate's trackers: the packages that provide each (any one of them)
+ACCELERATE_TRACKERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
+
+
+def _installed(package: str) -> bool:
+    try:
+        return importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):  # a module set to None in sys.modules, or a broken package
+        return False
+
+
+def check_tracker_packages(names: list[str]) -> None:
+    """A :class:`MissingDependencyError` (one line, with the extra to install) for the first tracker in
+    ``names`` whose package is not installed."""
+    for name in names:
+        packages = ACCELERATE_TRACKERS.get(name, ())
+        if packages and not any(_installed(p) for p in packages):
+            raise MissingDependencyError(packages[0], f"report_to: {name}", extra=name)
+
+
+def log_images(trackers, tag: str, images, captions: list[str], step: int) -> None:
+    """Images ``(N, H, W, 3)`` uint8 with their captions (the prompts) to each accelerate tracker: W&B as
+    captioned ``wandb.Image``s under ``tag``; TensorBoard and any other tracker with ``log_images`` as
+    ``{"TAG/00": ...}`` (one image each) plus the text ``TAG/prompts`` (``00: prompt`` lines)."""
+    text = "  \n".join(f"{i:02d}: {c}" for i, c in enumerate(captions))  # markdown line breaks (TensorBoard)
+    for tracker in trackers:
+        if tracker.name == "wandb":
+            import wandb
+
+            tracker.log({tag: [wandb.Image(im, caption=c) for im, c in zip(images, captions)]}, step=step)
+        elif tracker.name == "tensorboard":
+            tracker.log_images({f"{tag}/{i:02d}": images[i:i + 1] for i in range(len(images))}, step=step,
+                               dataformats="NHWC")
+            tracker.log({f"{tag}/prompts": text}, step=step)
+        elif hasattr(tracker, "log_images"):
+            tracker.log_images({f"{tag}/{i:02d}": [images[i]] for i in range(len(images))}, step=step)
+            tracker.log({f"{tag}/prompts": text}, step=step)
+
 
 class MetricLogger:
-    """Writes one row per logged optimizer step to each requested sink (on the main process only).
+    """Writes one row per logged optimizer step to ``metrics.jsonl`` / ``metrics.csv`` as ``report_to`` asks
+    (on the main process only; the trackers get the rows through accelerate).
 
     ``rows`` holds the run's logged rows (those of the resumed part too, read back from ``metrics.jsonl``)
     for the run summary.
@@ -28,24 +71,9 @@ class MetricLogger:
         self.enabled = enabled
         self.dir = Path(output_dir)
         self._csv_fields: list[str] | None = None
-        self._tb = self._wandb = None
         self.rows: list[dict] = []
         self.notes: list[str] = []
         self.report_to = report_to
-        if not enabled:
-            return
-        if "tensorboard" in report_to:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as err:
-                raise MissingDependencyError("tensorboard", "report_to: tensorboard") from err
-            self._tb = SummaryWriter(str(self.dir / "tensorboard"))
-        if "wandb" in report_to:
-            try:
-                import wandb
-            except ImportError as err:
-                raise MissingDependencyError("wandb", "report_to: wandb") from err
-            self._wandb = wandb.init(project="ncppo", config=config, dir=str(self.dir))
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -57,11 +85,6 @@ class MetricLogger:
                 f.write(json.dumps(row) + "\n")
         if "csv" in self.report_to:
             self._log_csv(row)
-        if self._tb is not None:
-            for key, value in metrics.items():
-                self._tb.add_scalar(key, value, step)
-        if self._wandb is not None:
-            self._wandb.log(row, step=step)
 
     def _log_csv(self, row: dict) -> None:
         path = self.dir / "metrics.csv"
@@ -118,10 +141,7 @@ class MetricLogger:
         return rows
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
-        if self._wandb is not None:
-            self._wandb.finish()
+        """Nothing to close (each row is appended and closed); kept for callers."""
 
 
 def _csv_text(rows) -> str:

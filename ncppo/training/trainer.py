@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from ncppo.errors import NcppoError, OutputDirError, StateError
 from ncppo.io import atomic_write_text, guard_output_dir, mark_output_dir, output_owner
+from ncppo.training.card import model_card
 from ncppo.training.checkpoint import (
     DiskFullError,
     checkpoint_dirs,
@@ -45,7 +46,7 @@ from ncppo.training.checkpoint import (
     save_checkpoint,
 )
 from ncppo.training.config import CHANGEABLE_ON_RESUME, ConfigError, TrainConfig
-from ncppo.training.logging import MetricLogger
+from ncppo.training.logging import ACCELERATE_TRACKERS, MetricLogger, check_tracker_packages
 
 COMMAND = "train"
 LOCK = ".lock"
@@ -147,8 +148,13 @@ class RunLock:
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig):
+    """Trains one run of a :class:`TrainConfig`; ``trackers``: extra accelerate trackers (instances of
+    ``accelerate.tracking.GeneralTracker``) besides those named in ``report_to``."""
+
+    def __init__(self, config: TrainConfig, trackers: list | None = None):
         self.config = config
+        self.extra_trackers = list(trackers or [])
+        self._trackers_started = False
         self._lock: RunLock | None = None
         self.warnings: list[dict] = []
         self.notes: list[str] = []
@@ -255,7 +261,7 @@ class Trainer:
     def _setup(self):
         from accelerate import Accelerator
         from accelerate.state import AcceleratorState
-        from accelerate.utils import set_seed
+        from accelerate.utils import ProjectConfiguration, set_seed
 
         from ncppo.models.preference_model import LoraSettings, PreferenceModel
         from ncppo.objectives import make_objective
@@ -265,12 +271,18 @@ class Trainer:
         # state and refuses a second precision. Without a process group there is nothing to keep: reset it.
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             AcceleratorState._reset_state(reset_partial_state=True)
-        self.acc = acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+        trackers = [name for name in cfg.report_to if name in ACCELERATE_TRACKERS]
+        check_tracker_packages(trackers)  # before anything is loaded or written
+        self.out = Path(cfg.output_dir)
+        self.run_name = cfg.run_name or self.out.resolve().name
+        self.acc = acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available(),
+                                     log_with=(trackers + self.extra_trackers) or None,
+                                     project_config=ProjectConfiguration(project_dir=str(self.out),
+                                                                         logging_dir=str(self.out / "tensorboard")))
         set_seed(cfg.seed)  # the LoRA's initial A matrices (peft draws them from the global generator)
         self.accumulation = cfg.resolved_accumulation(acc.num_processes)
         self.effective_batch = cfg.batch_size * self.accumulation * acc.num_processes
         self.learning_rate = cfg.optim.learning_rate * (self.effective_batch if cfg.optim.scale_lr else 1)
-        self.out = Path(cfg.output_dir)
         self.resume_differences: list[str] = []
         self._prepare_output_dir()
         self.objective = make_objective(**cfg.objective.options())
@@ -298,6 +310,26 @@ class Trainer:
             mark_output_dir(self.out, COMMAND)
             atomic_write_text(self.out / "config.yaml", yaml.safe_dump(
                 {**cfg.to_dict(), "resolved": self._resolved()}, sort_keys=False))
+        self._start_trackers()
+
+    def _start_trackers(self) -> None:
+        """accelerate's trackers (``report_to`` tensorboard/wandb and ``trackers``), with the run's settings;
+        a resumed run continues its W&B run (the id is kept in the checkpoints)."""
+        state = self.resume_state or {}
+        self.tracker_run_id = state.get("tracker_run_id") or uuid.uuid4().hex[:12]
+        if not self.acc.log_with:
+            return
+        flat = {**_flat(self.config.to_dict()), **{f"resolved.{k}": v for k, v in _flat(self._resolved()).items()}}
+        values = {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in flat.items()}
+        wandb = {"name": self.run_name, "dir": str(self.out), "id": self.tracker_run_id, "resume": "allow"}
+        self.acc.init_trackers(self.config.tracker_project, config=values, init_kwargs={"wandb": wandb})
+        self._trackers_started = True
+
+    def _end_trackers(self) -> None:
+        if self._trackers_started:
+            self._trackers_started = False
+            for tracker in self.acc.trackers:
+                tracker.finish()
 
     def _calibrate(self) -> None:
         """``objective.beta: auto``: measure beta on the first batches (:mod:`ncppo.calibration`), the same on
@@ -482,7 +514,7 @@ class Trainer:
     def _summary(self, step, train_seconds, stopped_by, checksums) -> dict:
         cfg, model = self.config, self.model
         rows = self.logger.rows
-        weights = self.out / ("lora" if model.lora is not None else "unet")
+        weights = (self.out / ("lora" if model.lora is not None else "unet")).absolute()
         if model.lora is not None:
             sample = (f"ncppo generate --model {cfg.model.pretrained} --lora {weights} --prompts PROMPTS.txt "
                       f"--out {self.out / 'samples'}")
@@ -512,6 +544,9 @@ class Trainer:
             "diagnostics": self._diagnostics(rows), "warnings": self.warnings,
             "notes": self.notes + self.logger.notes,
             "weights": str(weights), "sample_command": sample,
+            "weights_kohya": str(self.kohya_file.absolute()) if model.lora is not None else None,
+            "model_card": str((self.out / "README.md").absolute()), "run_name": self.run_name,
+            "export": self._export_info(step) if model.lora is not None else None,
             "param_checksums_per_rank": checksums,
         }
 
@@ -529,9 +564,10 @@ class Trainer:
             ("diagnostics", ", ".join(diag) or "none"),
             ("data skipped", self._skip_report()),
             ("warnings", "; ".join(w["message"] for w in summary["warnings"]) or "none"),
-            ("weights", summary["weights"]),
+            ("weights", summary["weights"] + (f" (A1111/ComfyUI: {Path(summary['weights_kohya']).name})"
+                                              if summary["weights_kohya"] else "")),
             ("sample from it", summary["sample_command"]),
-            ("summary", str(self.out / "summary.json")),
+            ("summary", f"{self.out / 'summary.json'}; model card {self.out / 'README.md'}"),
         ]
         width = max(len(k) for k, _ in rows)
         return "\n".join(["***** Training finished *****", *(f"  {k:<{width}} = {v}" for k, v in rows)])
@@ -548,8 +584,10 @@ class Trainer:
                             {"train_seconds": train_seconds, "nonfinite_in_a_row": bad_in_a_row,
                              "effective_batch": self.effective_batch, "counts": self.counts,
                              "diagnostic_runs": self._runs, "warnings": self.warnings,
-                             "settings": self._run_settings(), "resolved": self._resolved()},
-                            self.config.keep_last_checkpoints)
+                             "settings": self._run_settings(), "resolved": self._resolved(),
+                             "tracker_run_id": self.tracker_run_id},
+                            self.config.keep_last_checkpoints,
+                            write_lora=self.model.write_lora if self.model.lora is not None else None)
         self.acc.wait_for_everyone()
         return target
 
@@ -590,23 +628,42 @@ class Trainer:
 
     # -- validation --------------------------------------------------------------------------------
     @torch.no_grad()
-    def _validate(self, step: int) -> None:
+    def _sample_validation(self) -> np.ndarray:
         cfg = self.config
-        if not cfg.validation_prompts or not self.acc.is_main_process:
-            return
-        from ncppo.plots import save_image_grid
-
-        self.model.unet.eval()
         images = self.model.pipeline(cfg.validation_prompts, num_inference_steps=cfg.validation_steps,
                                      height=cfg.data.resolution, width=cfg.data.resolution, output_type="np",
                                      generator=[torch.Generator().manual_seed(i) for i in range(len(cfg.validation_prompts))],
                                      ).images
-        self.model.unet.train()
+        return (images * 255).round().astype(np.uint8)
+
+    @torch.no_grad()
+    def _validate(self, step: int, final: bool = False) -> None:
+        """Sample the validation prompts into ``validation/step-N.png``, ``last.png`` and the trackers; at the
+        end of a LoRA run also with the adapters off: ``validation/comparison.png`` (base and LoRA rows)."""
+        cfg = self.config
+        if not cfg.validation_prompts or not self.acc.is_main_process:
+            return
+        from ncppo.plots import save_image_grid
+        from ncppo.training.logging import log_images
+
+        self.model.unet.eval()
+        try:
+            grid = self._sample_validation()
+            base = None
+            if final and self.model.lora is not None:
+                with self.model.frozen_unet():  # the same U-Net with its adapters off: the base model
+                    base = self._sample_validation()
+        finally:
+            self.model.unet.train()
         folder = self.out / "validation"
         folder.mkdir(exist_ok=True)
-        grid = (images * 255).round().astype(np.uint8)
         save_image_grid([grid], [f"step {step}"], folder / f"step-{step:06d}.png")
         save_image_grid([grid], [f"step {step}"], folder / "last.png")
+        log_images(self.acc.trackers, "validation", grid, cfg.validation_prompts, step)
+        if base is not None:
+            save_image_grid([base, grid], ["base model", f"LoRA, step {step}"], folder / "comparison.png")
+            log_images(self.acc.trackers, "comparison/base", base, cfg.validation_prompts, step)
+            log_images(self.acc.trackers, "comparison/lora", grid, cfg.validation_prompts, step)
 
     # -- diagnostics -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -672,6 +729,7 @@ class Trainer:
                 raise DiskFullError(err.filename or f"a file in {self.config.output_dir}") from err
             raise
         finally:
+            self._end_trackers()
             if self._lock is not None:
                 self._lock.release()
                 self._lock = None
@@ -768,6 +826,7 @@ class Trainer:
                 if finite and (frac := self._eps_dominated_frac()) is not None:
                     row["eps_dominated_frac"] = frac
                 self.logger.log(step, row)
+                self.acc.log(row, step=step)
                 self._diagnose(step, row)
                 loss = metrics.get("loss", float("nan"))
                 postfix = {"step": f"{step}/{cfg.max_steps}"} if timed else {}
@@ -804,13 +863,43 @@ class Trainer:
         if acc.is_main_process:
             if model.lora is not None:
                 model.save_lora(self.out / "lora")
+                self._export_kohya(step)
             else:
                 model.save_unet(self.out / "unet")
-            self._validate(step)
+            self._validate(step, final=True)
             summary = self._summary(step, train_seconds, stopped_by, checksums)
             atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2))
+            atomic_write_text(self.out / "README.md", model_card(summary, self.config.to_dict(), self.run_name))
             self._say(self._end_text(summary))
         self.logger.close()
+        self._end_trackers()
         acc.wait_for_everyone()
         return summary
+
+    def _export_info(self, step: int) -> dict:
+        """The training record written into the exported LoRA's safetensors header (``ncppo.<key>``)."""
+        import ncppo
+
+        cfg = self.config
+        beta = getattr(self.objective.preference, "beta", None)
+        return {"version": ncppo.__version__, "base_model": _normal("model.pretrained", cfg.model.pretrained),
+                "objective": cfg.objective.name, "objective_settings": cfg.objective.options(), "beta": beta,
+                "steps": step, "data_source": _normal("data.cache" if cfg.data.cache else "data.source",
+                                                      cfg.data.cache or cfg.data.source),
+                "pairs": self._data_summary()["pairs"], "effective_batch": self.effective_batch,
+                "learning_rate": self.learning_rate, "lora_rank": cfg.model.lora_rank,
+                "lora_alpha": cfg.model.lora_alpha or cfg.model.lora_rank, "lora_targets": cfg.model.lora_targets,
+                "resolution": cfg.data.resolution, "seed": cfg.seed, "mixed_precision": cfg.mixed_precision,
+                "run_name": self.run_name, "model_kind": self.model.kind}
+
+    def _export_kohya(self, step: int) -> None:
+        from ncppo.models.lora_export import export_kohya, kohya_file_name, training_metadata
+
+        cfg = self.config
+        meta = training_metadata(kind=self.model.kind, base_model=cfg.model.pretrained, rank=cfg.model.lora_rank,
+                                 alpha=cfg.model.lora_alpha or cfg.model.lora_rank, title=self.run_name,
+                                 info=self._export_info(step))
+        for old in (self.out / "lora").glob("*_kohya.safetensors"):
+            old.unlink()  # a resumed run under another run_name
+        self.kohya_file = export_kohya(self.out / "lora", self.out / "lora" / kohya_file_name(self.run_name), meta)
 
