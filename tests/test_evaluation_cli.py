@@ -76,9 +76,10 @@ def test_generate_score_compare(models, prompt_file, tmp_path, capsys):
 
     assert main(["report", str(a), str(b), "--label", "base", "--label", "lora", "--out", str(tmp_path / "rep")]) == 0
     report = (tmp_path / "rep" / "report.md").read_text()
-    assert f"| lora vs base | oracle | 12 | {100 * expected.rate:.1f}% [{100 * expected.low:.1f}, " in report
+    assert f"| **lora** vs base | oracle | 12 | 6 | {100 * expected.rate:.1f}% [{100 * expected.low:.1f}, " in report
+    assert "| base | `" + str(base) + "` | none | default | fp32 | 2 | 2.0 | 32x32 (model default) |" in report
     page = (tmp_path / "rep" / "report.html").read_text()
-    assert "data:image/png;base64," in page and "<td>lora vs base</td>" in page
+    assert "data:image/png;base64," in page and "<td><strong>lora</strong> vs base</td>" in page
     assert (tmp_path / "rep" / "grid.png").stat().st_size > 1000
 
 

@@ -59,3 +59,16 @@ def test_win_rate_text_and_round_trip():
     assert WinRate.from_dict({**win.to_dict(), "a": "base", "b": "run"}) == win
     assert bradley_terry_probability(0.0, 0.05) == 0.5
     np.testing.assert_allclose(bradley_terry_probability(np.array([0.1, -0.1]), 0.05), 1 / (1 + np.exp([-2.0, 2.0])))
+
+
+def test_mean_interval_resamples_prompts():
+    from ncppo.evaluation.stats import mean_interval
+
+    rng = np.random.default_rng(0)
+    values = rng.normal(1.0, 1.0, 400)
+    m = mean_interval(values, groups=np.repeat(np.arange(100), 4))
+    assert m.mean == values.mean() and m.low < m.mean < m.high and m.prompts == 100
+    assert 0.1 < m.high - m.low < 0.6  # about 4 standard errors of 100 prompt means
+    one = mean_interval([1.0, 2.0, 3.0], groups=["p", "p", "p"])
+    assert (one.low, one.high, one.prompts) == (2.0, 2.0, 1)
+    assert str(mean_interval([2.5, 2.5])) == "2.5 [2.5, 2.5]"

@@ -53,14 +53,26 @@ def _curve(args) -> int:
 
 
 def _report(args) -> int:
+    from ncppo.errors import UsageError
     from ncppo.evaluation.report import write_eval_report
 
-    print(f"report: {write_eval_report(args.sets, args.out, args.label, args.curves)}")
+    pairs = None
+    if args.pair:
+        pairs = []
+        for text in args.pair:
+            b, sep, a = text.partition(":")
+            if not sep or not a or not b:
+                raise UsageError(f"--pair {text!r}: expected B:A (two set labels; the win rate of B over A)")
+            pairs.append((b, a))
+    path = write_eval_report(args.sets, args.out, args.label, args.curves, pairs=pairs, allow_mismatch=args.allow_mismatch)
+    print(f"report: {path} and {path.with_suffix('.html')}")
     return 0
 
 
 def _sampling_options(p) -> None:
-    p.add_argument("--prompts", required=True, help=".txt (one a line), .csv/.tsv (a prompt column) or .json")
+    p.add_argument("--prompts", required=True,
+                   help="a packaged set (partiprompts, pickapic, hpdv2) or a file: .txt (one a line), .csv/.tsv "
+                        "(a prompt column), .json or .jsonl")
     p.add_argument("--limit", type=int, help="only the first N prompts")
     d = GenerationSpec  # the defaults live in the library
     p.add_argument("--images-per-prompt", type=int, default=d.images_per_prompt)
@@ -119,8 +131,12 @@ def add_eval_commands(sub) -> None:
     curve.set_defaults(func=_curve)
 
     report = sub.add_parser("report", help="Markdown + PNG + self-contained HTML for generated, scored image sets")
-    report.add_argument("sets", nargs="+", help="ncppo generate folders; the first is the baseline")
+    report.add_argument("sets", nargs="+", help="ncppo generate folders (e.g. base dpo ncp-dpo)")
     report.add_argument("--out", required=True)
-    report.add_argument("--label", action="append", help="a display name per set, in order")
+    report.add_argument("--label", action="append", help="a display name per set, in order (default: folder names)")
     report.add_argument("--curves", help="an ncppo curve output folder to include")
+    report.add_argument("--pair", action="append", metavar="B:A",
+                        help="compare only these sets (labels), win rate of B over A; repeatable "
+                             "(default: every later set against every earlier one)")
+    _mismatch_option(report)
     report.set_defaults(func=_report)

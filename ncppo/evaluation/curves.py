@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
-
-import numpy as np
 
 from ncppo.errors import NcppoError, UsageError
 from ncppo.evaluation.generation import GenerationSpec
@@ -33,31 +32,45 @@ class NoCheckpointsError(NcppoError, FileNotFoundError):
     """A run to put on a curve has no finished checkpoint."""
 
 
-def checkpoint_curve(run_dir: str | Path, score: Callable[[object, CheckpointInfo, bool], float],
-                     base: float | Callable[[object], float]) -> list[dict]:
-    """One run's reward-vs-training-time points: ``{"step", "train_seconds", "mean"}``, time 0 first.
+Score = float | dict  # a mean, or {"mean", and optionally "low", "high", "prompts"}
 
-    ``base`` is the base model's mean, or ``base(pipe)`` computes it on the run's model before any
-    checkpoint is applied (then the model is the base: LoRA B = 0 at init). Every checkpoint, oldest
+
+def _point(value: Score) -> dict:
+    return {k: float(v) if k != "prompts" else int(v) for k, v in value.items()} if isinstance(value, dict) \
+        else {"mean": float(value)}
+
+
+def checkpoint_curve(run_dir: str | Path, score: Callable[[object, CheckpointInfo, bool], Score],
+                     base: Score | Callable[[object], Score]) -> list[dict]:
+    """One run's reward-vs-training-time points: ``{"step", "train_seconds", "mean"}``, time 0 first (plus
+    ``low``, ``high``, ``prompts`` when the scores carry an interval).
+
+    ``base`` is the base model's mean (or its dict), or ``base(pipe)`` computes it on the run's model before
+    any checkpoint is applied (then the model is the base: LoRA B = 0 at init). Every checkpoint, oldest
     first, is applied to the model in turn and scored by ``score(pipe, checkpoint, is_last)``.
     """
     checkpoints = run_checkpoints(run_dir)
     if not checkpoints:
         raise NoCheckpointsError(f"{run_dir} has no checkpoints (train with checkpoint_every_steps/minutes set)")
     model = load_run_model(run_dir)
-    base_mean = float(base(model.pipeline) if callable(base) else base)
-    points = [{"step": 0, "train_seconds": 0.0, "mean": base_mean}]
+    points = [{"step": 0, "train_seconds": 0.0, **_point(base(model.pipeline) if callable(base) else base)}]
     for index, ckpt in enumerate(checkpoints):
         apply_checkpoint(model, ckpt)
-        mean = float(score(model.pipeline, ckpt, index == len(checkpoints) - 1))
-        points.append({"step": ckpt.step, "train_seconds": ckpt.train_seconds, "mean": mean})
+        value = score(model.pipeline, ckpt, index == len(checkpoints) - 1)
+        points.append({"step": ckpt.step, "train_seconds": ckpt.train_seconds, **_point(value)})
     return points
 
 
-def _mean_score(folder: Path, reward, weights, pipe, prompts: PromptSet, spec: GenerationSpec, progress: bool) -> float:
+def _mean_score(folder: Path, reward, weights, pipe, prompts: PromptSet, spec: GenerationSpec, progress: bool) -> dict:
+    """The set's mean reward with its 95% bootstrap interval over prompts."""
+    from ncppo.evaluation.image_sets import read_manifest
+    from ncppo.evaluation.stats import mean_interval
+
     generate_image_set(pipe, prompts, folder, spec, progress=progress)
     score_image_set(folder, reward, weights, progress=progress)
-    return float(np.mean(list(read_scores(folder)[reward.name].values())))
+    scores = read_scores(folder)[reward.name]
+    records = read_manifest(folder)
+    return mean_interval([scores[r.id] for r in records], [r.prompt_index for r in records]).to_dict()
 
 
 def run_curves(run_dirs: list[str | Path], prompts: PromptSet, spec: GenerationSpec, reward, out_dir: str | Path,
@@ -70,7 +83,7 @@ def run_curves(run_dirs: list[str | Path], prompts: PromptSet, spec: GenerationS
     if len(bases) > 1:  # the curves share one time-0 point: the base model
         raise UsageError(f"the runs start from different base models ({', '.join(sorted(bases))}); plot them separately")
     curves: dict[str, list[dict]] = {}
-    base_mean: float | None = None
+    base_mean: dict | None = None
     for run in map(Path, run_dirs):
         def score(pipe, ckpt, _last, run=run):
             return _mean_score(out / run.name / ckpt.path.name, reward, weights, pipe, prompts, spec, progress)
@@ -79,8 +92,11 @@ def run_curves(run_dirs: list[str | Path], prompts: PromptSet, spec: GenerationS
             return _mean_score(out / "base", reward, weights, pipe, prompts, spec, progress)
 
         curves[run.name] = checkpoint_curve(run, score, base if base_mean is None else base_mean)
-        base_mean = curves[run.name][0]["mean"]
+        base_mean = {k: v for k, v in curves[run.name][0].items() if k not in ("step", "train_seconds")}
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "curves.json", json.dumps({"reward": reward.name, "curves": curves}, indent=1))
-    save_reward_curves(curves, out / "curves.png", f"mean {reward.name}", base_mean)
+    record = {"reward": reward.name, "prompts": len(prompts), "prompt_source": prompts.source,
+              "spec": {k: v for k, v in asdict(spec).items() if k not in ("prompts", "batch_size")}, "curves": curves}
+    atomic_write_text(out / "curves.json", json.dumps(record, indent=1))
+    save_reward_curves(curves, out / "curves.png", f"mean {reward.name}", base_mean["mean"], prompts=len(prompts),
+                       title=f"{reward.name} against training time")
     return curves

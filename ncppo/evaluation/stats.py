@@ -74,3 +74,35 @@ def paired_win_rate(reward_a, reward_b, groups=None, n_boot: int = 2000, seed: i
     tail = (1 - confidence) / 2
     return WinRate(float(outcome.mean()), float(np.quantile(boot, tail)), float(np.quantile(boot, 1 - tail)),
                    int((outcome == 1).sum()), int((outcome == 0.5).sum()), int((outcome == 0).sum()), n_units)
+
+
+@dataclass(frozen=True)
+class MeanInterval:
+    """A mean reward with its percentile bootstrap interval over prompts; ``str()`` is ``"21.30 [21.10, 21.52]"``."""
+
+    mean: float
+    low: float
+    high: float
+    prompts: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        return f"{self.mean:.4g} [{self.low:.4g}, {self.high:.4g}]"
+
+
+def mean_interval(values, groups=None, n_boot: int = 2000, seed: int = 0, confidence: float = 0.95) -> MeanInterval:
+    """The mean of ``values`` with a bootstrap interval that resamples ``groups`` (prompts), as the win rates do."""
+    x = np.asarray(values, dtype=np.float64)
+    if x.ndim != 1 or x.size == 0:
+        raise ValueError(f"mean_interval needs a non-empty 1-D array; got shape {x.shape}")
+    groups = np.arange(x.size) if groups is None else np.asarray(groups)
+    _, unit = np.unique(groups, return_inverse=True)
+    n_units = int(unit.max()) + 1
+    unit_sum = np.bincount(unit, weights=x, minlength=n_units)
+    unit_count = np.bincount(unit, minlength=n_units).astype(np.float64)
+    draws = np.random.default_rng(seed).integers(n_units, size=(n_boot, n_units))
+    boot = unit_sum[draws].sum(axis=1) / unit_count[draws].sum(axis=1)
+    tail = (1 - confidence) / 2
+    return MeanInterval(float(x.mean()), float(np.quantile(boot, tail)), float(np.quantile(boot, 1 - tail)), n_units)
