@@ -64,7 +64,10 @@ class TrainStageConfig:
         lora_rank: LoRA rank.
         learning_rate: one learning rate for every method (1e-3 made NCP-DPO and SFT worse than the base).
         beta_noise: beta of the noise-space objectives (METHOD.md's convention and default).
-        beta_perceptual: beta of the NCP objectives.
+        beta_perceptual: beta of the NCP objectives (a number, or ``auto``: calibrated per run, see
+            ``ncppo.calibration``; SFT has none).
+        perceptual_scale: the NCP objectives' ``objective.scale``: ``paper`` (PL as the paper writes it) or
+            ``noise`` (PL divided by the reverse step's squared gain).
         seed: the trainer's seed.
     """
 
@@ -78,7 +81,8 @@ class TrainStageConfig:
     lora_rank: int = 8
     learning_rate: float = 2e-4
     beta_noise: float = 5000.0
-    beta_perceptual: float = 5000.0
+    beta_perceptual: float | str = 5000.0
+    perceptual_scale: str = "paper"
     seed: int = 0
 
     def run_names(self) -> list[str]:
@@ -162,6 +166,12 @@ def toy_config_from_dict(data: dict, base: ToyConfig = ToyConfig()) -> ToyConfig
     for key, (values, allowed) in choices.items():
         for value in values:
             check_choice(value, allowed, f"toy config.{key}")
+    from ncppo.objectives import make_objective
+
+    try:  # the objectives' module owns the perceptual options
+        make_objective("ncp-dpo", beta=config.train.beta_perceptual, scale=config.train.perceptual_scale)
+    except ValueError as err:
+        raise ConfigError(f"toy config.train (beta_perceptual / perceptual_scale): {err}") from err
     for key in _POSITIVE:
         section, leaf = key.split(".")
         value = getattr(getattr(config, section), leaf)

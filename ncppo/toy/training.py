@@ -20,7 +20,8 @@ def train_values(cfg: TrainStageConfig, method: str, data: Path, base_model: Pat
         "resume": False, "log_every": 1, "report_to": ["jsonl"],
         "model": {"pretrained": str(base_model), "lora_rank": cfg.lora_rank},
         "data": {"source": str(data), "resolution": resolution, "tie_policy": "drop"},
-        "objective": {"name": method, "beta": beta},
+        "objective": {"name": method, **({"beta": beta} if not method.endswith("sft") else {}),
+                      **({"scale": cfg.perceptual_scale} if method.startswith("ncp-") else {})},
         "optim": {"learning_rate": cfg.learning_rate, "scale_lr": False, "lr_scheduler": "constant"},
     }
 
