@@ -5,7 +5,7 @@ make_objective, training_step, Trainer, load_config``); each is imported on firs
 stays cheap (no torch).
 """
 
-import importlib
+import importlib as _importlib
 
 __version__ = "0.1.0"
 
@@ -15,7 +15,7 @@ _NAMES = {
     "PreferenceModel": "ncppo.models.preference_model", "LoraSettings": "ncppo.models.preference_model",
     "load_pipeline": "ncppo.models.loading",
     "make_objective": "ncppo.objectives", "OBJECTIVE_NAMES": "ncppo.objectives",
-    "training_step": "ncppo.step",
+    "training_step": "ncppo.step", "calibrate_beta": "ncppo.calibration",
     # data
     "PreferencePairs": "ncppo.data.pairs", "LatentCache": "ncppo.data.cache",
     # training
@@ -34,11 +34,11 @@ __all__ = ["__version__", *_NAMES]
 
 def __getattr__(name: str):
     if name in _NAMES:
-        value = getattr(importlib.import_module(_NAMES[name]), name)
+        value = getattr(_importlib.import_module(_NAMES[name]), name)
         globals()[name] = value  # once imported, a plain attribute
         return value
     raise AttributeError(f"module 'ncppo' has no attribute {name!r}")
 
 
 def __dir__():
-    return sorted(list(globals()) + __all__)
+    return sorted(set(__all__) | {n for n in globals() if not n.startswith("_")})
