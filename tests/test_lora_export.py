@@ -147,7 +147,7 @@ def test_find_lora(tmp_path):
     (tmp_path / "full" / "unet").mkdir(parents=True)
     with pytest.raises(ModelLoadError, match="a fully fine-tuned U-Net, not a LoRA"):
         find_lora(tmp_path / "full")
-    (tmp_path / "old" ).mkdir()
+    (tmp_path / "old").mkdir()
     (tmp_path / "old" / "trainable.safetensors").write_bytes(b"")
     with pytest.raises(ModelLoadError, match="a checkpoint without a LoRA file"):
         find_lora(tmp_path / "old")
@@ -162,3 +162,19 @@ def test_find_lora(tmp_path):
     (tmp_path / "a" / "lora" / "pytorch_lora_weights.safetensors").write_bytes(b"")
     assert find_lora(tmp_path / "a") == tmp_path / "a" / "lora"
     assert find_lora(tmp_path / "a" / "lora") == tmp_path / "a" / "lora"
+
+
+def test_a_full_fine_tune_has_no_lora_and_says_so(tmp_path, tiny_pipeline_dirs, dataset):
+    cfg = load_config(None, [f"output_dir={tmp_path / 'full'}", f"model.pretrained={tiny_pipeline_dirs['sd15']}",
+                             "model.finetune=full", f"data.source={dataset}", "data.resolution=32", "batch_size=2",
+                             "objective.name=sft", "optim.learning_rate=1e-4", "optim.scale_lr=false", "max_steps=1"])
+    summary = Trainer(cfg).train().summary
+    (ckpt,) = checkpoint_dirs(tmp_path / "full")
+    assert not (ckpt / "pytorch_lora_weights.safetensors").exists() and summary["weights_kohya"] is None
+    card = (tmp_path / "full" / "README.md").read_text()
+    assert "| weights | full U-Net fine-tune |" in card and "UNet2DConditionModel.from_pretrained" in card
+    assert "kohya" not in card
+    with pytest.raises(ModelLoadError, match="a checkpoint without a LoRA file"):
+        find_lora(ckpt)
+    with pytest.raises(ModelLoadError, match="a fully fine-tuned U-Net"):
+        find_lora(tmp_path / "full")
