@@ -178,3 +178,21 @@ def test_a_full_fine_tune_has_no_lora_and_says_so(tmp_path, tiny_pipeline_dirs, 
         find_lora(ckpt)
     with pytest.raises(ModelLoadError, match="a fully fine-tuned U-Net"):
         find_lora(tmp_path / "full")
+
+
+def test_loras_on_any_modules_load_as_the_model_in_both_formats(tmp_path, tiny_pipeline_dirs, kind):
+    """Attention projections mixed with other targets: diffusers' loader reads a file's format from its first key,
+    so a file with two namings loses part of the LoRA (here the to_q adapters) without a word."""
+    from ncppo.models.lora_export import export_kohya
+    from ncppo.models.preference_model import LoraSettings, PreferenceModel
+    from tests.conftest import perturb_lora
+
+    targets = ("to_q", "proj_in", "ff.net.0.proj", "conv1")
+    model = PreferenceModel.from_pretrained(tiny_pipeline_dirs[kind], lora=LoraSettings(4, 8.0, targets))
+    perturb_lora(model.unet, scale=0.3)
+    model.save_lora(tmp_path / "lora")
+    export_kohya(tmp_path / "lora", tmp_path / "k.safetensors")
+    own = _sample(model.pipeline)
+    for lora in (tmp_path / "lora", tmp_path / "k.safetensors"):
+        assert np.abs(_loaded(tiny_pipeline_dirs[kind], lora) - own).max() < 1e-5, lora
+    assert np.abs(_sample(load_pipeline(tiny_pipeline_dirs[kind])) - own).max() > 1e-2

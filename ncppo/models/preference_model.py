@@ -271,6 +271,10 @@ class PreferenceModel:
         from peft.utils import get_peft_model_state_dict
 
         layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))
+        # diffusers converts only the attention projections to .lora.down/.lora.up and leaves other targets as
+        # lora_A/lora_B; its loader decides the format from the first key alone, so a mixed file loses a part
+        # (e.g. to_q + proj_in: the to_q adapters). One naming for every key.
+        layers = {k.replace(".lora_A.", ".lora.down.").replace(".lora_B.", ".lora.up."): v for k, v in layers.items()}
         metadata = self.unet.peft_config["default"].to_dict()
         type(self.pipeline).save_lora_weights(folder, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata)
 
