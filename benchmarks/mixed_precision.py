@@ -2,7 +2,8 @@
 
 For tiny SD1.5-class and SDXL-class pipelines, the NCP-DPO LoRA gradient of each formulation
 (``distance`` x ``encoder_dtype``) under bf16 and fp16 is compared with the exact float32 gradient of the
-same loss, by cosine, over several batches. The half-precision set-up is the trainer's own:
+same loss, by cosine, over several batches: at the calibrated beta (``beta: auto``, what training sees)
+and at beta 1, where no pair's sigmoid weight moves and the cosine measures the loss's gradient alone. The half-precision set-up is the trainer's own:
 ``PreferenceModel.set_frozen_dtype`` (frozen weights in half precision, LoRA in float32) and autocast
 (``Accelerator.autocast`` for bf16; on CPU accelerate does not autocast fp16, so fp16 uses
 ``torch.autocast("cpu", float16)`` with a static loss scale, as the GradScaler would on a GPU). Noise-space
@@ -135,13 +136,16 @@ def bench_kind(kind: str, batches: int, batch_pairs: int, image_size: int, devic
     beta, _ = calibrate_beta(reference, make_objective("ncp-dpo", beta="auto", scale=scale), calibration,
                              [torch.Generator().manual_seed(b) for b in range(2)])
     beta = beta.preference.beta
-    ncp = lambda options: make_objective("ncp-dpo", beta=beta, scale=scale, **options)  # noqa: E731
-    exact32 = ncp({})
+    ncp = lambda options, beta_=beta: make_objective("ncp-dpo", beta=beta_, scale=scale, **options)  # noqa: E731
+    # at a small beta no pair's sigmoid weight moves: the cosine then measures the perceptual path alone
+    small = {"dpo": make_objective("dpo", beta=1.0), "ncp": ncp({}, 1.0)}
     truths = []
     for b in range(batches):
         pairs = _pairs(reference, batch_pairs, size, seed=100 + b)
-        truths.append({"ncp": _gradient(reference, exact32, pairs, b, None, device)[0],
-                       "dpo": _gradient(reference, make_objective("dpo"), pairs, b, None, device)[0]})
+        truths.append({"ncp": _gradient(reference, ncp({}), pairs, b, None, device)[0],
+                       "dpo": _gradient(reference, make_objective("dpo"), pairs, b, None, device)[0],
+                       "ncp_small": _gradient(reference, small["ncp"], pairs, b, None, device)[0],
+                       "dpo_small": _gradient(reference, small["dpo"], pairs, b, None, device)[0]})
     fp32_seconds = {}
     for label, (name, options) in names.items():
         objective = ncp(options) if name.startswith("ncp") else make_objective(name)
@@ -151,18 +155,24 @@ def bench_kind(kind: str, batches: int, batch_pairs: int, image_size: int, devic
     for precision in DTYPES:
         model = _model(pipe, precision, device)
         for label, (name, options) in names.items():
-            objective = ncp(options) if name.startswith("ncp") else make_objective(name)
-            cosines, seconds = [], []
+            space = "ncp" if name.startswith("ncp") else "dpo"
+            objective = ncp(options) if space == "ncp" else make_objective(name)
+            objective_small = ncp(options, 1.0) if space == "ncp" else small["dpo"]
+            cosines, cosines_small, seconds = [], [], []
             for b in range(batches):
                 pairs = _pairs(reference, batch_pairs, size, seed=100 + b)
                 grad, sec = _gradient(model, objective, pairs, b, precision, device)
-                truth = truths[b]["ncp" if name.startswith("ncp") else "dpo"]
-                cosines.append(_cos(grad, truth))
+                cosines.append(_cos(grad, truths[b][space]))
                 seconds.append(sec)
+                cosines_small.append(_cos(_gradient(model, objective_small, pairs, b, precision, device)[0],
+                                          truths[b][f"{space}_small"]))
             rows.append({"precision": precision, "objective": label, "cosine_min": min(cosines),
-                         "cosine_median": statistics.median(cosines), "seconds_per_step_median": statistics.median(seconds),
+                         "cosine_median": statistics.median(cosines), "cosine_small_beta_min": min(cosines_small),
+                         "cosine_small_beta_median": statistics.median(cosines_small),
+                         "seconds_per_step_median": statistics.median(seconds),
                          "fp32_seconds_per_step_median": fp32_seconds[label]})
-            print(f"{kind} {precision} {label:28s} cos min {min(cosines):.5f} median {statistics.median(cosines):.5f}")
+            print(f"{kind} {precision} {label:28s} cos min {min(cosines):.5f} median {statistics.median(cosines):.5f}"
+                  f" | beta 1: min {min(cosines_small):.5f} median {statistics.median(cosines_small):.5f}")
     # exact float32 on its own: linearisation error only
     linear = ncp({"distance": "linear"})
     lin_cos = [_cos(_gradient(reference, linear, _pairs(reference, batch_pairs, size, 100 + b), b, None, device)[0],
