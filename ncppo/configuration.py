@@ -98,9 +98,10 @@ def _hints(obj) -> dict:
     return typing.get_type_hints(type(obj))
 
 
-def apply(obj, values: dict, prefix: str = "") -> None:
+def apply(obj, values: dict, prefix: str = "", adjust=None) -> None:
     """Set ``values`` (a nested mapping) on the mutable dataclass ``obj`` in place, type-checked; an unknown
-    key is a :class:`ConfigError` ``unknown config key 'a.b'; did you mean 'a.c'?``."""
+    key is a :class:`ConfigError` ``unknown config key 'a.b'; did you mean 'a.c'?``. ``adjust(key, value,
+    hint)``, when given, maps a value before its check (e.g. YAML's ``no`` read as false)."""
     hints = _hints(obj)
     names = [f.name for f in dataclasses.fields(obj)]
     for key, value in values.items():
@@ -111,8 +112,10 @@ def apply(obj, values: dict, prefix: str = "") -> None:
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise ConfigError(f"{full}: expected a mapping of {type(current).__name__} keys, got {value!r}")
-            apply(current, value, f"{full}.")
+            apply(current, value, f"{full}.", adjust)
         else:
+            if adjust is not None:
+                value = adjust(full, value, hints[key])
             setattr(obj, key, check_type(value, hints[key], full))
 
 

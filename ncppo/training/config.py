@@ -8,7 +8,6 @@ count cannot make.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import inspect
 import re
 import types
@@ -16,13 +15,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from ncppo.errors import NcppoError
-
-
-class ConfigError(NcppoError, ValueError):
-    """A bad configuration; the message names the key."""
+from ncppo.configuration import ConfigError, apply, check_choice, parse_overrides, read_mapping
 
 
 @dataclass
@@ -308,97 +301,15 @@ def _yaml_pitfalls(key: str, value, hint):
     return value
 
 
-def _check_type(value, hint, key: str):
-    """``value`` coerced to ``hint`` (ints become floats where floats are wanted) or a ConfigError."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(hint)
-        if value is None and type(None) in options:
-            return None
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _check_type(value, option, key)
-            except ConfigError:
-                pass
-        raise ConfigError(f"{key}: expected {_type_name(hint)}, got {value!r}")
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        (item,) = typing.get_args(hint)
-        return [_check_type(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, str):
-        try:
-            return float(value)  # YAML reads 1e-8 as a string
-        except ValueError:
-            pass
-    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
-        raise ConfigError(f"{key}: expected {_type_name(hint)}, got {value!r}")
-    return value
-
-
-def _type_name(hint) -> str:
-    return getattr(hint, "__name__", str(hint)).replace("NoneType", "null")
-
-
-def _apply(obj, values: dict, prefix: str = "") -> None:
-    hints = typing.get_type_hints(type(obj))
-    names = [f.name for f in dataclasses.fields(obj)]
-    for key, value in values.items():
-        full = f"{prefix}{key}"
-        if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
-            hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
-            raise ConfigError(f"unknown config key {full!r}{hint}")
-        current = getattr(obj, key)
-        if dataclasses.is_dataclass(current):
-            if not isinstance(value, dict):
-                raise ConfigError(f"{full}: expected a mapping of {type(current).__name__} keys, got {value!r}")
-            _apply(current, value, f"{full}.")
-        else:
-            setattr(obj, key, _check_type(_yaml_pitfalls(full, value, hints[key]), hints[key], full))
-
-
-def _nested(dotted: dict) -> dict:
-    out: dict = {}
-    for key, value in dotted.items():
-        node = out
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return out
-
-
-def parse_overrides(overrides: list[str]) -> dict:
-    """``["objective.beta=2500", "max_steps=10"]`` -> nested dict, values parsed as YAML."""
-    dotted = {}
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not key=value")
-        key, raw = item.split("=", 1)
-        dotted[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
-    return _nested(dotted)
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, **values) -> TrainConfig:
     """A validated :class:`TrainConfig` from a YAML file, ``key=value`` overrides and keyword values."""
     config = TrainConfig()
     if path is not None:
-        try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as err:
-            raise ConfigError(f"{path}: cannot read the config ({err})") from err
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the config must be a mapping")
-        _apply(config, data)
+        apply(config, read_mapping(path), adjust=_yaml_pitfalls)
     if overrides:
-        _apply(config, parse_overrides(overrides))
+        apply(config, parse_overrides(overrides), adjust=_yaml_pitfalls)
     if values:
-        _apply(config, values)
+        apply(config, values, adjust=_yaml_pitfalls)
     validate(config)
     return config
 
@@ -407,11 +318,7 @@ def validate(config: TrainConfig) -> None:
     d = config.to_dict()
     for key, choices in _CHOICES.items():
         section, _, leaf = key.rpartition(".")
-        value = d[section][leaf] if section else d[leaf]
-        if value not in choices:
-            close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}{hint}")
+        check_choice(d[section][leaf] if section else d[leaf], choices, key)
     for reporter in config.report_to:
         if reporter not in _REPORTERS:
             raise ConfigError(f"report_to: {reporter!r} is not one of {', '.join(_REPORTERS)}")
