@@ -140,6 +140,17 @@ def updated(obj, values: dict, where: str):
     return dataclasses.replace(obj, **changes)
 
 
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """``{"a": {"b": 1}, "c": 2}`` -> ``{"a.b": 1, "c": 2}`` (the inverse of :func:`nested`)."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def nested(dotted: dict) -> dict:
     """``{"a.b": 1, "c": 2}`` -> ``{"a": {"b": 1}, "c": 2}``."""
     out: dict = {}

@@ -26,7 +26,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from ncppo.errors import OutputDirError
+from ncppo.errors import OutputDirError, StateError
 
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
@@ -218,3 +218,17 @@ def clear_output_dir(folder: str | Path) -> None:
     aside = folder.parent / f".old-{folder.name}-{_token()}"
     os.replace(folder, aside)
     _remove(aside)
+
+
+def read_json_object(path: str | Path, remedy: str = "") -> dict:
+    """The JSON object in ``path``; a damaged file or another kind of JSON is a :class:`StateError` naming it
+    (with ``remedy``, what to do, appended)."""
+    path = Path(path)
+    tail = f"; {remedy}" if remedy else ""
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as err:
+        raise StateError(f"{path} is damaged ({err}){tail}") from err
+    if not isinstance(data, dict):
+        raise StateError(f"{path} is not the file ncppo wrote there (not a JSON object){tail}")
+    return data

@@ -22,10 +22,18 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from ncppo.configuration import flatten
 from ncppo.errors import OutputDirError, StateError, UsageError
 from ncppo.evaluation.generation import GenerationSpec, render_batch
 from ncppo.evaluation.prompts import PromptSet
-from ncppo.io import atomic_write_text, clear_output_dir, guard_output_dir, mark_output_dir, output_owner
+from ncppo.io import (
+    atomic_write_text,
+    clear_output_dir,
+    guard_output_dir,
+    mark_output_dir,
+    output_owner,
+    read_json_object,
+)
 
 MANIFEST = "manifest.jsonl"
 SETTINGS = "generation.json"
@@ -209,25 +217,7 @@ class Pairing:
 def read_settings(folder: str | Path) -> dict | None:
     """The set's ``generation.json`` (``None`` when it has none); a damaged one is a :class:`StateError`."""
     path = Path(folder) / SETTINGS
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except ValueError as err:
-        raise StateError(f"{path} is damaged ({err})") from err
-    if not isinstance(data, dict):
-        raise StateError(f"{path} is not a generation settings file (not a JSON object)")
-    return data
-
-
-def _flat(settings: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in settings.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
+    return read_json_object(path) if path.is_file() else None
 
 
 def _describe(differences: dict[str, tuple]) -> str:
@@ -243,7 +233,7 @@ def settings_differences(a_settings: dict, b_settings: dict, a_records: list[Ima
     """The generation settings (flattened, e.g. ``spec.num_inference_steps``) that differ between two sets,
     other than the model and LoRA. The prompt file's path (``prompt_source``) counts only when the prompts
     in the manifests differ too (one file may be named by two paths, or by its packaged set name)."""
-    fa, fb = _flat(a_settings), _flat(b_settings)
+    fa, fb = flatten(a_settings), flatten(b_settings)
     keys = sorted(k for k in set(fa) | set(fb) if k not in IDENTITY_KEYS and fa.get(k) != fb.get(k))
     if "prompt_source" in keys and a_records is not None and b_records is not None \
             and _ordered_prompts(a_records) == _ordered_prompts(b_records):

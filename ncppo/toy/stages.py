@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ncppo.errors import NcppoError, StateError, UsageError
-from ncppo.io import atomic_write_text
+from ncppo.errors import NcppoError, UsageError
+from ncppo.io import atomic_write_text, read_json_object
 from ncppo.toy.config import ToyConfig
 from ncppo.toy.layout import ToyLayout, slug
 
@@ -153,15 +153,7 @@ class ToyWorld:
     # -- bookkeeping -------------------------------------------------------------------------------
     def _ledger(self) -> dict:
         path = self.layout.stages_file
-        if not path.is_file():
-            return {}
-        try:
-            ledger = json.loads(path.read_text())
-        except ValueError as err:
-            raise StateError(f"{path} is damaged ({err}); delete it to rerun every stage") from err
-        if not isinstance(ledger, dict):
-            raise StateError(f"{path} is not a stage record; delete it to rerun every stage")
-        return ledger
+        return read_json_object(path, "delete it to rerun every stage") if path.is_file() else {}
 
     def _fingerprint(self, stage: str) -> str:
         return self.config.fingerprint(*_BY_NAME[stage].inputs)

@@ -33,6 +33,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from ncppo.configuration import flatten
 from ncppo.errors import NcppoError, OutputDirError, StateError
 from ncppo.io import atomic_write_text, guard_output_dir, mark_output_dir, output_owner
 from ncppo.training.card import model_card
@@ -76,16 +77,6 @@ def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in d.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def _same(a, b) -> bool:
     if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
         return True
@@ -107,7 +98,7 @@ def _normal(key: str, value):
 def setting_differences(old: dict, new: dict) -> list[str]:
     """``key: old -> new`` for every flat key that differs and may not change on resume."""
     diffs = []
-    defaults = _flat(TrainConfig().to_dict())
+    defaults = flatten(TrainConfig().to_dict())
     for key in sorted(new):
         if key in CHANGEABLE_ON_RESUME or (key.startswith("resolved.") and key not in old):
             continue
@@ -235,14 +226,14 @@ class Trainer:
         self._say(f"{why} {self.out}")
 
     def _run_settings(self) -> dict:
-        return {**_flat(self.config.to_dict()), "resolved.effective_batch": self.effective_batch,
+        return {**flatten(self.config.to_dict()), "resolved.effective_batch": self.effective_batch,
                 "resolved.learning_rate": self.learning_rate}
 
     def _check_resume_settings(self) -> None:
         old = self.resume_state.get("settings")
         if old is None:  # a checkpoint of an older version: the run's config.yaml (not yet rewritten)
             try:
-                old = _flat(yaml.safe_load((self.out / "config.yaml").read_text()) or {})
+                old = flatten(yaml.safe_load((self.out / "config.yaml").read_text()) or {})
             except (OSError, yaml.YAMLError):
                 self.notes.append(f"{self.resume_from} records no settings: they are not compared")
                 return
@@ -319,7 +310,7 @@ class Trainer:
         self.tracker_run_id = state.get("tracker_run_id") or uuid.uuid4().hex[:12]
         if not self.acc.log_with:
             return
-        flat = {**_flat(self.config.to_dict()), **{f"resolved.{k}": v for k, v in _flat(self._resolved()).items()}}
+        flat = {**flatten(self.config.to_dict()), **{f"resolved.{k}": v for k, v in flatten(self._resolved()).items()}}
         values = {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in flat.items()}
         wandb = {"name": self.run_name, "dir": str(self.out), "id": self.tracker_run_id, "resume": "allow"}
         self.acc.init_trackers(self.config.tracker_project, config=values, init_kwargs={"wandb": wandb})
