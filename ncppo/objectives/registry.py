@@ -69,7 +69,7 @@ def make_objective(
     level_weights: tuple[float, ...] | None = None,
     level_norm: str = "none",
     encoder_timestep: str = "t-1",
-    scale: str = "paper",
+    scale: str = "noise",
     distance: str = "auto",
     encoder_dtype: str = "model",
 ) -> Objective:

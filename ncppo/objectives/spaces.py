@@ -92,8 +92,8 @@ class PerceptualSpace:
     - ``encoder_timestep``: ``t-1`` (default) the DDPM reverse step (2); ``t-k`` the exact posterior
       ``q(x_{t-k} | x_t, x0_hat)`` (on ``t-1``'s scale); ``uniform`` re-noises ``x0_hat`` and ``x0`` to a
       ``t'`` drawn per pair (shared by its winner and loser) with the shared ``eps``.
-    - ``scale``: ``paper`` keeps PL as it is (about ``c^2`` = 1e-5 of the noise MSE); ``noise`` divides it by
-      ``c^2``, putting it on the noise MSE's scale up to the encoder's gain.
+    - ``scale``: ``noise`` (default) divides PL by ``c^2``, putting it on the noise MSE's scale up to the
+      encoder's gain; ``paper`` keeps PL as the paper writes it (about ``c^2`` = 1e-5 of the noise MSE).
     - ``distance``: ``exact`` subtracts two encoder passes (the paper); ``linear`` uses ``J_f(x*) (x - x*)``
       as a JVP around the target, equal to second order and sound in half precision; ``auto`` is ``exact``
       when the encoder computes in float32 and ``linear`` when it computes in half precision (weights or
@@ -107,7 +107,7 @@ class PerceptualSpace:
 
     encoder: NoiseConditionedEncoder = field(default_factory=NoiseConditionedEncoder)
     encoder_timestep: str = "t-1"
-    scale: str = "paper"
+    scale: str = "noise"
     distance: str = "auto"
     encoder_dtype: str = "model"
     needs_frozen_unet = True

@@ -82,7 +82,7 @@ class TrainStageConfig:
     learning_rate: float = 2e-4
     beta_noise: float = 5000.0
     beta_perceptual: float | str = 5000.0
-    perceptual_scale: str = "paper"
+    perceptual_scale: str = "noise"
     seed: int = 0
 
     def run_names(self) -> list[str]:

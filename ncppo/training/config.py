@@ -79,8 +79,9 @@ class ObjectiveConfig:
         level_norm: per-level normalisation: ``none`` (paper), ``channels`` (the authors' rescale by
             ``C_last / C_level``), ``target`` (per channel by the target features' spread).
         encoder_timestep: ``t-1`` (paper), ``t-k`` (k exact posterior steps), ``uniform``.
-        scale: ``paper`` (PL as it is, about 1e-5 of the noise MSE) or ``noise`` (PL divided by the squared
-            gain of the step from ``x_t`` to the encoder's input: on the noise-MSE scale).
+        scale: ``noise`` (default: PL divided by the squared gain of the step from ``x_t`` to the encoder's
+            input, on the noise MSE's scale, so beta 5000 puts the argument near noise-space DPO's) or
+            ``paper`` (PL as the paper writes it, about 1e-5 of the noise MSE: the loss then sits at log 2).
         distance: ``exact`` (the paper's difference of two encoder passes), ``linear`` (the first-order
             form ``J_f(x*) (x - x*)`` as a JVP: keeps its signal in half precision), or ``auto`` (exact in
             float32, linear in half precision).
@@ -95,7 +96,7 @@ class ObjectiveConfig:
     level_weights: list[float] | None = None
     level_norm: str = "none"
     encoder_timestep: str = "t-1"
-    scale: str = "paper"
+    scale: str = "noise"
     distance: str = "auto"
     encoder_dtype: str = "model"
     calibration_batches: int = 4
