@@ -9,21 +9,23 @@ Protocol (fixed before any number was seen):
   validation images use evaluation seed 1001, test images seed 2002, neither used by the pair generator.
 - Grid: baselines ``dpo``, ``cpo``, ``sft`` (beta 5000) and, for each, ``ncp-X`` under the settings
   ``paper`` (the paper's exact loss, beta 5000) and ``conditioned`` (``scale: noise`` plus ``beta: auto``;
-  SFT has no beta) x features ``last``, ``mid``, ``all``; each with training seeds 0, 1, 2.
+  SFT has no beta) x features ``last``, ``mid``, ``all``.
 - Budget: equal compute, not wall time: each run gets ``round(dpo_steps * FLOPs(DPO step) / FLOPs(its
   step))`` steps, FLOPs counted once per config by ``torch.utils.flop_counter`` on a real batch. Wall time
   is recorded beside it.
-- Selection: for each X, the NCP setting x features with the highest mean validation oracle reward over
-  seeds. Verdict: on the test split (2 images per caption), the selected NCP-X and the paper-exact
-  NCP-X (features ``last``) against X, pooled over seeds, win rates with 95% bootstrap intervals over
-  (seed, caption) units; time to quality from a half-budget checkpoint (linear between base, half, final).
+- Selection (training seed 0, validation captions and seeds): for each X, the NCP setting x features with
+  the highest validation oracle reward. Verdict (training seeds 1, 2, 3, which the selection never saw;
+  test captions and seeds, 1 image per caption): X, the selected NCP-X and, for DPO, the paper-exact
+  and the well-conditioned NCP-DPO (features ``last``, reported whether selected or not); win rates of NCP-X over X pooled over seeds with 95% bootstrap intervals over
+  (seed, caption) units; NCP-DPO's time to quality (the share of its compute at which it reaches DPO's
+  final test reward, linear between base, a half-budget checkpoint and the end).
 - Diagnostics per run from its own logs: sigmoid-argument RMS, saturated fraction, PL/L by timestep quarter,
   gradient norm, the share of updates under AdamW's eps, the trainer's warnings.
 
 Resumable run by run: results go to ``WORK/runs/<name>/seed-<s>/result.json`` and are reused.
 
     python benchmarks/ncp_ablation.py                       # writes benchmarks/results/ncp_ablation.{json,md}
-    python benchmarks/ncp_ablation.py --quick --seeds 0 --dpo-steps 2 --work /tmp/abl --out /tmp/abl.json  # smoke
+    python benchmarks/ncp_ablation.py --quick --test-seeds 1 --dpo-steps 2 --work /tmp/abl --out /tmp/abl.json  # smoke
 """
 
 from __future__ import annotations
@@ -42,9 +44,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ncppo.io import atomic_write_text  # noqa: E402
 
 BASELINES = ("dpo", "cpo", "sft")
-SETTINGS = {"paper": {}, "conditioned": {"scale": "noise", "beta": "auto"}}
+SETTINGS = {"paper": {"scale": "paper"}, "conditioned": {"scale": "noise", "beta": "auto"}}
 FEATURES = ("last", "mid", "all")
 SPLIT_SEEDS = {"validation": 1001, "test": 2002}
+PAPER_AT_TEST = ("dpo",)
+TEST_IMAGES = 1  # images per test caption (x 3 training seeds x 84 captions = 252 paired units)
 
 
 def grid() -> dict[str, dict]:
@@ -159,7 +163,8 @@ def diagnostics(run_dir: Path) -> dict:
     return out
 
 
-def train_and_validate(world, work: Path, name: str, objective: dict, seed: int, steps: int, flops: int) -> dict:
+def train_and_validate(world, work: Path, name: str, objective: dict, seed: int, steps: int, flops: int,
+                       validate: bool = True) -> dict:
     from ncppo.training import Trainer, load_config
 
     folder = work / "runs" / name.replace("/", "-") / f"seed-{seed}"
@@ -172,15 +177,16 @@ def train_and_validate(world, work: Path, name: str, objective: dict, seed: int,
     train_wall = time.perf_counter() - start
     record = {"name": name, "seed": seed, "objective": objective, "steps": result.steps, "flops_per_step": flops,
               "train_wall_seconds": train_wall, "train_seconds": result.train_seconds,
-              "validation": evaluate(run_dir, world, spec("validation", 1)), "diagnostics": diagnostics(run_dir),
+              "validation": evaluate(run_dir, world, spec("validation", 1)) if validate else None,
+              "diagnostics": diagnostics(run_dir),
               "run_dir": str(run_dir)}
     atomic_write_text(result_path, json.dumps(record))
     print(f"[ablation] {name} seed {seed}: {result.steps} steps, {train_wall:.0f} s, "
-          f"validation reward {record['validation']['mean']:.4f}", flush=True)
+          + (f"validation reward {record['validation']['mean']:.4f}" if validate else "(test seed)"), flush=True)
     return record
 
 
-def test_record(world, work: Path, record: dict) -> dict:
+def test_record(world, work: Path, record: dict, half: bool = True) -> dict:
     from ncppo.evaluation.runs import run_checkpoints
 
     path = Path(record["run_dir"]).parent / "test.json"
@@ -188,8 +194,8 @@ def test_record(world, work: Path, record: dict) -> dict:
         return json.loads(path.read_text())
     run_dir = Path(record["run_dir"])
     ckpts = run_checkpoints(run_dir)
-    final = evaluate(run_dir, world, spec("test", 2))
-    half = evaluate(run_dir, world, spec("test", 2), checkpoint=ckpts[0]) if len(ckpts) > 1 else None
+    final = evaluate(run_dir, world, spec("test", TEST_IMAGES))
+    half = evaluate(run_dir, world, spec("test", TEST_IMAGES), checkpoint=ckpts[0]) if half and len(ckpts) > 1 else None
     out = {"final": final, "half": half, "half_step": ckpts[0].step if half else None, "steps": record["steps"]}
     atomic_write_text(path, json.dumps(out))
     return out
@@ -222,11 +228,11 @@ def pooled_win(a_records: list[dict], b_records: list[dict]):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--dpo-steps", type=int, default=60, help="the budget, as steps of noise-space DPO")
+    parser.add_argument("--selection-seed", type=int, default=0)
+    parser.add_argument("--test-seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--dpo-steps", type=int, default=40, help="the budget, as steps of noise-space DPO")
     parser.add_argument("--work", default="outputs/ncp_ablation")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "ncp_ablation.json"))
-    parser.add_argument("--only", nargs="*", help="train only these run names (for a partial rerun)")
     parser.add_argument("--quick", action="store_true", help="the quick toy world (a smoke test of this script)")
     args = parser.parse_args(argv)
     import os
@@ -236,8 +242,6 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     world = build_world(work, args.quick)
     runs = grid()
-    if args.only:
-        runs = {k: v for k, v in runs.items() if k in args.only}
     flops_path = work / "flops.json"
     flops = json.loads(flops_path.read_text()) if flops_path.is_file() else {}
     for name, objective in runs.items():
@@ -245,45 +249,57 @@ def main(argv=None) -> int:
             flops[name] = step_flops(world, objective)
             atomic_write_text(flops_path, json.dumps(flops, indent=1))
     steps = {name: max(1, round(args.dpo_steps * flops["dpo"] / flops[name])) for name in runs}
-    print(f"[ablation] {len(runs)} configs x {len(args.seeds)} seeds; steps at equal compute: "
-          + ", ".join(f"{n}={s}" for n, s in steps.items() if "/" not in n or n.endswith("/last")), flush=True)
-    records: dict[str, list[dict]] = {name: [] for name in runs}
-    for seed in args.seeds:  # the whole grid for one seed before the next: a partial run covers the grid
-        for name, objective in runs.items():
-            records[name].append(train_and_validate(world, work, name, objective, seed, steps[name], flops[name]))
+    print(f"[ablation] selection: {len(runs)} configs at training seed {args.selection_seed}; steps at equal "
+          "compute: " + ", ".join(f"{n}={s}" for n, s in steps.items()), flush=True)
+    selection = {name: train_and_validate(world, work, name, objective, args.selection_seed, steps[name], flops[name])
+                 for name, objective in runs.items()}
+    validation = {name: r["validation"]["mean"] for name, r in selection.items()}
+    selected = {x: max((n for n in runs if n.startswith(f"ncp-{x}/")), key=lambda n: validation[n]) for x in BASELINES}
+    print(f"[ablation] selected on validation: {selected}", flush=True)
 
-    validation = {name: statistics.mean(r["validation"]["mean"] for r in recs) for name, recs in records.items()}
     base_path = work / "base.json"
     if not base_path.is_file():
-        atomic_write_text(base_path, json.dumps({split: evaluate(None, world, spec(split, 1 if split == "validation" else 2))
+        atomic_write_text(base_path, json.dumps({split: evaluate(None, world, spec(split, 1 if split == "validation" else TEST_IMAGES))
                                                  for split in SPLIT_SEEDS}))
     base = json.loads(base_path.read_text())
-    verdicts, selected = [], {}
+    verdicts, tested = [], {}
     for x in BASELINES:
-        candidates = [n for n in runs if n.startswith(f"ncp-{x}/")]
-        if x not in runs or not candidates:
-            continue
-        selected[x] = max(candidates, key=lambda n: validation[n])
-        for label, ncp_name in (("selected", selected[x]), ("paper", f"ncp-{x}/paper/last")):
-            if ncp_name not in runs:
+        # the paper-exact NCP-X at test for DPO (the paper's headline method); for CPO and SFT the selection
+        # table compares the settings on validation
+        contenders = list(dict.fromkeys([x, selected[x]] + ([f"ncp-{x}/paper/last", f"ncp-{x}/conditioned/last"]
+                                                            if x in PAPER_AT_TEST else [])))
+        for name in contenders:
+            if name not in tested:
+                tested[name] = []
+                for seed in args.test_seeds:
+                    record = train_and_validate(world, work, name, runs[name], seed, steps[name], flops[name],
+                                                validate=False)
+                    tested[name].append({**test_record(world, work, record, half=name.startswith("ncp-dpo")),
+                                         "seed": seed, "record": record})
+        for label, ncp_name in (("selected", selected[x]), ("paper", f"ncp-{x}/paper/last"),
+                                ("conditioned (not selected)", f"ncp-{x}/conditioned/last")):
+            if ncp_name not in tested or any(v["x"] == x and v["ncp"] == ncp_name for v in verdicts):
                 continue
-            tests_x = [{**test_record(world, work, r), "seed": r["seed"]} for r in records[x]]
-            tests_n = [{**test_record(world, work, r), "seed": r["seed"]} for r in records[ncp_name]]
+            tests_x, tests_n = tested[x], tested[ncp_name]
             win = pooled_win(tests_x, tests_n)
-            vs_base = pooled_win([{"final": base["test"], "seed": r["seed"]} for r in tests_x], tests_n)
+            vs_base = pooled_win([{"final": base["test"], "seed": t["seed"]} for t in tests_x], tests_n)
+            x_vs_base = pooled_win([{"final": base["test"], "seed": t["seed"]} for t in tests_x], tests_x)
             ttq = [time_to_quality(base["test"]["mean"], n, t["final"]["mean"]) for t, n in zip(tests_x, tests_n)]
             verdicts.append({"x": x, "ncp": ncp_name, "which": label, "win_rate": win.to_dict(),
-                             "ncp_vs_base": vs_base.to_dict(),
+                             "ncp_vs_base": vs_base.to_dict(), "x_vs_base": x_vs_base.to_dict(),
                              "test_mean_x": statistics.mean(t["final"]["mean"] for t in tests_x),
                              "test_mean_ncp": statistics.mean(t["final"]["mean"] for t in tests_n),
                              "time_to_quality_per_seed": ttq})
+    summary = lambda r: {k: r[k] for k in ("seed", "steps", "train_wall_seconds", "diagnostics")} | {  # noqa: E731
+        "validation_mean": r["validation"]["mean"] if r["validation"] else None}
     record = {"command": "python benchmarks/ncp_ablation.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "protocol": __doc__.split("Resumable")[0].strip(), "seeds": args.seeds, "dpo_steps": args.dpo_steps,
-              "steps": steps, "flops_per_step": {n: flops[n] for n in runs},
-              "base": {s: base[s]["mean"] for s in base}, "validation_mean": validation, "selected": selected,
-              "verdicts": verdicts,
-              "runs": {n: [{k: r[k] for k in ("seed", "steps", "train_wall_seconds", "diagnostics")}
-                           | {"validation_mean": r["validation"]["mean"]} for r in recs] for n, recs in records.items()},
+              "protocol": __doc__.split("Resumable")[0].strip(), "selection_seed": args.selection_seed,
+              "test_seeds": args.test_seeds, "dpo_steps": args.dpo_steps, "steps": steps,
+              "flops_per_step": {n: flops[n] for n in runs}, "base": {s: base[s]["mean"] for s in base},
+              "validation_mean": validation, "selected": selected, "verdicts": verdicts,
+              "selection_runs": {n: summary(r) for n, r in selection.items()},
+              "test_runs": {n: [summary(t["record"]) | {"test_mean": t["final"]["mean"]} for t in ts]
+                            for n, ts in tested.items()},
               "wall_seconds_this_invocation": time.perf_counter() - start}
     atomic_write_text(args.out, json.dumps(record, indent=1))
     atomic_write_text(Path(args.out).with_suffix(".md"), markdown(record))
@@ -294,24 +310,27 @@ def main(argv=None) -> int:
 def markdown(r: dict) -> str:
     lines = ["# NCP ablation on the toy world", "", f"Command: `{r['command']}`", "",
              f"Base model oracle reward: validation {r['base']['validation']:.4f}, test {r['base']['test']:.4f}.", "",
-             "## Validation (selection): mean oracle reward over seeds", "",
+             f"## Selection: validation captions and seeds, training seed {r['selection_seed']}", "",
              "| run | steps (equal compute) | validation reward | arg RMS (median) | PL/L t0..t3 (median) | eps-dominated |",
              "|---|---|---|---|---|---|"]
-    for name, recs in r["runs"].items():
-        def med(key, d=recs[0]["diagnostics"]):
+    for name, rec in r["selection_runs"].items():
+        def med(key, d=rec["diagnostics"]):
             return d.get(key, {}).get("median")
         pl = " / ".join(f"{med(f'pl_over_l_t{q}'):.2g}" if med(f"pl_over_l_t{q}") is not None else "-" for q in range(4))
         arg = f"{med('argument_rms'):.3g}" if med("argument_rms") is not None else "-"
         eps = f"{med('eps_dominated_frac'):.2f}" if med("eps_dominated_frac") is not None else "-"
         lines.append(f"| {name} | {r['steps'][name]} | {r['validation_mean'][name]:.4f} | {arg} | {pl} | {eps} |")
-    lines += ["", "## Test (held-out captions and seeds): NCP-X vs X, pooled over seeds", "",
-              "| X | NCP-X | which | win rate of NCP-X [95% CI] | NCP-X vs base | test reward X -> NCP-X | time to quality |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["", f"Selected: {r['selected']}", "",
+              f"## Verdict: test captions and seeds, training seeds {r['test_seeds']} (pooled)", "",
+              "| X | NCP-X | which | win rate of NCP-X over X [95% CI] | X vs base | NCP-X vs base | test reward X -> NCP-X | "
+              "time to quality |", "|---|---|---|---|---|---|---|---|"]
     for v in r["verdicts"]:
         w, b = v["win_rate"], v["ncp_vs_base"]
-        ttq = ", ".join("never" if t is None else f"{t:.2f}" for t in v["time_to_quality_per_seed"])
+        times = ["never" if t is None else f"{t:.2f}" for t in v["time_to_quality_per_seed"]]
+        ttq = ", ".join(times) if v["x"] == "dpo" else "-"
+        xb = v["x_vs_base"]
         lines.append(f"| {v['x']} | {v['ncp']} | {v['which']} | {100 * w['rate']:.1f}% "
-                     f"[{100 * w['low']:.1f}, {100 * w['high']:.1f}] | {100 * b['rate']:.1f}% | "
+                     f"[{100 * w['low']:.1f}, {100 * w['high']:.1f}] | {100 * xb['rate']:.1f}% | {100 * b['rate']:.1f}% | "
                      f"{v['test_mean_x']:.4f} -> {v['test_mean_ncp']:.4f} | {ttq} |")
     return "\n".join(lines) + "\n"
 
