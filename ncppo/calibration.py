@@ -21,17 +21,18 @@ from ncppo.diffusion import diffusion_loss
 from ncppo.errors import StateError
 from ncppo.objectives.preference import DEFAULT_BETA
 from ncppo.objectives.registry import Objective
-from ncppo.step import noise_pairs
+from ncppo.step import encode_pairs, noise_pairs
 
 
 @torch.no_grad()
-def calibrate_beta(model, objective: Objective, batches, generators, target_beta: float = DEFAULT_BETA
-                   ) -> tuple[Objective, dict]:
-    """The objective with its calibrated ``beta``, and a record of the measurement (for the run's files)."""
+def calibrate_beta(model, objective: Objective, batches, generators, target_beta: float = DEFAULT_BETA,
+                   average=None) -> tuple[Objective, dict]:
+    """The objective with its calibrated ``beta``, and a record of the measurement (for the run's files).
+    ``average`` maps this process's ratio to the ratio over all processes (the trainer's all-reduce)."""
     noise_sum = space_sum = 0.0
     count = 0
     for i, (batch, generator) in enumerate(zip(batches, generators, strict=True)):
-        pairs = model.encode_batch(batch, generator) if not hasattr(batch, "condition_w") else batch
+        pairs = encode_pairs(model, batch, generator)
         noised = noise_pairs(model, pairs, objective.uses_loser, generator)
         with model.frozen_unet() as reference:
             eps_ref = model.predict_epsilon(reference, noised.x_t, noised.t, noised.condition)
@@ -45,7 +46,7 @@ def calibrate_beta(model, objective: Objective, batches, generators, target_beta
         noise_sum, space_sum, count = noise_sum + n, space_sum + s, count + noise.numel()
     if count == 0:
         raise StateError("beta calibration: no calibration batch had a valid pair")
-    ratio = noise_sum / space_sum
+    ratio = noise_sum / space_sum if average is None else float(average(noise_sum / space_sum))
     beta = target_beta * ratio
     record = {"beta": beta, "target_beta": target_beta, "noise_over_space": ratio, "samples": count,
               "mean_noise_loss": noise_sum / count, "mean_space_loss": space_sum / count}

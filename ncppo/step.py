@@ -43,6 +43,11 @@ def noise_pairs(model, pairs: EncodedPairs, uses_loser: bool, generator=None) ->
     return NoisedBatch(x0, x_t, t, eps, z, Condition.cat(conditions), generator, num_pairs=b)
 
 
+def encode_pairs(model, batch: PreferenceBatch | EncodedPairs, generator=None) -> EncodedPairs:
+    """The batch as the step consumes it: encoded batches pass through, raw ones are encoded by the model."""
+    return batch if isinstance(batch, EncodedPairs) else model.encode_batch(batch, generator)
+
+
 def training_step(
     model,
     objective: Objective,
@@ -51,7 +56,7 @@ def training_step(
     generator: torch.Generator | None = None,
 ) -> StepOutput:
     """Loss and metrics of ``objective`` on a batch of pairs (raw or encoded)."""
-    pairs = batch if isinstance(batch, EncodedPairs) else model.encode_batch(batch, generator)
+    pairs = encode_pairs(model, batch, generator)
     noised = noise_pairs(model, pairs, objective.uses_loser, generator)
     eps_theta = model.predict_epsilon(model.policy, noised.x_t, noised.t, noised.condition)
     eps_ref = None

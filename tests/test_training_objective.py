@@ -7,6 +7,7 @@ from ncppo.training import Trainer, load_config
 from ncppo.training.config import ConfigError
 
 from .data_helpers import write_dataset
+from .test_training import _config
 
 SPEC = [(f"a {c} shape {k}", f"w{k}{c}", f"l{k}{c}", k % 2) for k in range(4) for c in ("red", "blue")]
 
@@ -14,12 +15,6 @@ SPEC = [(f"a {c} shape {k}", f"w{k}{c}", f"l{k}{c}", k % 2) for k in range(4) fo
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     return write_dataset(tmp_path_factory.mktemp("data") / "pairs", SPEC, rows_per_shard=5)
-
-
-def _config(tmp_path, model_dir, dataset, *overrides):
-    return load_config(None, [f"output_dir={tmp_path / 'run'}", f"model.pretrained={model_dir}", "model.lora_rank=4",
-                              f"data.source={dataset}", "data.resolution=32", "batch_size=2",
-                              "optim.learning_rate=1e-3", "optim.scale_lr=false", "max_steps=2", *overrides])
 
 
 def test_every_objective_option_is_settable_from_yaml(tmp_path, tiny_pipeline_dirs, dataset):

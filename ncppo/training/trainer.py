@@ -338,12 +338,11 @@ class Trainer:
                 generators.append(torch.Generator().manual_seed(_seed(cfg.seed, micro_index, acc.process_index, 3)))
             if len(batches) == cfg.objective.calibration_batches:
                 break
+        def average(ratio: float) -> float:
+            return float(acc.reduce(torch.tensor([ratio], device=acc.device), reduction="mean"))
+
         with acc.autocast():
-            _, record = calibrate_beta(self.model, self.objective, batches, generators)
-        ratio = acc.reduce(torch.tensor([record["noise_over_space"]], device=acc.device), reduction="mean")
-        record["noise_over_space"] = float(ratio)
-        record["beta"] = record["target_beta"] * record["noise_over_space"]
-        self.objective = self.objective.with_beta(record["beta"])
+            self.objective, record = calibrate_beta(self.model, self.objective, batches, generators, average=average)
         self.resolved["beta"] = record["beta"]
         self.resolved["beta_calibration"] = record
         self._say(f"beta: auto -> {record['beta']:.6g} (noise MSE / {cfg.objective.name} loss = "
