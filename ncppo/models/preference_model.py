@@ -57,7 +57,7 @@ class PreferenceModel:
         self.pipeline = pipeline
         self.kind = pipeline_kind(pipeline)
         self.unet = pipeline.unet
-        self.policy = self.unet  # what runs the policy forward: the trainer swaps in a DDP-wrapped U-Net
+        self.policy = self.unet  # what runs the policy forward: see use_policy (a DDP-wrapped U-Net)
         self.finetune = finetune
         self.schedule = NoiseSchedule.from_scheduler_config(pipeline.scheduler.config)
         for module in self._frozen_components():
@@ -118,6 +118,17 @@ class PreferenceModel:
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.unet.parameters() if p.requires_grad]
+
+    def trainable_state(self) -> dict[str, torch.nn.Parameter]:
+        """The trained parameters by name: what a training checkpoint holds and a resume restores."""
+        return {n: p for n, p in self.unet.named_parameters() if p.requires_grad}
+
+    def use_policy(self, module: torch.nn.Module) -> None:
+        """Run the policy forward through ``module``: this model's U-Net as wrapped for distributed training
+        (the first value of ``accelerator.prepare(model.unet, optimizer)``)."""
+        if module is not self.unet and getattr(module, "module", None) is not self.unet:
+            raise ValueError("use_policy: the module does not wrap this model's U-Net")
+        self.policy = module
 
     @contextlib.contextmanager
     def frozen_unet(self) -> Iterator[torch.nn.Module]:
