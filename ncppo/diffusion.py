@@ -83,19 +83,19 @@ class NoiseSchedule:
     # -- per-sample coefficients, broadcast to the sample's shape ---------------------------------
     def abar(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """``abar_t`` gathered per sample; ``t = -1`` gives ``abar_{-1} = 1``."""
-        _check_timesteps(t, like, self.num_train_timesteps)
+        check_timesteps(t, like, self.num_train_timesteps)
         table = self.alphas_cumprod.to(device=like.device)
         values = torch.where(t >= 0, table[t.clamp(min=0)], torch.ones((), device=like.device))
         return values.to(torch.float32).view(-1, *([1] * (like.ndim - 1)))
 
 
-def _check_timesteps(t: torch.Tensor, sample: torch.Tensor, num_train_timesteps: int) -> None:
+def check_timesteps(t: torch.Tensor, sample: torch.Tensor, num_train_timesteps: int) -> None:
     if not isinstance(t, torch.Tensor) or t.ndim != 1 or t.dtype.is_floating_point:
         raise ValueError("timesteps must be a 1-D integer tensor with one entry per sample")
     if t.shape[0] != sample.shape[0]:
         raise ValueError(f"got {t.shape[0]} timesteps for a batch of {sample.shape[0]} samples")
     if t.numel() and (int(t.max()) >= num_train_timesteps or int(t.min()) < -1):
-        raise ValueError(f"timesteps must lie in [0, {num_train_timesteps}); got {t.min()}..{t.max()}")
+        raise ValueError(f"timesteps must lie in [-1, {num_train_timesteps}); got {t.min()}..{t.max()}")
 
 
 def _math(x: torch.Tensor) -> torch.Tensor:
