@@ -95,7 +95,7 @@ def check_timesteps(t: torch.Tensor, sample: torch.Tensor, num_train_timesteps: 
     if t.shape[0] != sample.shape[0]:
         raise ValueError(f"got {t.shape[0]} timesteps for a batch of {sample.shape[0]} samples")
     if t.numel() and (int(t.max()) >= num_train_timesteps or int(t.min()) < -1):
-        raise ValueError(f"timesteps must lie in [-1, {num_train_timesteps}); got {t.min()}..{t.max()}")
+        raise ValueError(f"timesteps must lie in [0, {num_train_timesteps}); got {t.min()}..{t.max()}")
 
 
 def _math(x: torch.Tensor) -> torch.Tensor:

@@ -150,7 +150,7 @@ def test_bad_input():
     schedule = FlowSchedule()
     with pytest.raises(ValueError, match="integer"):
         schedule.sigma(torch.tensor([0.5]), torch.zeros(1, 1))
-    with pytest.raises(ValueError, match=r"\[-1, 1000\)"):
+    with pytest.raises(ValueError, match=r"\[0, 1000\)"):
         schedule.sigma(torch.tensor([1000]), torch.zeros(1, 1))
     with pytest.raises(ValueError, match="s < t"):
         euler_step(schedule, torch.zeros(1, 1), torch.zeros(1, 1), torch.tensor([3]), torch.tensor([3]))
