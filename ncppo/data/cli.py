@@ -5,6 +5,14 @@ from __future__ import annotations
 import json
 
 
+def _columns(args):
+    from ncppo.data.formats import ColumnMapping
+
+    return ColumnMapping(**{role: getattr(args, f"{role}_column") for role in ROLES})
+
+
+ROLES = ("caption", "image_0", "image_1", "label_0", "label_1", "uid_0", "uid_1", "chosen", "rejected")
+
 def _print_stats(title: str, stats: dict) -> None:
     print(title)
     for key, value in stats.items():
@@ -16,7 +24,8 @@ def _filter(args) -> int:
 
     stats = filter_dataset(args.input, args.output, min_wins=args.min_wins, pairs=args.pairs, variant=args.variant,
                            on_bad_row=args.on_bad_row, split=args.split, image_dir=args.image_dir,
-                           overwrite=args.overwrite, max_image_pixels=args.max_image_pixels)
+                           overwrite=args.overwrite, max_image_pixels=args.max_image_pixels,
+                           columns=_columns(args))
     _print_stats("before", stats["before"])
     _print_stats("after", stats["after"])
     print(f"selection: {json.dumps(stats['selection'])}")
@@ -33,7 +42,7 @@ def _stats(args) -> int:
     from ncppo.data.pairs import PreferencePairs
 
     pairs = PreferencePairs(args.input, tie_policy="keep", on_bad_row=args.on_bad_row, split=args.split,
-                            image_dir=args.image_dir, max_image_pixels=args.max_image_pixels)
+                            image_dir=args.image_dir, max_image_pixels=args.max_image_pixels, columns=_columns(args))
     stats = dataset_stats(pairs.meta, min_wins=args.min_wins, skipped_rows=pairs.skips.total)
     if args.check_images:  # decode every image: corrupt files, one uid with two different images
         for start in range(0, len(pairs), 64):
@@ -61,7 +70,7 @@ def _cache(args) -> int:
     model = PreferenceModel.from_pretrained(args.model, finetune="none")
     model.to(state.device)
     pairs = PreferencePairs(args.input, tie_policy=args.ties, on_bad_row=args.on_bad_row, split=args.split,
-                            image_dir=args.image_dir, max_image_pixels=args.max_image_pixels)
+                            image_dir=args.image_dir, max_image_pixels=args.max_image_pixels, columns=_columns(args))
     index = build_cache(model, pairs, args.output, resolution=args.resolution, batch_size=args.batch_size,
                         pairs_per_shard=args.pairs_per_shard, dtype="float16" if args.fp16 else "float32",
                         model_name=str(args.model), state=state, overwrite=args.overwrite, verify=args.verify)
@@ -84,9 +93,17 @@ def add_data_commands(sub) -> None:
                        help=f"{what} (never the input, nor a folder inside or around it)")
 
     def common(p):
-        p.add_argument("input", help="parquet file/folder, save_to_disk folder, authors' .csv, or hub id")
+        p.add_argument("input", help="parquet file/folder, save_to_disk folder, .csv, .json/.jsonl (HPDv3, TRL "
+                                     "prompt/chosen/rejected), a folder with w/ and l/ images, or a hub id")
         p.add_argument("--split", default="train", help="split of a DatasetDict or hub dataset (default train)")
-        p.add_argument("--image-dir", default=None, help="image folder for a .csv source (default: images/ beside it)")
+        p.add_argument("--image-dir", default=None,
+                       help="image folder of the authors' .csv (default: images/ beside it); for sources with "
+                            "image paths, what relative paths are relative to (default: the file's folder)")
+        for role in ROLES:  # as diffusers' training scripts' --caption_column
+            what = {"chosen": "the winning image (winner-first shape, no labels)", "rejected": "the losing image",
+                    "caption": "the prompt"}.get(role, role.replace("_", " ").replace("uid", "image uid"))
+            p.add_argument(f"--{role.replace('_', '-')}-column", dest=f"{role}_column", default=None,
+                           metavar="NAME", help=f"the column holding {what}")
         p.add_argument("--on-bad-row", choices=BAD_ROW_POLICIES, default="skip",
                        help="skip (count and report) or error on a bad row (default skip)")
         p.add_argument("--max-image-pixels", type=int, default=None,

@@ -42,13 +42,18 @@ class PreferencePairs:
     loser) holds its image, and any other occurrence with other bytes is the bad one. The decision does
     not depend on the order pairs are read (shuffled batches, a resumed cache, several processes): the
     first occurrence's bytes are read when they are not known yet.
+
+    ``columns`` (a :class:`ncppo.data.formats.ColumnMapping`) names the columns of a source in another
+    shape; TRL, HPDv3 and winner/loser folders are recognised without it (see :mod:`ncppo.data.formats`).
     """
 
     def __init__(self, source, *, tie_policy: str = "drop", on_bad_row: str = "skip", split: str = "train",
-                 image_dir: str | os.PathLike | None = None, max_image_pixels: int | None = None):
+                 image_dir: str | os.PathLike | None = None, max_image_pixels: int | None = None,
+                 columns=None):
         if on_bad_row not in BAD_ROW_POLICIES:
             raise UsageError(f"unknown bad-row policy {on_bad_row!r}; expected one of {BAD_ROW_POLICIES}")
-        self.source = source if hasattr(source, "metadata") else open_source(source, split=split, image_dir=image_dir)
+        self.source = source if hasattr(source, "metadata") else open_source(source, split=split, image_dir=image_dir,
+                                                                              columns=columns)
         self.tie_policy, self.on_bad_row = tie_policy, on_bad_row
         self.skips = SkipReport()
         parts = []
@@ -57,7 +62,9 @@ class PreferencePairs:
             # the images too: a shard without them would pass here and fail in the middle of training
             check_columns(self.source.schema(i), self.source.shard_name(i), REQUIRED_COLUMNS + IMAGE_COLUMNS)
             meta = self.source.metadata(i, METADATA_COLUMNS)
-            parts.append(normalize(meta, i, self.source.shard_name(i), tie_policy, self.skips, on_bad_row))
+            parts.append(normalize(meta, i, self.source.shard_name(i), tie_policy, self.skips, on_bad_row,
+                                   problems=row_problems(self.source, i),
+                                   row_label=lambda row, i=i: row_label(self.source, i, row)))
             del meta
             pool.release_unused()  # hand the shard's read buffers back: Pick-a-Pic has ~1M rows
         self.meta: NormalizedPairs = NormalizedPairs.concat(parts)
@@ -73,7 +80,8 @@ class PreferencePairs:
         return len(self.meta)
 
     def where(self, i: int) -> str:
-        return f"{self.source.shard_name(int(self.meta.shard[i]))} row {int(self.meta.row[i])}"
+        shard, row = int(self.meta.shard[i]), int(self.meta.row[i])
+        return f"{self.source.shard_name(shard)} {row_label(self.source, shard, row)}"
 
     # -- images ----------------------------------------------------------------------------------
     def read_rows(self, indices, columns: list[str] | None = None) -> list[dict]:
@@ -235,6 +243,18 @@ class PreferencePairs:
         return PreferenceBatch(pixel_values_w=stack("w"), pixel_values_l=stack("l"), prompts=prompts,
                                time_ids_w=times("w"), time_ids_l=times("l"), ids=ids,
                                is_tie=torch.tensor(ties) if any(ties) else None)
+
+
+def row_label(source, shard: int, row: int) -> str:
+    """How ``source`` names a row: ``row N``, or its own label (``line 7`` of a JSONL, ``pair w/NAME``)."""
+    label = getattr(source, "row_label", None)
+    return label(shard, row) if label else f"row {row}"
+
+
+def row_problems(source, shard: int) -> dict:
+    """The source's own findings about its rows (reason -> mask), if it has any."""
+    problems = getattr(source, "row_problems", None)
+    return problems(shard) if problems else {}
 
 
 def _digest(data: bytes | None) -> bytes:

@@ -153,8 +153,14 @@ def _mask(array) -> np.ndarray:
 
 
 def normalize(table: pa.Table, shard: int, where: str, tie_policy: str, skips: SkipReport,
-              on_bad_row: str = "skip", row_offset: int = 0) -> NormalizedPairs:
-    """Validate one shard's metadata and put the winner first. Bad rows are counted in ``skips`` or raise."""
+              on_bad_row: str = "skip", row_offset: int = 0, problems: dict[str, np.ndarray] | None = None,
+              row_label=None) -> NormalizedPairs:
+    """Validate one shard's metadata and put the winner first. Bad rows are counted in ``skips`` or raise.
+
+    ``problems`` are the source's own findings (reason -> mask over the rows: a line that is not JSON, an
+    image file that is not there), checked first; ``row_label(row)`` names a row (default ``row N``).
+    """
+    label = row_label or (lambda r: f"row {r}")
     if tie_policy not in TIE_POLICIES:
         raise UsageError(f"unknown tie policy {tie_policy!r}; expected one of {TIE_POLICIES}")
     check_columns(table.schema, where)
@@ -168,6 +174,7 @@ def normalize(table: pa.Table, shard: int, where: str, tie_policy: str, skips: S
     tie = (l0 == 0.5) & (l1 == 0.5)
     missing_uid = _mask(pc.or_kleene(pc.equal(uid0, ""), pc.equal(uid1, "")))
     bad = {
+        **(problems or {}),
         "label not a number (columns label_0/label_1)": text0 | text1,
         "labels not in {0, 0.5, 1} or not summing to 1 (columns label_0/label_1)": ~(
             ((l0 == 1) & (l1 == 0)) | win1 | tie),
@@ -179,14 +186,14 @@ def normalize(table: pa.Table, shard: int, where: str, tie_policy: str, skips: S
     for reason, mask in bad.items():
         mask = mask & ~invalid  # count each row once, under its first reason
         if mask.any():
-            locations = [f"{where} row {r}" for r in rows[mask][:5]]
+            locations = [f"{where} {label(int(r))}" for r in rows[mask][:5]]
             if on_bad_row == "error":
                 raise DataError(f"{locations[0]}: {reason}; fix the row, or skip such rows (--on-bad-row skip)")
             skips.add(reason, locations, int(mask.sum()))
         invalid |= mask
     if tie_policy == "error" and (tie & ~invalid).any():
         first = rows[tie & ~invalid][0]
-        raise DataError(f"{where} row {first}: a tie (label_0 = label_1 = 0.5) with tie policy 'error'")
+        raise DataError(f"{where} {label(int(first))}: a tie (label_0 = label_1 = 0.5) with tie policy 'error'")
     keep = ~invalid & ~tie if tie_policy == "drop" else ~invalid
     if tie_policy == "drop":
         skips.add("tie dropped (tie policy 'drop')", [], int((tie & ~invalid).sum()))

@@ -1,5 +1,7 @@
-"""Where preference pairs live: parquet shards, a ``save_to_disk`` folder, a hub dataset, or the
-authors' layout (a CSV of uids/labels/captions plus a folder of images named ``{uid}.jpg``).
+"""Where preference pairs live: parquet shards, a ``save_to_disk`` folder, a hub dataset, the
+authors' layout (a CSV of uids/labels/captions plus a folder of images named ``{uid}.jpg``), a ``.json``
+or ``.jsonl`` of records, or folders of winner/loser images (the last two in :mod:`ncppo.data.formats`,
+which also adapts every source that is not in the Pick-a-Pic shape).
 
 Every source is a list of shards with two ways in: ``metadata(i)`` reads a shard's metadata columns
 only (parquet and arrow are columnar, so image bytes are not even read), and ``rows(i, rows, columns)``
@@ -141,18 +143,19 @@ class CsvImageFolderSource:
     """The authors' layout: a CSV with ``caption, image_0_uid, image_1_uid, label_0, label_1`` (and
     optionally ``created_at``, ``user_id``, ...) plus a folder of images named ``{uid}.jpg`` (or .png/.webp)."""
 
-    def __init__(self, csv_path: Path, image_dir: Path):
+    def __init__(self, csv_path: Path, image_dir: Path, uid_columns: tuple[str, str] = ("image_0_uid", "image_1_uid")):
         import pyarrow.csv as pacsv
 
-        self.csv_path, self.image_dir = csv_path, image_dir
+        self.csv_path, self.image_dir, self.uid_columns = csv_path, image_dir, uid_columns
         self.paths = [csv_path, image_dir]
-        if not image_dir.is_dir():
-            raise DataError(f"{image_dir}: image folder not found (expected beside {csv_path.name})")
         try:
             self.table = pacsv.read_csv(csv_path, convert_options=pacsv.ConvertOptions(
-                column_types={"image_0_uid": pa.string(), "image_1_uid": pa.string(), "caption": pa.string()}))
+                column_types={c: pa.string() for c in (*uid_columns, "caption")}))
         except Exception as err:
             raise DataError(f"{csv_path}: not a readable CSV ({err})") from err
+        self.by_uid = all(c in self.table.column_names for c in uid_columns)  # else: paths, as another shape
+        if self.by_uid and not image_dir.is_dir():
+            raise DataError(f"{image_dir}: image folder not found (expected beside {csv_path.name})")
 
     num_shards = 1
 
@@ -160,7 +163,8 @@ class CsvImageFolderSource:
         return str(self.csv_path)
 
     def schema(self, i: int) -> pa.Schema:
-        return pa.schema(list(self.table.schema) + [pa.field(c, pa.binary()) for c in IMAGE_COLUMNS])
+        made = [pa.field(c, pa.binary()) for c in IMAGE_COLUMNS] if self.by_uid else []
+        return pa.schema(list(self.table.schema) + made)
 
     def metadata(self, i: int, columns: list[str]) -> pa.Table:
         return self.table.select([c for c in columns if c in self.table.column_names])
@@ -178,34 +182,49 @@ class CsvImageFolderSource:
         out = table.select([c for c in wanted if c in table.column_names])
         for side in (0, 1):
             column = f"jpg_{side}"
-            if column not in wanted:
+            if column not in wanted or not self.by_uid:
                 continue
             images = []
-            for uid in table.column(f"image_{side}_uid").to_pylist():
+            for uid in table.column(self.uid_columns[side]).to_pylist():
                 path = self.image_path(uid)
                 images.append(path.read_bytes() if path is not None else None)  # a missing file decodes as bad
             out = out.append_column(column, pa.array(images, type=pa.binary()))
         return out
 
 
-def open_source(source: str | os.PathLike, *, split: str = "train", image_dir: str | os.PathLike | None = None):
-    """Open a preference-pair source by path (or hub id, when online). See the module docstring."""
+def open_source(source: str | os.PathLike, *, split: str = "train", image_dir: str | os.PathLike | None = None,
+                columns=None):
+    """Open a preference-pair source by path (or hub id, when online), in any shape that
+    :mod:`ncppo.data.formats` knows, ``columns`` (a ``ColumnMapping``) naming the columns of others.
+    Relative image paths are resolved against ``image_dir``, by default the file's folder or the folder."""
+    from ncppo.data.formats import JsonRecordsSource, WinnerLoserFolderSource, adapt, is_winner_loser_folder
+
     path = Path(source).expanduser()
-    if path.exists():
-        if path.is_file() and path.suffix == ".csv":
-            return CsvImageFolderSource(path, Path(image_dir) if image_dir else path.parent / "images")
-        if path.is_file() and path.suffix == ".parquet":
-            return ParquetSource(path)
-        if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()
-                              or (path / "state.json").is_file()):
-            return _load_from_disk(path, split)
-        if path.is_dir():
-            csvs = sorted(path.glob("*.csv"))
-            if not any(path.rglob("*.parquet")) and len(csvs) == 1:
-                return CsvImageFolderSource(csvs[0], Path(image_dir) if image_dir else path / "images")
-            return ParquetSource(path)
-        raise DataError(f"{path}: not a parquet file/folder, a save_to_disk folder or a .csv")
-    return _load_from_hub(str(source), split)
+    if not path.exists():
+        return adapt(_load_from_hub(str(source), split), columns, Path(image_dir) if image_dir else None)
+    root = Path(image_dir) if image_dir else (path.parent if path.is_file() else path)
+    uids = (getattr(columns, "uid_0", None) or "image_0_uid", getattr(columns, "uid_1", None) or "image_1_uid")
+    if path.is_file() and path.suffix == ".csv":
+        opened = CsvImageFolderSource(path, Path(image_dir) if image_dir else path.parent / "images", uids)
+    elif path.is_file() and path.suffix == ".parquet":
+        opened = ParquetSource(path)
+    elif path.is_file() and path.suffix in (".json", ".jsonl"):
+        opened = JsonRecordsSource(path)
+    elif path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()
+                            or (path / "state.json").is_file()):
+        opened = _load_from_disk(path, split)
+    elif path.is_dir() and not any(path.rglob("*.parquet")) and is_winner_loser_folder(path):
+        opened = WinnerLoserFolderSource(path)
+    elif path.is_dir():
+        csvs = sorted(path.glob("*.csv"))
+        if not any(path.rglob("*.parquet")) and len(csvs) == 1:
+            opened = CsvImageFolderSource(csvs[0], Path(image_dir) if image_dir else path / "images", uids)
+        else:
+            opened = ParquetSource(path)
+    else:
+        raise DataError(f"{path}: not a parquet file/folder, a save_to_disk folder, a .csv, a .json/.jsonl "
+                        "or a folder with w/ and l/ image folders")
+    return adapt(opened, columns, root)
 
 
 def _load_from_disk(path: Path, split: str):

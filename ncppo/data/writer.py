@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ncppo.data.filter import Selection, build_graph, dataset_stats, select_pairs
 from ncppo.data.images import inspect_image
-from ncppo.data.pairs import PreferencePairs, _as_bytes
+from ncppo.data.pairs import PreferencePairs, _as_bytes, row_label
 from ncppo.data.schema import IMAGE_COLUMNS, DataError, SkipReport
 from ncppo.data.sources import open_source
 from ncppo.io import OUTPUT_MARKER, atomic_directory, guard_output_dir, mark_output_dir
@@ -53,15 +53,16 @@ def _synthetic_rows(pairs: PreferencePairs, synthetic: np.ndarray, schema: pa.Sc
 
 
 def check_image_headers(table: pa.Table, where: str, rows, report: SkipReport, on_bad_row: str = "skip",
-                        max_pixels: int | None = None) -> None:
-    """Count the bad images of ``table`` (row ``k`` is ``where`` row ``rows[k]``) in ``report``, from headers only."""
+                        max_pixels: int | None = None, label=lambda row: f"row {row}") -> None:
+    """Count the bad images of ``table`` (row ``k`` is ``where`` row ``rows[k]``, named by ``label``) in ``report``,
+    from headers only."""
     columns = [c for c in IMAGE_COLUMNS if c in table.column_names]
     values = [table.column(c).to_pylist() for c in columns]
     for k, row in enumerate(rows):  # in row order: the first bad image is the one an error names
         for column, value in ((c, v[k]) for c, v in zip(columns, values)):
             reason = inspect_image(_as_bytes(value), max_pixels)
             if reason is not None:
-                location = f"{where} row {row} column {column}: {reason}"
+                location = f"{where} {label(int(row))} column {column}: {reason}"
                 if on_bad_row == "error":
                     raise DataError(f"{location}; replace the image, or pass --on-bad-row skip to count it")
                 report.add(reason.split(" (")[0], [location])
@@ -85,7 +86,8 @@ def write_selection(pairs: PreferencePairs, selection: Selection, out_dir: str |
             if len(rows) == 0:
                 continue
             table = pairs.source.rows(shard, rows)
-            check_image_headers(table, pairs.source.shard_name(shard), rows, bad, pairs.on_bad_row, max_image_pixels)
+            check_image_headers(table, pairs.source.shard_name(shard), rows, bad, pairs.on_bad_row, max_image_pixels,
+                                label=lambda row, shard=shard: row_label(pairs.source, shard, row))
             schema = schema or table.schema
             pq.write_table(table.cast(schema), tmp / f"part-{shard:05d}.parquet")
         if len(selection.synthetic):
