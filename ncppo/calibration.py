@@ -36,7 +36,7 @@ def calibrate_beta(model, objective: Objective, batches, generators, target_beta
         noised = noise_pairs(model, pairs, objective.uses_loser, generator)
         with model.frozen_unet() as reference:
             eps_ref = model.predict_epsilon(reference, noised.x_t, noised.t, noised.condition)
-        noise = diffusion_loss(noised.eps, eps_ref)
+        noise = diffusion_loss(noised.target, eps_ref)  # the noise (flow: velocity) MSE
         space, _ = objective.space.losses(model, noised, eps_ref)
         n, s = float(noise.double().sum()), float(space.double().sum())
         if not (math.isfinite(n) and math.isfinite(s)) or s <= 0:

@@ -8,6 +8,8 @@ per-sample timesteps ``t`` (shape ``(N,)``, integers in ``[0, T)``).
   and its k-step form :func:`posterior_sample` ``q(x_s | x_t, x0_hat)`` with :func:`posterior_gain`
 - (3) diffusion loss ............. :func:`diffusion_loss`
 - prediction types ............... :func:`to_epsilon`, :func:`predicted_x0`
+- :class:`Process` ............... what the training step and the loss spaces ask of a model's noising
+  process; :class:`NoiseSchedule` is DDPM's, :class:`ncppo.flow.FlowSchedule` flow matching's
 
 Why not ``diffusers.DDPMScheduler.step``: it takes one scalar timestep and draws its own noise;
 training needs a different ``t`` per sample and a noise ``z`` shared across predictions. The
@@ -18,13 +20,34 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from ncppo.errors import UsageError
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+class Process(Protocol):
+    """A model's noising process, as the step and the loss spaces use it (they never ask which one it is).
+
+    Timesteps are integers ``t`` in ``[0, T)`` on the training grid, per sample; ``t - k`` is ``k`` grid
+    steps less noisy. The "noise space" is the space of :meth:`target`: epsilon for DDPM, the velocity
+    ``eps - x0`` for flow matching. ``prediction`` is the model's output mapped by :meth:`to_target`.
+    """
+
+    num_train_timesteps: int
+
+    def sample_timesteps(self, n: int, *, device=None, generator=None) -> torch.Tensor: ...
+    def noise(self, x0, eps, t) -> torch.Tensor: ...  # x_t
+    def target(self, x0, eps) -> torch.Tensor: ...  # what the model learns to predict
+    def to_target(self, model_output, x_t, t) -> torch.Tensor: ...  # the model's output in target space
+    def model_timestep(self, t, like) -> torch.Tensor: ...  # the timestep the network is given
+    def step_back(self, x_t, prediction, t, k: int, z) -> torch.Tensor: ...  # x_{t-k} (t-k = -1: x0_hat)
+    def step_back_gain(self, t, k: int, like) -> torch.Tensor: ...  # c: step_back(a) - step_back(b) = -c (a - b)
+    def renoise(self, x_t, prediction, t, t_new, eps) -> torch.Tensor: ...  # x0_hat noised to t_new
+    def renoise_gain(self, t, t_new, like) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -79,6 +102,34 @@ class NoiseSchedule:
         (a CPU generator keeps runs reproducible across devices) and moved to ``device``."""
         draw_on = generator.device if generator is not None else device
         return torch.randint(0, self.num_train_timesteps, (n,), generator=generator, device=draw_on).to(device)
+
+    # -- the Process interface: thin names for this module's functions ---------------------------
+    def noise(self, x0, eps, t):
+        return add_noise(self, x0, eps, t)
+
+    def target(self, x0, eps):
+        return eps
+
+    def to_target(self, model_output, x_t, t):
+        return to_epsilon(self, model_output, x_t, t)
+
+    def model_timestep(self, t, like):
+        return t  # the U-Net takes the integer timestep itself
+
+    def step_back(self, x_t, prediction, t, k: int, z):
+        """(2) for ``k = 1``; else the exact posterior ``q(x_{t-k} | x_t, x0_hat)`` (``x0_hat`` below 0)."""
+        if k == 1:
+            return reverse_step(self, x_t, prediction, t, z)
+        return posterior_sample(self, x_t, prediction, t, (t - k).clamp(min=-1), z)
+
+    def step_back_gain(self, t, k: int, like):
+        return posterior_gain(self, t, (t - k).clamp(min=-1), like)
+
+    def renoise(self, x_t, prediction, t, t_new, eps):
+        return add_noise(self, predicted_x0(self, x_t, prediction, t).to(x_t.dtype), eps, t_new)
+
+    def renoise_gain(self, t, t_new, like):
+        return renoise_gain(self, t, t_new, like)
 
     # -- per-sample coefficients, broadcast to the sample's shape ---------------------------------
     def abar(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -214,3 +214,19 @@ def inference_sigmas(schedule: FlowSchedule, num_inference_steps: int, image_seq
         base = torch.linspace(float(ends[0]) * big_t, float(ends[1]) * big_t, n, dtype=torch.float64) / big_t
         sigmas = schedule.shifted(base, torch.zeros(1))
     return torch.cat([sigmas.float(), torch.zeros(1)])
+
+
+FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
+
+
+def process_for(scheduler, **flow_training):
+    """The training :class:`~ncppo.diffusion.Process` of a pipeline's scheduler: a :class:`FlowSchedule` for a
+    flow-matching scheduler (``flow_training`` sets its timestep weighting), else the DDPM
+    :class:`~ncppo.diffusion.NoiseSchedule` its config describes."""
+    from ncppo.diffusion import NoiseSchedule
+
+    if type(scheduler).__name__ in FLOW_SCHEDULERS or scheduler.config.get("_class_name") in FLOW_SCHEDULERS:
+        return FlowSchedule.from_scheduler_config(scheduler.config, **flow_training)
+    if flow_training:
+        raise UsageError(f"flow timestep options {sorted(flow_training)} apply to flow-matching models only")
+    return NoiseSchedule.from_scheduler_config(scheduler.config)

@@ -3,7 +3,9 @@
 Winners and losers of a pair share ``t``, ``eps`` and the reverse-step noise ``z`` (METHOD.md: lower
 variance). The policy runs once on ``[winners; losers]``; the reference (only when the objective needs
 ``eps_ref``) runs under ``no_grad`` on the frozen U-Net. The step reads only the objective's declared
-needs; the loss space and the preference loss do the rest. The caller calls ``backward``.
+needs; the loss space and the preference loss do the rest. The caller calls ``backward``. The model's
+process (``model.schedule``: DDPM or flow matching) noises and names the target; "``eps_theta``" is the
+model's prediction in that target space (epsilon, or the velocity of a flow model).
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from dataclasses import dataclass
 import torch
 
 from ncppo.batch import Condition, EncodedPairs, PreferenceBatch
-from ncppo.diffusion import add_noise
 from ncppo.objectives.preference import PairLosses
 from ncppo.objectives.registry import Objective
 from ncppo.objectives.spaces import NoisedBatch
@@ -39,8 +40,9 @@ def noise_pairs(model, pairs: EncodedPairs, uses_loser: bool, generator=None) ->
     t = model.schedule.sample_timesteps(b, device=x0.device, generator=generator).repeat(k)
     eps = _randn(pairs.latents_w.shape, x0, generator).repeat(k, *([1] * (x0.ndim - 1)))
     z = _randn(pairs.latents_w.shape, x0, generator).repeat(k, *([1] * (x0.ndim - 1)))
-    x_t = add_noise(model.schedule, x0, eps, t)
-    return NoisedBatch(x0, x_t, t, eps, z, Condition.cat(conditions), generator, num_pairs=b)
+    x_t = model.schedule.noise(x0, eps, t)
+    return NoisedBatch(x0, x_t, t, eps, z, Condition.cat(conditions), generator, num_pairs=b,
+                       target=model.schedule.target(x0, eps))
 
 
 def encode_pairs(model, batch: PreferenceBatch | EncodedPairs, generator=None) -> EncodedPairs:

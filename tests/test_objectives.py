@@ -202,3 +202,97 @@ def test_calibration_refuses_a_zero_loss_naming_the_batch(monkeypatch):
                          Condition(torch.zeros(2, 1, 1)), ids=["row 7", "row 9"])
     with pytest.raises(StateError, match=r"calibration batch 0 \(pair ids \['row 7', 'row 9'\]\).*zero"):
         calibrate_beta(Model(), objective, [pairs], [torch.Generator().manual_seed(0)])
+
+
+# -- the six objectives on a flow-matching model (a U-Net under FlowMatchEulerDiscreteScheduler: flow without a
+# transformer; the step and the spaces never ask which) --------------------------------------------------------
+@pytest.fixture(scope="module")
+def flow_model():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from ncppo.models.preference_model import LoraSettings, PreferenceModel
+    from ncppo.models.tiny import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline("sd15")
+    pipe.register_modules(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+    return PreferenceModel(pipe, lora=LoraSettings(rank=4))
+
+
+def _flow_batch(model, seed=0):
+    from ncppo.step import noise_pairs
+
+    from .conftest import random_pairs
+
+    g = torch.Generator().manual_seed(seed)
+    return noise_pairs(model, model.encode_batch(random_pairs(), g), True, g)
+
+
+def test_a_flow_models_process_is_flow_matching(flow_model):
+    from ncppo.flow import FlowSchedule
+
+    assert isinstance(flow_model.schedule, FlowSchedule) and flow_model.schedule.shift == 3.0
+    nb = _flow_batch(flow_model)
+    s = flow_model.schedule.sigma(nb.t, nb.x0)
+    torch.testing.assert_close(nb.x_t, (1 - s) * nb.x0 + s * nb.eps)
+    torch.testing.assert_close(nb.target, nb.eps - nb.x0)
+
+
+@pytest.mark.parametrize("name", ["dpo", "ncp-dpo", "cpo", "ncp-cpo"])
+def test_flow_dpo_is_log2_when_policy_equals_reference(flow_model, name):
+    from ncppo.step import training_step
+
+    from .conftest import random_pairs
+
+    objective = make_objective(name, beta=5000.0)
+    out = training_step(flow_model, objective, random_pairs(), generator=torch.Generator().manual_seed(0))
+    if name.endswith("dpo"):
+        assert out.loss.item() == pytest.approx(math.log(2), abs=1e-6)
+        assert out.metrics["reward_margin"].item() == 0.0
+    else:  # CPO has no reference: log 2 only if winner and loser losses agree, which they need not
+        assert torch.isfinite(out.loss)
+
+
+@pytest.mark.parametrize("name", OBJECTIVE_NAMES)
+def test_every_objective_trains_a_flow_model_with_finite_gradients(flow_model, name):
+    from ncppo.step import training_step
+
+    from .conftest import perturb_lora, random_pairs
+
+    flow_model.unet.zero_grad(set_to_none=True)
+    perturb_lora(flow_model.unet, scale=0.05)
+    out = training_step(flow_model, make_objective(name), random_pairs(), generator=torch.Generator().manual_seed(1))
+    out.loss.backward()
+    grads = [p.grad for n, p in flow_model.unet.named_parameters() if "lora" in n and p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads) and sum(g.abs().sum() for g in grads) > 0
+    assert torch.isfinite(out.loss)
+    for _, p in flow_model.unet.named_parameters():  # restore the zero-initialised LoRA for the other tests
+        if "lora_B" in _:
+            p.data.zero_()
+    flow_model.unet.zero_grad(set_to_none=True)
+
+
+def test_flow_noise_space_is_the_velocity_mse(flow_model):
+    nb = _flow_batch(flow_model, seed=3)
+    v_theta = torch.randn_like(nb.x_t)
+    policy, _ = NoiseSpace().losses(flow_model, nb, v_theta)
+    torch.testing.assert_close(policy, ((nb.eps - nb.x0) - v_theta).pow(2).flatten(1).mean(1))
+
+
+def test_flow_ncp_encodes_the_euler_step_to_the_next_lower_sigma(flow_model):
+    """PL = || f(x_s + (s'-s) v_theta, s') - f(x^*_{s'}, s') ||^2 / (s - s')^2 with x^*_{s'} on the straight path."""
+    from ncppo.perception import NoiseConditionedEncoder
+
+    model, nb = flow_model, _flow_batch(flow_model, seed=4)
+    v_theta = nb.target + 0.1 * torch.randn_like(nb.x_t)
+    schedule = model.schedule
+    s, s_next = schedule.sigma(nb.t, nb.x_t), schedule.sigma(nb.t - 1, nb.x_t)
+    x_policy = nb.x_t + (s_next - s) * v_theta
+    x_star = (1 - s_next) * nb.x0 + s_next * nb.eps  # the true velocity's Euler step lands on the forward path
+    timestep = s_next.flatten() * 1000  # the next lower training sigma, as the network takes it
+    enc, cond = NoiseConditionedEncoder(), nb.condition.unet_kwargs()
+    with torch.no_grad(), model.perceptual_encoder() as frozen:
+        expected = enc.distance(enc(frozen, x_policy, timestep, **cond), enc(frozen, x_star, timestep, **cond))
+    expected = expected / (s - s_next).flatten().pow(2)
+    with torch.no_grad():
+        got, _ = PerceptualSpace(scale="noise").losses(model, nb, v_theta)
+    torch.testing.assert_close(got, expected, rtol=2e-3, atol=0)

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from ncppo.batch import Condition, EncodedPairs, PreferenceBatch
-from ncppo.diffusion import NoiseSchedule, to_epsilon
 from ncppo.errors import UsageError
+from ncppo.flow import process_for
 from ncppo.io import atomic_directory
 from ncppo.models.loading import load_pipeline, pipeline_kind
 
@@ -59,7 +59,7 @@ class PreferenceModel:
         self.unet = pipeline.unet
         self.policy = self.unet  # what runs the policy forward: see use_policy (a DDP-wrapped U-Net)
         self.finetune = finetune
-        self.schedule = NoiseSchedule.from_scheduler_config(pipeline.scheduler.config)
+        self.schedule = process_for(pipeline.scheduler)  # DDPM or flow matching: the step never asks which
         for module in self._frozen_components():
             module.requires_grad_(False)
         self.reference_unet = None
@@ -180,9 +180,11 @@ class PreferenceModel:
 
     # -- prediction ------------------------------------------------------------------------------
     def predict_epsilon(self, unet, x_t: torch.Tensor, t: torch.Tensor, condition: Condition) -> torch.Tensor:
-        """``eps_theta(x_t, t, c)``; a v- or x0-prediction model's output is converted to epsilon."""
-        out = unet(x_t.to(self.unet.dtype), t, **condition.unet_kwargs(), return_dict=False)[0]
-        return to_epsilon(self.schedule, out, x_t, t)
+        """``eps_theta(x_t, t, c)`` in the process's target space: a v- or x0-prediction model's output is
+        converted to epsilon; a flow model's is its velocity (its "noise space" is velocity space)."""
+        timestep = self.schedule.model_timestep(t, x_t)
+        out = unet(x_t.to(self.unet.dtype), timestep, **condition.unet_kwargs(), return_dict=False)[0]
+        return self.schedule.to_target(out, x_t, t)
 
     # -- encoding raw inputs ---------------------------------------------------------------------
     @torch.no_grad()

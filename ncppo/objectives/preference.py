@@ -11,6 +11,14 @@ Convention for ``beta`` (METHOD.md): the factor 1/2 is written out,
 same loss as ``beta = 5000`` here. ``beta = "auto"`` stands for a value the trainer calibrates before
 the first step (:mod:`ncppo.objectives.calibration`); an uncalibrated objective refuses to run.
 
+Flow models (Flow-SFT/DPO/CPO): the same functions fed the velocity MSE ``|| (eps - x0) - v_theta ||^2`` (per
+sample, mean over latent elements), with the same convention (factor 1/2 written out; diffusers-style scripts
+that write ``beta_dpo`` without it mean half our ``beta``). The scale differs from epsilon space: the velocity
+target has about twice the variance of ``eps`` (unit-variance latents) and its error does not vanish at low
+noise, so loss differences, and the argument at a given ``beta``, are typically a few times larger. Treat
+``beta`` as a range to sweep, about 500-5000 (the DDPM range shifted down by the larger scale; not measured on
+a real flow model here), or use ``beta: auto``, which puts the argument where epsilon-space DPO's sits.
+
 Ties (label 0.5, kept with ``tie_policy: keep``) get the label-smoothed loss with label 1/2,
 ``-(log sigmoid(x) + log sigmoid(-x)) / 2``, symmetric in the pair's two images; CPO's behaviour-cloning
 term on a tie is the mean of both images' losses. SFT has no loser to compare with and refuses ties.

@@ -1,8 +1,12 @@
 """The two spaces that produce per-sample losses: noise space (3) and NCP space (12)-(17).
 
 A space receives the noised batch (winners and losers stacked, sharing ``t``, ``eps`` and ``z``) and the
-policy's (and optionally the reference's) noise predictions, and returns per-sample losses for the
-policy and the reference. It never looks at which preference objective consumes them.
+policy's (and optionally the reference's) predictions, and returns per-sample losses for the policy and
+the reference. It never looks at which preference objective consumes them, nor at which process or
+backbone the model has: the model's :class:`~ncppo.diffusion.Process` (``model.schedule``) noises, names
+the target and takes the reverse step. For a DDPM model the noise space is epsilon space; for a
+flow-matching model it is velocity space (``v = eps - x0``: Flow-SFT/DPO/CPO), and NCP's ``t-1`` is the
+Euler step to the next lower training sigma ``s'``.
 """
 
 from __future__ import annotations
@@ -13,22 +17,15 @@ from dataclasses import dataclass, field
 import torch
 
 from ncppo.batch import Condition
-from ncppo.diffusion import (
-    add_noise,
-    diffusion_loss,
-    posterior_gain,
-    posterior_sample,
-    predicted_x0,
-    renoise_gain,
-    reverse_step,
-)
+from ncppo.diffusion import diffusion_loss
 from ncppo.errors import UsageError
 from ncppo.perception import NoiseConditionedEncoder
 
 
 @dataclass
 class NoisedBatch:
-    """``N`` noised images: ``x_t = sqrt(abar_t) x0 + sqrt(1-abar_t) eps``, plus the reverse-step noise ``z``."""
+    """``N`` noised images ``x_t`` (DDPM: ``sqrt(abar_t) x0 + sqrt(1-abar_t) eps``), the reverse-step noise ``z``
+    and the prediction ``target`` (DDPM: ``eps``; flow matching: ``eps - x0``; default ``eps``)."""
 
     x0: torch.Tensor
     x_t: torch.Tensor
@@ -38,21 +35,24 @@ class NoisedBatch:
     condition: Condition
     generator: torch.Generator | None = None
     num_pairs: int | None = None  # samples i and i + num_pairs are a pair's winner and loser
+    target: torch.Tensor | None = None
 
     def __post_init__(self):
         if self.num_pairs is None:
             self.num_pairs = self.x_t.shape[0]
+        if self.target is None:
+            self.target = self.eps
 
 
 @dataclass(frozen=True)
 class NoiseSpace:
-    """(3) ``L = || eps - eps_hat ||^2`` per sample."""
+    """(3) ``L = || eps - eps_hat ||^2`` per sample; for a flow model ``|| v - v_hat ||^2`` with ``v = eps - x0``."""
 
     needs_frozen_unet = False
 
     def losses(self, model, batch: NoisedBatch, eps_theta, eps_ref=None):
-        policy = diffusion_loss(batch.eps, eps_theta)
-        reference = diffusion_loss(batch.eps, eps_ref) if eps_ref is not None else None
+        policy = diffusion_loss(batch.target, eps_theta)
+        reference = diffusion_loss(batch.target, eps_ref) if eps_ref is not None else None
         return policy, reference
 
     def diagnostics(self, model, batch: NoisedBatch, eps_theta, policy_losses) -> dict[str, torch.Tensor]:
@@ -119,34 +119,28 @@ class PerceptualSpace:
         _check_choice("encoder dtype", self.encoder_dtype, ENCODER_DTYPES)
 
     def _encoder_inputs(self, model, batch: NoisedBatch):
-        """The encoder's timestep ``t'``, a map from a noise prediction to its input, and the gain ``c``."""
+        """The encoder's timestep ``t'``, a map from a prediction to its input, and the gain ``c``."""
         schedule = model.schedule
         offset = parse_encoder_timestep(self.encoder_timestep)
         if offset is not None:
             s = (batch.t - offset).clamp(min=-1)  # the sample's time; s = -1 is x0_hat itself
-            gain = posterior_gain(schedule, batch.t, s, batch.x_t)
-            if offset == 1:
-                to_input = lambda eps_hat: reverse_step(schedule, batch.x_t, eps_hat, batch.t, batch.z)  # noqa: E731
-            else:
-                to_input = lambda eps_hat: posterior_sample(schedule, batch.x_t, eps_hat, batch.t, s, batch.z)  # noqa: E731
+            gain = schedule.step_back_gain(batch.t, offset, batch.x_t)
+            to_input = lambda pred: schedule.step_back(batch.x_t, pred, batch.t, offset, batch.z)  # noqa: E731
             return s.clamp(min=0), to_input, gain
         per_pair = schedule.sample_timesteps(batch.num_pairs, device=batch.t.device, generator=batch.generator)
         t_enc = per_pair.repeat(batch.t.shape[0] // batch.num_pairs)
-
-        def renoise(eps_hat):
-            x0_hat = predicted_x0(schedule, batch.x_t, eps_hat, batch.t).to(batch.x_t.dtype)
-            return add_noise(schedule, x0_hat, batch.eps, t_enc)
-
-        return t_enc, renoise, renoise_gain(schedule, batch.t, t_enc, batch.x_t)
+        to_input = lambda pred: schedule.renoise(batch.x_t, pred, batch.t, t_enc, batch.eps)  # noqa: E731
+        return t_enc, to_input, schedule.renoise_gain(batch.t, t_enc, batch.x_t)
 
     def losses(self, model, batch: NoisedBatch, eps_theta, eps_ref=None):
         t_enc, to_input, gain = self._encoder_inputs(model, batch)
+        t_enc = model.schedule.model_timestep(t_enc, batch.x_t)  # DDPM: t' itself; flow: sigma(t') T
         gain = gain.flatten()
         weight = 1.0 / gain.pow(2) if self.scale == "noise" else torch.ones_like(gain)
         cond = batch.condition.unet_kwargs()
         enc = self.encoder
         with torch.no_grad():
-            x_star = to_input(batch.eps)  # the ground truth, from the true noise
+            x_star = to_input(batch.target)  # the ground truth, from the true noise (flow: the true velocity)
             x_ref = to_input(eps_ref) if eps_ref is not None else None
         x_policy = to_input(eps_theta)
         with model.perceptual_encoder(self.encoder_dtype) as frozen:
@@ -183,7 +177,7 @@ class PerceptualSpace:
 
     def diagnostics(self, model, batch: NoisedBatch, eps_theta, policy_losses) -> dict[str, torch.Tensor]:
         """``pl_over_l_t{q}``: the policy's PL / noise MSE per quarter ``q`` of the timestep range (present bins)."""
-        noise = diffusion_loss(batch.eps, eps_theta.detach())
+        noise = diffusion_loss(batch.target, eps_theta.detach())
         ratio = policy_losses.detach() / noise.clamp(min=1e-30)
         bins = (batch.t * TIMESTEP_BINS) // model.schedule.num_train_timesteps
         return {f"pl_over_l_t{q}": ratio[bins == q].mean() for q in range(TIMESTEP_BINS) if bool((bins == q).any())}
