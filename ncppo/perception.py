@@ -24,6 +24,13 @@ target (a forward-mode JVP): its distance agrees with the exact one to second or
 perturbation ``d`` and keeps its precision in half precision, where the difference of two encoder
 passes drowns in rounding. The encoder does not own weights or switch adapters: the caller passes the
 frozen U-Net (for LoRA, the policy U-Net inside its adapters-disabled context).
+
+For a transformer (SD3's MMDiT), ``f`` is its first part: the patch embedding (with positions), the timestep
+and pooled-text conditioning, the caption projection and the first ``K`` joint blocks (``blocks``: a fraction
+of the depth, a block count, or a list of block indices). Only the image tokens are compared (the text
+stream is not part of the distance); they are returned channels first, ``(N, D, L)``, so the level
+normalisations treat the token width as channels. ``features`` is ``last`` (the deepest chosen block) or
+``all`` (each chosen block).
 """
 
 from __future__ import annotations
@@ -37,7 +44,46 @@ import torch
 from ncppo.errors import UsageError
 
 FEATURE_CHOICES = ("last", "mid", "all+mid", "all", "last+mid")
+TOKEN_FEATURES = ("last", "all")  # a transformer's choices
 LEVEL_NORMS = ("none", "channels", "target")
+DEFAULT_BLOCKS = 0.5  # half the depth: the U-Net's down path is about its first half (not yet chosen by evidence)
+
+
+def _is_token_model(model) -> bool:
+    return hasattr(model, "transformer_blocks") and not hasattr(model, "down_blocks")
+
+
+def block_indices(blocks, depth: int, features: str = "last") -> list[int]:
+    """The transformer blocks whose image tokens are the features: ``blocks`` a fraction in (0, 1] of ``depth``
+    (the first ``round(fraction * depth)``, at least 1), a count ``K >= 1``, or a list of indices."""
+    if features not in TOKEN_FEATURES:
+        raise UsageError(f"perceptual features {features!r} are a U-Net's; a transformer's are one of {TOKEN_FEATURES}")
+    if isinstance(blocks, (list, tuple)):
+        bad = [i for i in blocks if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < depth]
+        if bad or not blocks:
+            raise UsageError(f"unknown encoder block index {bad[0] if bad else '(none given)'!r}: this transformer "
+                             f"has {depth} blocks, indices 0 to {depth - 1}")
+        return sorted(set(blocks))
+    if isinstance(blocks, int) and not isinstance(blocks, bool):
+        if blocks > depth:
+            raise UsageError(f"encoder depth {blocks} exceeds this transformer's {depth} blocks")
+        count = blocks
+    else:
+        count = max(1, round(float(blocks) * depth))
+    return list(range(count)) if features == "all" else [count - 1]
+
+
+def _check_blocks(blocks) -> None:
+    if isinstance(blocks, (list, tuple)):
+        if not blocks or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in blocks):
+            raise UsageError(f"encoder blocks {list(blocks)!r}: block indices must be integers >= 0")
+    elif isinstance(blocks, bool) or not isinstance(blocks, (int, float)):
+        raise UsageError(f"encoder blocks must be a fraction of the depth, a block count or a list of indices; "
+                         f"got {blocks!r}")
+    elif isinstance(blocks, int) and blocks < 1:
+        raise UsageError(f"encoder depth must be >= 1 block, got {blocks}")
+    elif isinstance(blocks, float) and not 0 < blocks <= 1:
+        raise UsageError(f"encoder blocks as a fraction of the depth must lie in (0, 1], got {blocks}")
 
 
 def feature_names(features: str, num_down_blocks: int) -> list[str]:
@@ -63,6 +109,7 @@ class NoiseConditionedEncoder:
     features: str = "last"
     level_weights: tuple[float, ...] | None = None  # one per level; None = equal weights
     level_norm: str = "none"  # one of LEVEL_NORMS
+    blocks: float | int | tuple[int, ...] = DEFAULT_BLOCKS  # a transformer's depth (see block_indices)
 
     def __post_init__(self):
         if self.features not in FEATURE_CHOICES:
@@ -73,10 +120,17 @@ class NoiseConditionedEncoder:
             raise UsageError(f"unknown level_norm {self.level_norm!r}; expected one of {LEVEL_NORMS}")
         if self.level_weights is not None and any(w < 0 for w in self.level_weights):
             raise UsageError("perceptual level weights must be non-negative")
+        _check_blocks(self.blocks)
 
     def levels(self, unet: torch.nn.Module) -> list[str]:
         """The feature levels this choice returns for ``unet`` (checked against ``level_weights``)."""
-        names = feature_names(self.features, len(unet.down_blocks))
+        if _is_token_model(unet):
+            if type(unet).__name__ not in TOKEN_PATHS:
+                raise UsageError(f"no perceptual encoder for {type(unet).__name__}; transformers supported: "
+                                 f"{', '.join(TOKEN_PATHS)}")
+            names = [f"block_{i}" for i in block_indices(self.blocks, len(unet.transformer_blocks), self.features)]
+        else:
+            names = feature_names(self.features, len(unet.down_blocks))
         if self.level_weights is not None and len(self.level_weights) != len(names):
             raise UsageError(
                 f"features={self.features!r} has {len(names)} levels ({names}) but "
@@ -92,7 +146,7 @@ class NoiseConditionedEncoder:
         encoder_hidden_states: torch.Tensor,
         added_cond_kwargs: dict[str, torch.Tensor] | None = None,
     ) -> list[torch.Tensor]:
-        return _down_path(unet, sample, timestep, encoder_hidden_states, added_cond_kwargs, self.levels(unet))
+        return _features(unet, sample, timestep, encoder_hidden_states, added_cond_kwargs, self.levels(unet))
 
     def jvp(
         self,
@@ -111,7 +165,7 @@ class NoiseConditionedEncoder:
         dtype = unet.dtype
 
         def f(x):
-            return tuple(_down_path(unet, x, timestep, encoder_hidden_states, added_cond_kwargs, names))
+            return tuple(_features(unet, x, timestep, encoder_hidden_states, added_cond_kwargs, names))
 
         # Autocast would cast the primal of float32 weights to half precision but not its tangent (a dtype
         # mismatch); with float32 weights the JVP then runs in float32, with half-precision weights in theirs.
@@ -175,6 +229,35 @@ def perceptual_distance(
     if len(feats_a) != len(feats_b):
         raise ValueError("both feature lists must have the same, non-zero number of levels")
     return _reduce([a.float() - b.float() for a, b in zip(feats_a, feats_b)], feats_b, level_weights, level_norm)
+
+
+def _features(model, sample, timestep, encoder_hidden_states, added_cond_kwargs, names) -> list[torch.Tensor]:
+    if _is_token_model(model):
+        return TOKEN_PATHS[type(model).__name__](model, sample, timestep, encoder_hidden_states, added_cond_kwargs,
+                                                 [int(n.split("_")[1]) for n in names])
+    return _down_path(model, sample, timestep, encoder_hidden_states, added_cond_kwargs, names)
+
+
+def _sd3_tokens(model, sample, timestep, encoder_hidden_states, added_cond_kwargs, indices) -> list[torch.Tensor]:
+    """``SD3Transformer2DModel.forward`` up to block ``max(indices)``: the image tokens after each chosen block."""
+    pooled = (added_cond_kwargs or {}).get("text_embeds")
+    if pooled is None:
+        raise UsageError("an SD3-class transformer needs the pooled text embedding (Condition.text_embeds)")
+    if sample.ndim != 4 or sample.shape[1] != model.config.in_channels:
+        raise ValueError(f"encoder input must be (N, {model.config.in_channels}, H, W); got {tuple(sample.shape)}")
+    dtype = model.dtype
+    hidden = model.pos_embed(sample.to(dtype)).contiguous()
+    temb = model.time_text_embed(timestep, pooled.to(dtype))
+    context = model.context_embedder(encoder_hidden_states.to(dtype))
+    found = {}
+    for i, block in enumerate(model.transformer_blocks[: max(indices) + 1]):
+        context, hidden = block(hidden_states=hidden, encoder_hidden_states=context, temb=temb,
+                                joint_attention_kwargs=None)
+        found[i] = hidden
+    return [found[i].transpose(1, 2) for i in indices]
+
+
+TOKEN_PATHS = {"SD3Transformer2DModel": _sd3_tokens}
 
 
 def _down_path(unet, sample, timestep, encoder_hidden_states, added_cond_kwargs, names) -> list[torch.Tensor]:

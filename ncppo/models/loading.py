@@ -1,4 +1,4 @@
-"""Loading SD1.5-class and SDXL-class pipelines from a local diffusers folder (or a hub id when online)."""
+"""Loading SD1.5-, SDXL- and SD3-class pipelines from a local diffusers folder (or a hub id when online)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from ncppo.errors import NcppoError
 
 SUPPORTED_PIPELINES = {"StableDiffusionPipeline": "sd15", "StableDiffusionXLPipeline": "sdxl",
-                       "PixelTextToImagePipeline": "pixel"}
+                       "PixelTextToImagePipeline": "pixel", "StableDiffusion3Pipeline": "sd3"}
 # the project's own pipeline classes, which diffusers' generic loader cannot resolve by name
 _OWN_PIPELINES = {"PixelTextToImagePipeline": ("ncppo.models.pixel_pipeline", "PixelTextToImagePipeline")}
 
@@ -22,7 +22,8 @@ class ModelLoadError(NcppoError, RuntimeError):
 
 
 def pipeline_kind(pipeline) -> str:
-    """``'sd15'`` or ``'sdxl'`` for a loaded pipeline; an error for anything else."""
+    """The kind (``'sd15'``, ``'sdxl'``, ``'pixel'``, ``'sd3'``) of a loaded pipeline; an error naming the
+    supported classes for anything else."""
     name = type(pipeline).__name__
     if name not in SUPPORTED_PIPELINES:
         raise ModelLoadError(

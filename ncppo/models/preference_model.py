@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -20,6 +20,7 @@ from ncppo.errors import UsageError
 from ncppo.flow import process_for
 from ncppo.io import atomic_directory
 from ncppo.models.loading import load_pipeline, pipeline_kind
+from ncppo.models.transformers_backbone import BACKBONES
 
 FINETUNE_MODES = ("lora", "full", "none")  # none: frozen, for encoding and sampling
 
@@ -56,7 +57,8 @@ class PreferenceModel:
             raise UsageError(f"unknown finetune mode {finetune!r}; expected one of {FINETUNE_MODES}")
         self.pipeline = pipeline
         self.kind = pipeline_kind(pipeline)
-        self.unet = pipeline.unet
+        self.backbone = BACKBONES[self.kind]
+        self.unet = self.backbone.denoiser(pipeline)  # the denoiser: a U-Net or (SD3) a transformer
         self.policy = self.unet  # what runs the policy forward: see use_policy (a DDP-wrapped U-Net)
         self.finetune = finetune
         self.schedule = process_for(pipeline.scheduler)  # DDPM or flow matching: the step never asks which
@@ -68,6 +70,8 @@ class PreferenceModel:
             from peft.tuners.tuners_utils import BaseTunerLayer
 
             self.lora = lora or LoraSettings()
+            # MMDiT: each attention projection's text-stream twin is adapted too
+            self.lora = replace(self.lora, target_modules=self.backbone.lora_targets(self.lora.target_modules))
             self.unet.requires_grad_(False)
             self.unet.add_adapter(self.lora.peft_config())
             self._adapter_layers = [m for m in self.unet.modules() if isinstance(m, BaseTunerLayer)]
@@ -86,7 +90,7 @@ class PreferenceModel:
 
     # -- components ------------------------------------------------------------------------------
     def _frozen_components(self) -> list[torch.nn.Module]:
-        names = ("vae", "text_encoder", "text_encoder_2")
+        names = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3")
         return [m for m in (getattr(self.pipeline, n, None) for n in names) if m is not None]
 
     def set_frozen_dtype(self, dtype: torch.dtype | None) -> None:
@@ -164,12 +168,15 @@ class PreferenceModel:
         """A float32 copy of the frozen U-Net without its up path (made once; the frozen weights never change)."""
         if self._fp32_encoder is None:
             source = self.reference_unet if self.reference_unet is not None else self.unet
-            up_blocks, source.up_blocks = source.up_blocks, torch.nn.ModuleList()
-            try:
+            if hasattr(source, "up_blocks"):  # a U-Net: the encoder is its down path
+                up_blocks, source.up_blocks = source.up_blocks, torch.nn.ModuleList()
+                try:
+                    copy_ = copy.deepcopy(source)
+                finally:
+                    source.up_blocks = up_blocks
+                copy_.conv_norm_out = copy_.conv_act = copy_.conv_out = None
+            else:  # a transformer: the encoder is its first blocks (all are kept: the depth is an option)
                 copy_ = copy.deepcopy(source)
-            finally:
-                source.up_blocks = up_blocks
-            copy_.conv_norm_out = copy_.conv_act = copy_.conv_out = None
             from peft.tuners.tuners_utils import BaseTunerLayer
 
             for layer in copy_.modules():
@@ -183,15 +190,20 @@ class PreferenceModel:
         """``eps_theta(x_t, t, c)`` in the process's target space: a v- or x0-prediction model's output is
         converted to epsilon; a flow model's is its velocity (its "noise space" is velocity space)."""
         timestep = self.schedule.model_timestep(t, x_t)
-        out = unet(x_t.to(self.unet.dtype), timestep, **condition.unet_kwargs(), return_dict=False)[0]
+        out = self.backbone.forward(unet, x_t.to(self.unet.dtype), timestep, condition)
         return self.schedule.to_target(out, x_t, t)
 
     # -- encoding raw inputs ---------------------------------------------------------------------
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Prompt embeddings (and SDXL's pooled embeddings) with the pipeline's own ``encode_prompt``."""
+        """Prompt embeddings (and SDXL's or SD3's pooled embeddings) with the pipeline's own ``encode_prompt``."""
         if any(not isinstance(p, str) for p in prompts):
             raise ValueError("prompts must be strings")
+        if self.kind == "sd3":
+            embeds, _, pooled, _ = self.pipeline.encode_prompt(
+                prompts, None, None, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+            )
+            return embeds, pooled
         if self.kind == "sdxl":
             embeds, _, pooled, _ = self.pipeline.encode_prompt(
                 prompts, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
@@ -251,14 +263,16 @@ class PreferenceModel:
             embeds, pooled = self.encode_prompts(list(batch.prompts))
         if embeds.ndim != 3 or embeds.shape[0] != lw.shape[0]:
             raise ValueError(f"prompt_embeds must be (B={lw.shape[0]}, L, D); got {tuple(embeds.shape)}")
-        cross_dim = self.unet.config.cross_attention_dim
+        cross_dim = self.unet.config[self.backbone.text_width_key]
         if embeds.shape[-1] != cross_dim:
-            raise ValueError(f"prompt_embeds have width {embeds.shape[-1]}, this U-Net expects {cross_dim}")
+            raise ValueError(f"prompt_embeds have width {embeds.shape[-1]}, this {self.kind} model expects {cross_dim}")
+        if self.backbone.needs_pooled and pooled is None:
+            raise ValueError(f"an {self.kind.upper()}-class model needs pooled_prompt_embeds (or prompts to encode)")
         if self.kind == "sdxl":
-            if pooled is None:
-                raise ValueError("an SDXL-class model needs pooled_prompt_embeds (or prompts to encode)")
             cond_w = Condition(embeds, pooled, _time_ids(batch.time_ids_w, self.default_time_ids(lw), "w"))
             cond_l = Condition(embeds, pooled, _time_ids(batch.time_ids_l, self.default_time_ids(ll), "l"))
+        elif self.backbone.needs_pooled:
+            cond_w = cond_l = Condition(embeds, pooled)
         else:
             cond_w = cond_l = Condition(embeds)
         device = self.device
@@ -283,13 +297,16 @@ class PreferenceModel:
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))
-        # diffusers converts only the attention projections to .lora.down/.lora.up and leaves other targets as
-        # lora_A/lora_B; its loader decides the format from the first key alone, so a mixed file loses a part
-        # (e.g. to_q + proj_in: the to_q adapters). One naming for every key.
-        layers = {k.replace(".lora_A.", ".lora.down.").replace(".lora_B.", ".lora.up."): v for k, v in layers.items()}
+        layers = get_peft_model_state_dict(self.unet)
+        if self.backbone.attribute == "unet":
+            layers = convert_state_dict_to_diffusers(layers)
+            # diffusers converts only the attention projections to .lora.down/.lora.up and leaves other targets as
+            # lora_A/lora_B; its loader decides the format from the first key alone, so a mixed file loses a part
+            # (e.g. to_q + proj_in: the to_q adapters). One naming for every key.
+            layers = {k.replace(".lora_A.", ".lora.down.").replace(".lora_B.", ".lora.up."): v for k, v in layers.items()}
+        # a transformer's loader reads peft's own lora_A/lora_B keys (as diffusers' SD3 LoRA scripts save them)
         metadata = self.unet.peft_config["default"].to_dict()
-        type(self.pipeline).save_lora_weights(folder, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata)
+        type(self.pipeline).save_lora_weights(folder, **self.backbone.lora_save_kwargs(layers, metadata))
 
     def save_unet(self, out_dir) -> None:
         """Save the fully fine-tuned U-Net in diffusers' format (``UNet2DConditionModel.from_pretrained``)."""

@@ -25,6 +25,8 @@ SD_SCHEDULER_CONFIG = dict(
     steps_offset=1,
 )
 
+TINY_KINDS = ("sd15", "sdxl", "pixel", "sd3")
+
 _COLOURS = ["red", "green", "blue", "yellow", "orange", "purple", "pink", "brown", "black", "white", "grey", "cyan", "magenta", "gold", "silver"]
 _SHAPES = ["circle", "square", "triangle", "star", "ring", "cross", "heart", "diamond", "stripe", "dot", "blob", "line"]
 _WORDS = ["a", "an", "the", "of", "on", "in", "with", "and", "at", "by", "photo", "picture", "painting", "drawing", "image", "of", "small", "large", "big", "tiny", "bright", "dark", "cat", "dog", "bird", "tree", "house", "car", "city", "mountain", "river", "sky", "sea", "beach", "forest", "flower", "portrait", "anime", "style", "detailed", "realistic", "art", "digital", "oil", "watercolor", "sketch", "night", "day", "sun", "moon", "cloud", "rain", "snow", "background", "left", "right", "top", "bottom", "centre", "center", "two", "three", "several", "many", "one", "person", "woman", "man", "child", "robot", "castle", "space", "planet", "galaxy", "street", "room", "table", "chair", "window", "door", "book", "cup", "apple", "banana"]
@@ -167,14 +169,20 @@ def build_tiny_pipeline(
     tokenizer_corpus: Iterable[str] | None = None,
     vae_block_out_channels: Sequence[int] = (16, 32),
 ):
-    """A tiny ``StableDiffusionPipeline`` (``kind='sd15'``), ``StableDiffusionXLPipeline`` (``'sdxl'``) or
-    VAE-less :class:`~ncppo.models.pixel_pipeline.PixelTextToImagePipeline` (``'pixel'``).
+    """A tiny ``StableDiffusionPipeline`` (``kind='sd15'``), ``StableDiffusionXLPipeline`` (``'sdxl'``),
+    VAE-less :class:`~ncppo.models.pixel_pipeline.PixelTextToImagePipeline` (``'pixel'``) or
+    ``StableDiffusion3Pipeline`` (``'sd3'``: MMDiT, flow matching; ``prediction_type`` does not apply).
 
     The default VAE downsamples by 2 (SD's by 8), so a 32x32 image has 16x16 latents; give four
     ``vae_block_out_channels`` (e.g. (32, 64, 128, 128)) for SD's factor of 8.
     """
     from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    if kind == "sd3":  # an MMDiT with flow matching: its own builder (ncppo.models.transformers_tiny)
+        from ncppo.models.transformers_tiny import build_tiny_sd3
+
+        return build_tiny_sd3(image_size=image_size, seed=seed, tokenizer_corpus=tokenizer_corpus,
+                              vae_block_out_channels=vae_block_out_channels)
     tokenizer = train_clip_tokenizer(tokenizer_corpus)
     scheduler = DDIMScheduler(prediction_type=prediction_type, **SD_SCHEDULER_CONFIG)
     vae = _vae(4, seed + 1, vae_block_out_channels)
@@ -210,7 +218,7 @@ def build_tiny_pipeline(
             tokenizer=tokenizer,
             scheduler=scheduler,
         )
-    raise UsageError(f"unknown model kind {kind!r}; expected 'sd15', 'sdxl' or 'pixel'")
+    raise UsageError(f"unknown model kind {kind!r}; expected one of {', '.join(TINY_KINDS)}")
 
 
 def save_tiny_pipeline(out_dir: str | Path, kind: str = "sd15", **kwargs) -> Path:

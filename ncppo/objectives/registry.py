@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from ncppo.errors import UsageError
 from ncppo.objectives.preference import AUTO, CPO, DEFAULT_BETA, DPO, SFT
 from ncppo.objectives.spaces import NoiseSpace, PerceptualSpace
-from ncppo.perception import NoiseConditionedEncoder
+from ncppo.perception import DEFAULT_BLOCKS, NoiseConditionedEncoder
 
 OBJECTIVE_NAMES = ("sft", "dpo", "cpo", "ncp-sft", "ncp-dpo", "ncp-cpo")
 
@@ -49,6 +49,12 @@ class Objective:
         """Whether ``beta`` is ``'auto'`` and must be calibrated before training (``calibrate_beta``)."""
         return self.preference.beta == AUTO
 
+    def validate(self, model) -> None:
+        """Check the objective against the model before training (e.g. a transformer's encoder depth and
+        block indices against its block count): a ``UsageError`` naming the bad option."""
+        if self.space.needs_frozen_unet:
+            self.space.encoder.levels(model.unet)
+
     def with_beta(self, beta: float) -> Objective:
         """The same objective with a numeric ``beta`` (after calibration)."""
         return replace(self, preference=replace(self.preference, beta=float(beta)))
@@ -72,6 +78,7 @@ def make_objective(
     scale: str = "noise",
     distance: str = "auto",
     encoder_dtype: str = "model",
+    encoder_blocks: float | int | tuple[int, ...] | None = None,
 ) -> Objective:
     """Build one of :data:`OBJECTIVE_NAMES`.
 
@@ -80,7 +87,8 @@ def make_objective(
     apply to the ``ncp-*`` objectives only (see :class:`PerceptualSpace` and
     :class:`NoiseConditionedEncoder`): ``features``, ``level_weights``, ``level_norm``, ``encoder_timestep``,
     ``scale`` (``paper`` | ``noise``), ``distance`` (``auto`` | ``exact`` | ``linear``), ``encoder_dtype``
-    (``model`` | ``fp32``). Invalid values raise a ``ValueError`` listing the valid ones.
+    (``model`` | ``fp32``), ``encoder_blocks`` (a transformer's encoder depth: a fraction of its blocks, a
+    count or a list of indices; default half). Invalid values raise a ``ValueError`` listing the valid ones.
     """
     if name not in OBJECTIVE_NAMES:
         raise UsageError(unknown_name_message("objective", name, OBJECTIVE_NAMES))
@@ -93,7 +101,10 @@ def make_objective(
     else:
         beta = DEFAULT_BETA if beta is None else float(beta)
     preference = {"sft": SFT(), "dpo": DPO(beta=beta), "cpo": CPO(beta=beta, lam=cpo_lambda)}[base]
-    encoder = NoiseConditionedEncoder(features, tuple(level_weights) if level_weights is not None else None, level_norm)
+    blocks = DEFAULT_BLOCKS if encoder_blocks is None else (
+        tuple(encoder_blocks) if isinstance(encoder_blocks, (list, tuple)) else encoder_blocks)
+    encoder = NoiseConditionedEncoder(features, tuple(level_weights) if level_weights is not None else None, level_norm,
+                                      blocks)
     perceptual = PerceptualSpace(encoder, encoder_timestep, scale, distance, encoder_dtype)  # validates the options
     space = perceptual if name.startswith("ncp-") else NoiseSpace()
     return Objective(name, space, preference)

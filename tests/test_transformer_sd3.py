@@ -1,0 +1,139 @@
+"""SD3-class MMDiT with flow matching: the tiny pipeline, its perceptual encoder, LoRA, and the six objectives."""
+
+import math
+
+import pytest
+import torch
+
+from ncppo.errors import UsageError
+from ncppo.models.preference_model import LoraSettings, PreferenceModel
+from ncppo.objectives import OBJECTIVE_NAMES, make_objective
+from ncppo.perception import NoiseConditionedEncoder
+from ncppo.step import noise_pairs, training_step
+
+from .conftest import perturb_lora, random_pairs
+
+
+@pytest.fixture(scope="module")
+def sd3_dir(tmp_path_factory):
+    from ncppo.models.tiny import save_tiny_pipeline
+
+    return save_tiny_pipeline(tmp_path_factory.mktemp("sd3") / "sd3", "sd3")
+
+
+@pytest.fixture
+def model(sd3_dir):
+    from ncppo.models.loading import load_pipeline
+
+    return PreferenceModel(load_pipeline(sd3_dir), lora=LoraSettings(rank=4))
+
+
+def _inputs(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return noise_pairs(model, model.encode_batch(random_pairs(), g), True, g)
+
+
+def test_the_tiny_sd3_pipeline_is_a_flow_mmdit(model):
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    from ncppo.flow import FlowSchedule
+
+    assert isinstance(model.pipeline, StableDiffusion3Pipeline) and model.kind == "sd3"
+    assert isinstance(model.unet, SD3Transformer2DModel) and len(model.unet.transformer_blocks) == 4
+    assert isinstance(model.schedule, FlowSchedule) and model.schedule.shift == 3.0
+    assert model.pipeline.text_encoder_3 is not None and model.pipeline.tokenizer_3 is not None
+    nb = _inputs(model)
+    assert nb.condition.encoder_hidden_states.shape[-1] == 32 and nb.condition.text_embeds.shape == (4, 32)
+
+
+@pytest.mark.parametrize("features,blocks", [("last", 0.5), ("all", 1.0), ("last", (0, 3)), ("last", 1)])
+def test_encoder_equals_the_hooked_hidden_states_of_a_full_forward(model, features, blocks):
+    nb = _inputs(model, seed=1)
+    enc = NoiseConditionedEncoder(features, blocks=blocks)
+    transformer = model.unet
+    names = enc.levels(transformer)
+    hooked = {}
+    handles = [blk.register_forward_hook(lambda m, a, out, i=i: hooked.__setitem__(i, out[1]))
+               for i, blk in enumerate(transformer.transformer_blocks)]
+    timestep = model.schedule.model_timestep(nb.t, nb.x_t)
+    cond = nb.condition
+    with torch.no_grad(), model.frozen_unet() as frozen:
+        try:
+            frozen(hidden_states=nb.x_t, timestep=timestep, encoder_hidden_states=cond.encoder_hidden_states,
+                   pooled_projections=cond.text_embeds)
+        finally:
+            for h in handles:
+                h.remove()
+        feats = enc(frozen, nb.x_t, timestep, **cond.unet_kwargs())
+    assert len(feats) == len(names)
+    for name, f in zip(names, feats):
+        expected = hooked[int(name.split("_")[1])].transpose(1, 2)  # image tokens only, channels first
+        tokens = (nb.x_t.shape[-1] // 2) * (nb.x_t.shape[-2] // 2)
+        assert f.shape == (nb.x_t.shape[0], 16, tokens)
+        torch.testing.assert_close(f, expected, atol=0, rtol=0)
+
+
+def test_lora_adapts_both_streams_and_off_is_the_base_exactly(model, sd3_dir):
+    from ncppo.models.loading import load_pipeline
+
+    attn = model.unet.transformer_blocks[0].attn
+    for name in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"):
+        assert hasattr(getattr(attn, name), "lora_A"), name
+    assert hasattr(attn.to_out[0], "lora_A")
+    nb = _inputs(model, seed=2)
+    base = PreferenceModel(load_pipeline(sd3_dir), finetune="none")
+    with torch.no_grad():
+        expected = base.predict_epsilon(base.unet, nb.x_t, nb.t, nb.condition)
+        perturb_lora(model.unet, scale=0.3)
+        with model.frozen_unet() as frozen:
+            off = model.predict_epsilon(frozen, nb.x_t, nb.t, nb.condition)
+        on = model.predict_epsilon(model.unet, nb.x_t, nb.t, nb.condition)
+    torch.testing.assert_close(off, expected, atol=0, rtol=0)
+    assert (on - expected).abs().max() > 1e-4
+
+
+def test_saved_lora_loads_into_a_fresh_pipeline_with_identical_outputs(model, sd3_dir, tmp_path):
+    from ncppo.models.loading import load_pipeline
+
+    perturb_lora(model.unet, scale=0.3)
+    model.save_lora(tmp_path / "lora")
+    fresh = load_pipeline(sd3_dir)
+    fresh.load_lora_weights(tmp_path / "lora")
+    loaded = PreferenceModel(fresh, finetune="none")
+    nb = _inputs(model, seed=3)
+    with torch.no_grad():
+        ours = model.predict_epsilon(model.unet, nb.x_t, nb.t, nb.condition)
+        theirs = loaded.predict_epsilon(loaded.unet, nb.x_t, nb.t, nb.condition)
+    assert sum("add_q_proj" in n and "lora" in n for n, _ in fresh.transformer.named_parameters()) > 0
+    torch.testing.assert_close(theirs, ours, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", OBJECTIVE_NAMES)
+def test_every_objective_trains_the_lora_of_both_streams(model, name):
+    objective = make_objective(name)
+    objective.validate(model)
+    if objective.needs_reference_prediction:  # at init the policy is its reference: (NCP-)DPO sits at log 2
+        at_init = training_step(model, objective, random_pairs(), generator=torch.Generator().manual_seed(0))
+        assert at_init.loss.item() == pytest.approx(math.log(2), abs=1e-6)
+    perturb_lora(model.unet, scale=0.05)
+    out = training_step(model, objective, random_pairs(), generator=torch.Generator().manual_seed(1))
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    grads = {n: p.grad for n, p in model.unet.named_parameters() if "lora" in n}
+    assert all(g is None or torch.isfinite(g).all() for g in grads.values())
+    assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if "add_q_proj" in n)
+    assert all(p.grad is None for n, p in model.unet.named_parameters() if "lora" not in n)
+
+
+def test_bad_encoder_depth_and_block_index_are_refused_before_training(model):
+    with pytest.raises(UsageError, match="encoder depth 9 exceeds this transformer's 4 blocks"):
+        make_objective("ncp-dpo", encoder_blocks=9).validate(model)
+    with pytest.raises(UsageError, match=r"unknown encoder block index 7: this transformer has 4 blocks, indices 0 to 3"):
+        make_objective("ncp-dpo", encoder_blocks=[1, 7]).validate(model)
+    with pytest.raises(UsageError, match="a transformer's are one of"):
+        make_objective("ncp-dpo", features="mid").validate(model)
+    with pytest.raises(UsageError, match=r"fraction of the depth must lie in \(0, 1\]"):
+        make_objective("ncp-dpo", encoder_blocks=1.5)
+    with pytest.raises(UsageError, match=">= 1 block"):
+        make_objective("ncp-dpo", encoder_blocks=0)
+    make_objective("dpo", encoder_blocks=9).validate(model)  # noise-space objectives have no encoder
