@@ -79,7 +79,7 @@ def run_curves(run_dirs: list[str | Path], prompts: PromptSet, spec: GenerationS
     from ncppo.plots import save_reward_curves
 
     out = Path(out_dir)
-    bases = {str(run_config(r)["model"]["pretrained"]) for r in run_dirs if (Path(r) / "config.yaml").is_file()}
+    bases = {run_config(r).model.pretrained for r in run_dirs if (Path(r) / "config.yaml").is_file()}
     if len(bases) > 1:  # the curves share one time-0 point: the base model
         raise UsageError(f"the runs start from different base models ({', '.join(sorted(bases))}); plot them separately")
     curves: dict[str, list[dict]] = {}

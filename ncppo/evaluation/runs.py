@@ -1,7 +1,7 @@
 """Trained runs as models to evaluate: the run's base pipeline with the weights of any of its checkpoints.
 
-A run folder (written by ``ncppo.training.Trainer``) holds ``config.yaml`` (the base model and LoRA
-settings) and ``checkpoints/step-*/`` (trainable tensors plus ``state.json`` with the training seconds
+A run folder (written by ``ncppo.training.Trainer``) holds ``config.yaml`` (its settings, which
+:func:`ncppo.training.config.load_config` reloads, with absolute paths) and ``checkpoints/step-*/`` (trainable tensors plus ``state.json`` with the training seconds
 so far), which is what reward-vs-training-time curves need. The checkpoint files are read through
 :mod:`ncppo.training.checkpoint`, which writes them.
 """
@@ -12,8 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
-from ncppo.errors import StateError
 
 
 @dataclass(frozen=True)
@@ -36,37 +34,29 @@ def run_checkpoints(run_dir: str | Path) -> list[CheckpointInfo]:
     return found
 
 
-def run_config(run_dir: str | Path) -> dict:
-    """The run's resolved ``config.yaml`` as a mapping (a folder without one is not a training run)."""
-    import yaml
+def run_config(run_dir: str | Path):
+    """The run's :class:`~ncppo.training.config.TrainConfig`, reloaded from its ``config.yaml`` (a folder
+    without one is not a training run)."""
+    from ncppo.training.config import load_run_config
 
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a training run (no config.yaml)")
-    try:
-        return yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise StateError(f"{path} cannot be read ({err})") from err
+    return load_run_config(run_dir)
 
 
 def load_run_model(run_dir: str | Path):
-    """A ``PreferenceModel`` with the run's base pipeline and (untrained) adapters; see ``apply_checkpoint``."""
-    from ncppo.models.preference_model import LoraSettings, PreferenceModel
+    """A ``PreferenceModel`` with the run's base pipeline and (untrained) adapters, built as the trainer
+    builds it; see ``apply_checkpoint``."""
+    from ncppo.training.setup import build_model
 
-    model_cfg = run_config(run_dir)["model"]
-    lora = LoraSettings(model_cfg["lora_rank"], model_cfg.get("lora_alpha"), tuple(model_cfg["lora_targets"]))
-    model = PreferenceModel.from_pretrained(model_cfg["pretrained"], finetune=model_cfg["finetune"], lora=lora)
+    model = build_model(run_config(run_dir).model)
     model.unet.eval()
     return model
 
 
 @torch.no_grad()
 def apply_checkpoint(model, checkpoint: str | Path | CheckpointInfo) -> None:
-    """Load a checkpoint's trainable tensors into ``model`` in place; every tensor must find its parameter."""
-    from ncppo.training.checkpoint import load_trainable
+    """Load a checkpoint's trained tensors into ``model`` in place; they must be the model's trained
+    parameters, by name and shape (:func:`ncppo.training.checkpoint.restore_trainable`)."""
+    from ncppo.training.checkpoint import restore_trainable
 
     path = checkpoint.path if isinstance(checkpoint, CheckpointInfo) else Path(checkpoint)
-    missing = model.unet.load_state_dict(load_trainable(path), strict=False).unexpected_keys
-    if missing:
-        raise StateError(f"{path}: {len(missing)} tensors match no parameter of the model (first: {missing[0]}); "
-                         "was it written by another run?")
+    restore_trainable(path, model, " (was it written by another run?)", command="evaluate")

@@ -9,7 +9,7 @@ import importlib
 _NAMES = {
     "DiskFullError": "ncppo.training.checkpoint",
     "ConfigError": "ncppo.training.config", "TrainConfig": "ncppo.training.config", "load_config": "ncppo.training.config",
-    "TooManySkippedSteps": "ncppo.training.trainer", "Trainer": "ncppo.training.trainer",
+    "TooManySkippedSteps": "ncppo.training.diagnostics", "Trainer": "ncppo.training.trainer",
     "TrainingDiverged": "ncppo.training.trainer", "TrainResult": "ncppo.training.trainer",
 }
 __all__ = sorted(_NAMES)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from ncppo.training.config import is_hub_id
+
 _METHODS = {
     "sft": "supervised fine-tuning on the preferred images",
     "dpo": "Diffusion-DPO (preference optimisation in noise space)",
@@ -22,11 +24,6 @@ _METHODS = {
 _METRICS = ("loss", "implicit_acc", "reward_margin", "argument_rms", "saturated_frac", "grad_norm", "eps_dominated_frac")
 
 
-def _is_hub_id(name: str) -> bool:
-    parts = name.split("/")
-    return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~")) and not Path(name).exists()
-
-
 def _number(value) -> str:
     if isinstance(value, float):
         return f"{value:.6g}" if math.isfinite(value) else str(value)
@@ -34,7 +31,7 @@ def _number(value) -> str:
 
 
 def model_card(summary: dict, config: dict, run_name: str) -> str:
-    """The README.md of a run folder from its summary (:meth:`Trainer._summary`) and its config dict."""
+    """The README.md of a run folder from its summary (:func:`ncppo.training.report.summary`) and its config dict."""
     import ncppo
 
     model, data, optim, objective = config["model"], config["data"], config["optim"], config["objective"]
@@ -47,7 +44,7 @@ def model_card(summary: dict, config: dict, run_name: str) -> str:
     if lora:
         tags.insert(2, "lora")
     front = ["---"]
-    if _is_hub_id(str(base)):
+    if is_hub_id(str(base)):
         front.append(f"base_model: {base}")
     front += ["library_name: diffusers", "tags:", *(f"- {t}" for t in tags), "---", ""]
 

@@ -1,13 +1,16 @@
-"""Training checkpoints: trainable weights, optimizer, LR scheduler and counters, written atomically.
+"""Training checkpoints, written atomically through accelerate's ``save_state`` / ``load_state``.
 
-``checkpoints/step-000120/`` holds ``trainable.safetensors`` (LoRA or the full U-Net's trainable
-tensors, not the frozen base), ``optimizer.pt``, ``scheduler.pt`` and ``state.json`` (step, micro-step,
-training seconds, the run's settings), written last; a LoRA run's checkpoint also holds
-``pytorch_lora_weights.safetensors``, the same LoRA in diffusers' format, so the checkpoint folder is a
-LoRA that ``pipe.load_lora_weights`` and ``ncppo generate --lora`` load (resume reads
-``trainable.safetensors``: the same tensors). It is written in a scratch folder and renamed
-(:func:`ncppo.io.atomic_directory`), so a kill during a save leaves the previous checkpoint whole; a
-folder counts as a checkpoint only when all four files are there. The newest ``keep_last`` are kept:
+``checkpoints/step-000120/`` holds what accelerate writes (``optimizer.bin``, ``scheduler.bin``,
+``random_states_<rank>.pkl``, ``scaler.pt`` under fp16; under DeepSpeed or FSDP their sharded forms, which
+is why the optimiser goes through accelerate), and, from the save hook :func:`register_hooks` installs
+in place of accelerate's full model weights, ``trainable.safetensors`` (the LoRA's or the full U-Net's
+trained tensors, not the frozen base) and for a LoRA run ``pytorch_lora_weights.safetensors``: the same
+LoRA in diffusers' format, so the checkpoint folder is a LoRA that ``pipe.load_lora_weights`` and
+``ncppo generate --lora`` load. ``state.json`` (step, training seconds, counters, the run's settings) is
+written last. The folder is written in a scratch folder and renamed (:func:`ncppo.io.atomic_directory`),
+so a kill during a save leaves the previous checkpoint whole; a folder counts as a checkpoint only when
+:data:`FILES` are there. This module is the one reader of the format (:func:`read_state`,
+:func:`load_trainable`). The newest ``keep_last`` are kept:
 an older one is renamed to ``.trash-step-...`` before it is deleted, so a kill during the deletion
 leaves no half-deleted ``step-`` folder; :func:`clean_leftovers` removes such remains at the next start.
 Randomness needs no saved state: every micro-step's noise, prompt dropout and data order derive from
@@ -16,6 +19,7 @@ Randomness needs no saved state: every micro-step's noise, prompt dropout and da
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import re
@@ -29,7 +33,8 @@ from ncppo.errors import NcppoError, StateError
 from ncppo.io import atomic_directory, recover_atomic
 
 PREFIX = "step-"
-FILES = ("trainable.safetensors", "optimizer.pt", "scheduler.pt", "state.json")
+TRAINABLE, STATE = "trainable.safetensors", "state.json"
+FILES = (TRAINABLE, STATE)  # what makes a checkpoint complete (state.json is written last)
 LORA_FILE = "pytorch_lora_weights.safetensors"  # a LoRA run's checkpoint is also a diffusers-format LoRA
 TRASH = ".trash-"
 _NAME = re.compile(rf"^{PREFIX}(\d+)$")
@@ -95,77 +100,113 @@ def clean_leftovers(output_dir: str | Path) -> list[str]:
     return done
 
 
+def _disk_full(err: BaseException) -> bool:
+    if isinstance(err, OSError):
+        return err.errno in (errno.ENOSPC, errno.EDQUOT)
+    # torch's zip writer reports a short write to a path only as "unexpected pos ..." / "file write failed"
+    return isinstance(err, RuntimeError) and ("unexpected pos" in str(err) or "file write failed" in str(err))
+
+
 def _write(final: Path, write) -> None:
-    """Run ``write()``; a full disk becomes one line naming ``final`` (the file's place in the checkpoint)."""
+    """Run ``write()``; a full disk becomes one line naming ``final`` (the checkpoint or its file)."""
     try:
         write()
     except NcppoError:
         raise
     except Exception as err:  # torch's zip writer and safetensors hide ENOSPC in a RuntimeError
-        enospc = isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
         try:
             free = shutil.disk_usage(final.parent.parent).free
         except OSError:
             free = None
-        if enospc or (free is not None and free < _NEARLY_FULL):
+        if _disk_full(err) or (free is not None and free < _NEARLY_FULL):
             raise DiskFullError(final, f" ({(free or 0) / 2**20:.0f} MiB free there); the previous checkpoint is "
                                        "intact: free some space (or lower keep_last_checkpoints) and run the same "
                                        "command again to resume") from err
         raise
 
 
-def _torch_save(obj, path: Path) -> None:
-    with open(path, "wb") as f:  # through a Python file: a full disk raises OSError(ENOSPC), not a zip error
-        torch.save(obj, f)
-
-
-def save_checkpoint(output_dir, step: int, trainable: dict[str, torch.Tensor], optimizer, scheduler,
-                    state: dict, keep_last: int, write_lora=None) -> Path:
-    """Write ``checkpoints/step-N/`` atomically (see the module docstring) and prune the old ones.
-
-    ``write_lora(folder)``, when given, writes the LoRA in diffusers' format (:data:`LORA_FILE`) into the
-    checkpoint, so the checkpoint is also a LoRA (``pipe.load_lora_weights(checkpoint)``).
-    """
+def register_hooks(accelerator, model, restore) -> None:
+    """accelerate's save/load hooks: a checkpoint holds the trained tensors (and the LoRA in diffusers'
+    format) instead of the whole U-Net; ``restore(folder)`` puts a checkpoint's tensors into the model."""
     from safetensors.torch import save_file
 
+    def save_hook(models, weights, output_dir):
+        weights.clear()  # not the frozen base: only what is trained
+        if accelerator.is_main_process:
+            folder = Path(output_dir)
+            tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.trainable_state().items()}
+            save_file(tensors, str(folder / TRAINABLE))
+            if model.lora is not None:
+                model.write_lora(folder)
+
+    def load_hook(models, input_dir):
+        models.clear()  # the tensors come from trainable.safetensors
+        restore(Path(input_dir))
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def _shared(accelerator, value):
+    """The main process's ``value`` on every process."""
+    if accelerator.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value])[0]
+
+
+def save_checkpoint(accelerator, output_dir, step: int, state: dict, keep_last: int) -> Path:
+    """Write ``checkpoints/step-N/`` atomically on every process (see the module docstring; the hooks of
+    :func:`register_hooks` must be installed) and prune the old ones."""
     target = Path(output_dir) / "checkpoints" / f"{PREFIX}{step:06d}"
-    with atomic_directory(target) as tmp:
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in trainable.items()}
-        _write(target / FILES[0], lambda: save_file(tensors, str(tmp / FILES[0])))
-        _write(target / FILES[1], lambda: _torch_save(optimizer.state_dict(), tmp / FILES[1]))
-        _write(target / FILES[2], lambda: _torch_save(scheduler.state_dict(), tmp / FILES[2]))
-        if write_lora is not None:
-            _write(target / LORA_FILE, lambda: write_lora(tmp))
-        text = json.dumps({**state, "step": step}, indent=2)
-        _write(target / FILES[3], lambda: (tmp / FILES[3]).write_text(text))  # last: the checkpoint is complete
-    for old in checkpoint_dirs(output_dir)[:-keep_last]:
-        remove_checkpoint(old)
+    main = accelerator.is_main_process
+    with contextlib.ExitStack() as stack:
+        scratch = stack.enter_context(atomic_directory(target)) if main else None
+        scratch = Path(_shared(accelerator, str(scratch) if main else None))
+        _write(target, lambda: accelerator.save_state(str(scratch), safe_serialization=True))
+        accelerator.wait_for_everyone()
+        if main:
+            text = json.dumps({**state, "step": step}, indent=2)
+            _write(target / STATE, lambda: (scratch / STATE).write_text(text))  # last: the checkpoint is complete
+    if main:
+        for old in checkpoint_dirs(output_dir)[:-keep_last]:
+            remove_checkpoint(old)
+    accelerator.wait_for_everyone()
     return target
 
 
 def read_state(path: Path) -> dict:
     """A checkpoint's ``state.json`` (a damaged one is named)."""
+    from ncppo.io import read_json_object
+
     try:
-        return json.loads((path / "state.json").read_text())
-    except (OSError, ValueError) as err:
-        raise StateError(f"{path / 'state.json'} cannot be read ({err}); delete the checkpoint folder {path} "
+        return read_json_object(path / STATE, f"delete the checkpoint folder {path} to resume from the one before it")
+    except OSError as err:
+        raise StateError(f"{path / STATE} cannot be read ({err}); delete the checkpoint folder {path} "
                          "to resume from the one before it") from err
 
 
 def load_trainable(path: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's trained tensors (by parameter name)."""
     from safetensors.torch import load_file
 
-    return load_file(str(path / FILES[0]))
+    return load_file(str(Path(path) / TRAINABLE))
 
 
-def load_optimizer_state(path: Path, optimizer, scheduler) -> None:
-    """Restore the optimizer and the scheduler in place."""
-    optimizer.load_state_dict(torch.load(path / FILES[1], weights_only=True))
-    scheduler.load_state_dict(torch.load(path / FILES[2], weights_only=True))
-
-
-def load_checkpoint(path: Path, optimizer, scheduler) -> tuple[dict[str, torch.Tensor], dict]:
-    """Restore optimizer and scheduler in place; return the trainable tensors and the counters."""
+def restore_trainable(path: Path, model, context: str = "", command: str = "train") -> None:
+    """Copy a checkpoint's tensors into ``model``'s trained parameters; names and shapes must match
+    (``context`` is added to the message, e.g. the settings that changed)."""
     trainable = load_trainable(path)
-    load_optimizer_state(path, optimizer, scheduler)
-    return trainable, read_state(path)
+    own = model.trainable_state()
+    if set(trainable) != set(own):
+        raise StateError(f"{command}: {path} does not match this model's trainable parameters"
+                         f"{context or ' (other model or LoRA settings?)'}")
+    mismatched = [n for n, t in trainable.items() if tuple(t.shape) != tuple(own[n].shape)]
+    if mismatched:
+        name = mismatched[0]
+        raise StateError(f"{command}: {path} holds {name} with shape {tuple(trainable[name].shape)}, "
+                         f"this model's is {tuple(own[name].shape)}{context}")
+    with torch.no_grad():
+        for name, tensor in trainable.items():
+            own[name].copy_(tensor)

@@ -7,15 +7,17 @@ count cannot make.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
+import os
 import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ncppo.configuration import ConfigError, apply, check_choice, parse_overrides, read_mapping
+from ncppo.configuration import ConfigError, apply, check_choice, flatten, parse_overrides, read_mapping
 
 
 @dataclass
@@ -167,8 +169,12 @@ class TrainConfig:
 
     Checkpoints:
         checkpoint_every_steps: write a checkpoint every this many optimiser steps (``null``: only at the
-            end). Each checkpoint ``checkpoints/step-N/`` is also a LoRA in diffusers format
-            (``pipe.load_lora_weights``, ``ncppo generate --lora``).
+            end; there is always one at the end). The default, 500, is diffusers' training scripts'
+            ``--checkpointing_steps``: a kill loses at most 500 steps (about a quarter of the paper's 2000)
+            while a checkpoint (the LoRA, AdamW's two moments and the schedule: a few times the LoRA's size)
+            costs little next to 500 steps. Each checkpoint ``checkpoints/step-N/`` is accelerate's
+            ``save_state`` (the optimiser's state sharded as DeepSpeed/FSDP shard it) plus the trained tensors
+            and a LoRA in diffusers format (``pipe.load_lora_weights``, ``ncppo generate --lora``).
         checkpoint_every_minutes: write a checkpoint every this many minutes of training (``null``: none).
         keep_last_checkpoints: the newest checkpoints kept; older ones are deleted.
 
@@ -231,7 +237,7 @@ class TrainConfig:
     max_train_minutes: float | None = None
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
-    checkpoint_every_steps: int | None = None
+    checkpoint_every_steps: int | None = 500
     checkpoint_every_minutes: float | None = None
     keep_last_checkpoints: int = 3
     resume: bool | str = True
@@ -302,17 +308,80 @@ def _yaml_pitfalls(key: str, value, hint):
     return value
 
 
+# sections a run's config.yaml records beside the settings (derived values, code and machine): read past
+RECORD_SECTIONS = ("resolved", "provenance")
+LOCAL_PATHS = ("output_dir", "data.cache")  # always folders on this machine
+PATHS_OR_HUB_IDS = ("model.pretrained", "data.source")  # a local path, or a hub id (``org/name``)
+
+
+def is_hub_id(name: str, base: str | Path | None = None) -> bool:
+    """Whether ``name`` reads as a hub id (``org/name``) rather than a local path (one that exists, relative
+    to ``base`` when given, is a path)."""
+    parts = name.split("/")
+    local = Path(base, name) if base is not None else Path(name)
+    return (len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
+            and not local.expanduser().exists())
+
+
+def _get(config: TrainConfig, key: str):
+    section, _, leaf = key.rpartition(".")
+    return getattr(getattr(config, section) if section else config, leaf)
+
+
+def _set(config: TrainConfig, key: str, value) -> None:
+    section, _, leaf = key.rpartition(".")
+    setattr(getattr(config, section) if section else config, leaf, value)
+
+
+def _absolute_paths(config: TrainConfig, base: Path, keys) -> None:
+    """Make the path values of ``keys`` absolute, reading relative ones from ``base`` (hub ids stay)."""
+    for key in keys:
+        value = _get(config, key)
+        if not value or (key in PATHS_OR_HUB_IDS and is_hub_id(value, base)):
+            continue
+        path = Path(value).expanduser()
+        _set(config, key, os.path.normpath(path if path.is_absolute() else base / path))
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, **values) -> TrainConfig:
-    """A validated :class:`TrainConfig` from a YAML file, ``key=value`` overrides and keyword values."""
+    """A validated :class:`TrainConfig` from a YAML file, ``key=value`` overrides and keyword values.
+
+    Paths (``output_dir``, ``model.pretrained``, ``data.source``, ``data.cache``) come back absolute: a
+    relative path in the file is read from the file's folder, one in an override or a keyword value from
+    the current folder; a hub id (``org/name`` that is not a local folder) stays as it is. A run's own
+    ``config.yaml`` loads too: its :data:`RECORD_SECTIONS` (``resolved``, ``provenance``) are read past.
+    """
     config = TrainConfig()
     if path is not None:
-        apply(config, read_mapping(path), adjust=_yaml_pitfalls)
+        mapping = read_mapping(path)
+        for section in RECORD_SECTIONS:
+            mapping.pop(section, None)
+        apply(config, mapping, adjust=_yaml_pitfalls)
+        given = flatten(mapping)
+        _absolute_paths(config, Path(path).expanduser().absolute().parent,
+                        [k for k in (*LOCAL_PATHS, *PATHS_OR_HUB_IDS) if k in given])
     if overrides:
         apply(config, parse_overrides(overrides), adjust=_yaml_pitfalls)
     if values:
         apply(config, values, adjust=_yaml_pitfalls)
+    _absolute_paths(config, Path.cwd(), (*LOCAL_PATHS, *PATHS_OR_HUB_IDS))  # the rest: from the current folder
     validate(config)
     return config
+
+
+def config_record(config: TrainConfig) -> dict:
+    """The config as a run records it: a mapping :func:`load_config` reads back, with absolute paths."""
+    record = copy.deepcopy(config)
+    _absolute_paths(record, Path.cwd(), (*LOCAL_PATHS, *PATHS_OR_HUB_IDS))
+    return record.to_dict()
+
+
+def load_run_config(run_dir: str | Path) -> TrainConfig:
+    """The :class:`TrainConfig` a training run recorded in ``RUN/config.yaml``."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a training run (no config.yaml)")
+    return load_config(path)
 
 
 def validate(config: TrainConfig) -> None:

@@ -1,0 +1,124 @@
+"""How a :class:`~ncppo.training.config.TrainConfig` becomes the parts of a run: the accelerator, the model,
+the objective, the data, the optimiser and its schedule, and the derived numbers (accumulation, effective
+batch, learning rate). The trainer and the evaluation of finished runs (:mod:`ncppo.evaluation.runs`)
+build models through the same :func:`build_model`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ncppo.configuration import ConfigError
+
+HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Derived:
+    """The numbers a run derives from its config and the process count."""
+
+    gradient_accumulation_steps: int
+    num_processes: int
+    batch_size_per_process: int
+    effective_batch: int
+    learning_rate: float
+
+    @classmethod
+    def of(cls, config, num_processes: int) -> Derived:
+        accumulation = config.resolved_accumulation(num_processes)
+        effective = config.batch_size * accumulation * num_processes
+        lr = config.optim.learning_rate * (effective if config.optim.scale_lr else 1)  # Diffusion-DPO's scale_lr
+        return cls(accumulation, num_processes, config.batch_size, effective, lr)
+
+
+def check_local_path(key: str, value: str) -> None:
+    """A path-looking value that does not exist is an error naming its key (a hub id passes through)."""
+    from ncppo.training.config import is_hub_id
+
+    if value and not is_hub_id(value) and not Path(value).expanduser().exists():
+        raise ConfigError(f"{key}: {value} does not exist (relative paths in a config file are read from the "
+                          "file's folder, on the command line from the current folder)")
+
+
+def build_accelerator(config, trackers: list):
+    """accelerate's ``Accelerator`` for the run (CPU when there is no GPU), with its trackers."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import ProjectConfiguration
+
+    # Several trainers in one process (the toy world trains six methods): accelerate keeps one global
+    # state and refuses a second precision. Without a process group there is nothing to keep: reset it.
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        AcceleratorState._reset_state(reset_partial_state=True)
+    out = Path(config.output_dir)
+    return Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available(),
+                       log_with=trackers or None,
+                       project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "tensorboard")))
+
+
+def build_model(model_config):
+    """The :class:`~ncppo.models.preference_model.PreferenceModel` of a config's ``model`` section."""
+    from ncppo.models.preference_model import LoraSettings, PreferenceModel
+
+    check_local_path("model.pretrained", model_config.pretrained)
+    lora = LoraSettings(model_config.lora_rank, model_config.lora_alpha, tuple(model_config.lora_targets))
+    return PreferenceModel.from_pretrained(model_config.pretrained, finetune=model_config.finetune, lora=lora)
+
+
+def prepare_model(model, config, device: torch.device) -> None:
+    """Precision, device and training mode: on GPU the frozen weights go to the half precision of
+    ``mixed_precision`` (on CPU half kernels are slow: they stay float32), the trained ones stay float32."""
+    if device.type != "cpu":
+        model.set_frozen_dtype(HALF.get(config.mixed_precision))
+    model.to(device)
+    if config.gradient_checkpointing:
+        model.unet.enable_gradient_checkpointing()
+    model.unet.train()
+
+
+def build_objective(objective_config):
+    from ncppo.objectives import make_objective
+
+    return make_objective(**objective_config.options())
+
+
+def build_data(data_config, model=None):
+    """The run's :class:`~ncppo.training.sources.TrainingData`: the latent cache when ``data.cache`` is set,
+    else the raw pairs of ``data.source``; a cache must have been built for ``model``'s kind."""
+    from ncppo.training.sources import CacheData, PairsData
+
+    if data_config.cache:
+        from ncppo.data.cache import LatentCache
+
+        check_local_path("data.cache", data_config.cache)
+        data = CacheData(LatentCache(data_config.cache), source=data_config.cache)
+        if model is not None:
+            data.check_model(model)
+        return data
+    from ncppo.data.pairs import PreferencePairs
+
+    check_local_path("data.source", data_config.source)
+    return PairsData(PreferencePairs(data_config.source, tie_policy=data_config.tie_policy), data_config.resolution,
+                     random_crop=data_config.random_crop, random_flip=data_config.random_flip, source=data_config.source)
+
+
+def build_optimizer(optim_config, params, lr: float):
+    o = optim_config
+    kwargs = dict(lr=lr, betas=(o.adam_beta1, o.adam_beta2), weight_decay=o.weight_decay, eps=o.adam_epsilon)
+    if o.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError as err:
+            raise ConfigError("optim.optimizer: adamw8bit needs bitsandbytes (pip install bitsandbytes)") from err
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    return torch.optim.AdamW(params, **kwargs)
+
+
+def build_scheduler(config, optimizer):
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(config.optim.lr_scheduler, optimizer, num_warmup_steps=config.optim.lr_warmup_steps,
+                         num_training_steps=config.max_steps)
