@@ -61,9 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    tiny = sub.add_parser("tiny-model", help="save a tiny SD1.5-/SDXL-class pipeline (random weights) to a folder")
+    tiny = sub.add_parser("tiny-model", help="save a tiny SD1.5-/SDXL-/SD3-class pipeline (random weights) to a folder")
     tiny.add_argument("out_dir")
-    tiny.add_argument("--kind", choices=("sd15", "sdxl"), default="sd15")
+    tiny.add_argument("--kind", choices=("sd15", "sdxl", "sd3"), default="sd15",
+                      help="sd3: an MMDiT transformer with flow matching")
     tiny.add_argument("--image-size", type=int, default=32)
     tiny.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default="epsilon")
     tiny.add_argument("--seed", type=int, default=0)
@@ -80,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from ncppo.data.cli import add_data_commands
     from ncppo.evaluation.cli import add_eval_commands
+    from ncppo.planning.cli import add_planning_commands
     from ncppo.study.cli import add_study_commands
     from ncppo.toy.cli import add_toy_commands
 
@@ -87,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_commands(sub)
     add_eval_commands(sub)
     add_study_commands(sub)
+    add_planning_commands(sub)
     return parser
 
 

@@ -16,9 +16,22 @@ from .conftest import perturb_lora, random_pairs
 
 @pytest.fixture(scope="module")
 def sd3_dir(tmp_path_factory):
-    from ncppo.models.tiny import save_tiny_pipeline
+    from ncppo.cli import main
 
-    return save_tiny_pipeline(tmp_path_factory.mktemp("sd3") / "sd3", "sd3")
+    out = tmp_path_factory.mktemp("sd3") / "sd3"
+    assert main(["tiny-model", str(out), "--kind", "sd3"]) == 0  # the CLI builds it offline
+    return out
+
+
+def test_the_pipeline_classes_ncppo_supports_are_named():
+    from ncppo.models.loading import ModelLoadError, pipeline_kind
+
+    with pytest.raises(ModelLoadError, match="unsupported pipeline class object; ncppo trains .*StableDiffusion3Pipeline"):
+        pipeline_kind(object())
+    with pytest.raises(UsageError, match="does not apply to sd3"):
+        from ncppo.models.tiny import build_tiny_pipeline
+
+        build_tiny_pipeline("sd3", prediction_type="v_prediction")
 
 
 @pytest.fixture

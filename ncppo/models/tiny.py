@@ -181,6 +181,10 @@ def build_tiny_pipeline(
     if kind == "sd3":  # an MMDiT with flow matching: its own builder (ncppo.models.transformers_tiny)
         from ncppo.models.transformers_tiny import build_tiny_sd3
 
+        if prediction_type != "epsilon":
+            raise UsageError(f"prediction_type {prediction_type!r} does not apply to sd3: a flow model predicts the "
+                             "velocity")
+
         return build_tiny_sd3(image_size=image_size, seed=seed, tokenizer_corpus=tokenizer_corpus,
                               vae_block_out_channels=vae_block_out_channels)
     tokenizer = train_clip_tokenizer(tokenizer_corpus)
