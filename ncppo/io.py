@@ -19,11 +19,12 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import json
+import math
 import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from ncppo.errors import OutputDirError, StateError
@@ -144,10 +145,12 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
     _remove(old)
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace``.
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` for a writer that takes a path (safetensors' ``save_file``,
+    PIL's ``save``); on success it replaces ``path`` in one rename, on an error it is removed.
 
-    Temporary files that killed writers left for the same ``path`` are removed.
+    Temporary files that killed writers left for the same ``path`` are removed first.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -157,8 +160,52 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     for leftover in stale:
         _remove(leftover)
     tmp = path.with_name(f".tmp-{path.name}-{_token()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and ``os.replace`` (:func:`atomic_file`)."""
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` through a temporary file and ``os.replace`` (:func:`atomic_file`)."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _same(a, b) -> bool:
+    """Equal as settings: 1 and 1.0 are one number, two NaNs are one value (YAML reads ``.nan``)."""
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) and not isinstance(b, bool):
+        return float(a) == float(b)
+    return a == b
+
+
+def setting_differences(old: dict, new: dict, ignore: Iterable[str] = (), defaults: dict | None = None,
+                        normal: Callable[[str, object], object] | None = None) -> list[str]:
+    """``key: old -> new`` for each key of the flat mapping ``new`` whose value differs from ``old``'s: the
+    "settings changed?" rule of everything that resumes into an existing output (a training run, a cache).
+
+    Keys in ``ignore`` may change; a key ``old`` lacks (written by an older version) is compared with its
+    value in ``defaults``; ``normal(key, value)`` maps values before the comparison (e.g. paths to absolute).
+    """
+    ignore, defaults = set(ignore), defaults or {}
+    normal = normal or (lambda _key, value: value)
+    diffs = []
+    for key in sorted(new):
+        if key in ignore:
+            continue
+        before = old.get(key, defaults.get(key))
+        if not _same(normal(key, before), normal(key, new[key])):
+            diffs.append(f"{key}: {before!r} -> {new[key]!r}")
+    return diffs
 
 
 OUTPUT_MARKER = ".ncppo-output.json"

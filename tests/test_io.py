@@ -178,3 +178,28 @@ def test_clear_output_dir(tmp_path):
     nio.clear_output_dir(tmp_path / "out")
     nio.clear_output_dir(tmp_path / "missing")
     assert os.listdir(tmp_path) == []
+
+
+def test_atomic_write_bytes_and_atomic_file(tmp_path):
+    target = tmp_path / "weights.bin"
+    nio.atomic_write_bytes(target, b"\x00\x01new")
+    assert target.read_bytes() == b"\x00\x01new"
+    with pytest.raises(RuntimeError, match="writer failed"), nio.atomic_file(target) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("writer failed")
+    assert target.read_bytes() == b"\x00\x01new"  # the old file, and no temporary left beside it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["weights.bin"]
+    with nio.atomic_file(target) as tmp:  # a writer that takes a path (safetensors, PIL)
+        assert tmp.parent == tmp_path and tmp.name.startswith(".tmp-weights.bin-")
+        tmp.write_bytes(b"v2")
+    assert target.read_bytes() == b"v2" and sorted(p.name for p in tmp_path.iterdir()) == ["weights.bin"]
+    nio.atomic_write_text(tmp_path / "t.txt", "é")
+    assert (tmp_path / "t.txt").read_bytes() == "é".encode()
+
+
+def test_setting_differences():
+    old = {"a": 1, "b": float("nan"), "c": "x", "p": "rel"}
+    new = {"a": 1.0, "b": float("nan"), "c": "y", "d": 5, "e": 2, "p": "/abs/rel", "skip": 9}
+    diffs = nio.setting_differences(old, new, ignore={"skip"}, defaults={"d": 5},
+                                    normal=lambda k, v: f"/abs/{v}" if k == "p" and not str(v).startswith("/") else v)
+    assert diffs == ["c: 'x' -> 'y'", "e: None -> 2"]  # 1 == 1.0, NaN == NaN, d at its default, p one path

@@ -10,7 +10,6 @@ one's pid. A non-empty folder that is not an ``ncppo train`` run is refused; a r
 from __future__ import annotations
 
 import errno
-import math
 import os
 import shutil
 import socket
@@ -20,7 +19,7 @@ from pathlib import Path
 
 from ncppo.configuration import flatten
 from ncppo.errors import OutputDirError, StateError
-from ncppo.io import guard_output_dir, output_owner
+from ncppo.io import guard_output_dir, output_owner, setting_differences
 from ncppo.training.checkpoint import checkpoint_dirs, clean_leftovers, read_state
 
 COMMAND = "train"
@@ -29,34 +28,11 @@ RUN_FILES = ("config.yaml", "metrics.jsonl", "metrics.csv", "checkpoints", "summ
 PATH_KEYS = ("output_dir", "model.pretrained", "data.source", "data.cache")
 
 
-def _same(a, b) -> bool:
-    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
-        return True
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) and not isinstance(b, bool):
-        return float(a) == float(b)
-    return a == b
-
-
 def normal_path(key: str, value):
     """Local paths compare as absolute paths (``outputs/data`` and ``/home/me/outputs/data`` are one folder)."""
     if key in PATH_KEYS and isinstance(value, str) and value and Path(value).expanduser().exists():
         return str(Path(value).expanduser().resolve())
     return value
-
-
-def setting_differences(old: dict, new: dict, ignore=frozenset(), defaults: dict | None = None) -> list[str]:
-    """``key: old -> new`` for every flat key of ``new`` that differs from ``old`` (the one "settings
-    changed?" rule of the trainer). Keys in ``ignore`` may change; a key ``old`` lacks (written by an older
-    version) is compared with its value in ``defaults``; ``resolved.*`` keys ``old`` lacks are not compared."""
-    diffs = []
-    defaults = defaults or {}
-    for key in sorted(new):
-        if key in ignore or (key.startswith("resolved.") and key not in old):
-            continue
-        before = old.get(key, defaults.get(key))
-        if not _same(normal_path(key, before), normal_path(key, new[key])):
-            diffs.append(f"{key}: {before!r} -> {new[key]!r}")
-    return diffs
 
 
 class RunLock:
@@ -179,7 +155,9 @@ class RunFolder:
             except Exception:  # noqa: BLE001 - an unreadable record only means nothing to compare
                 self.notes.append(f"{self.resume_from} records no settings: they are not compared")
                 return None
-        diffs = setting_differences(old, settings, CHANGEABLE_ON_RESUME, flatten(TrainConfig().to_dict()))
+        # resolved.* values an older checkpoint did not record are not compared
+        ignore = CHANGEABLE_ON_RESUME | {k for k in settings if k.startswith("resolved.") and k not in old}
+        diffs = setting_differences(old, settings, ignore, flatten(TrainConfig().to_dict()), normal_path)
         if diffs and self.config.resume != "force":
             raise StateError(f"train: {self.resume_from} is from a run with other settings ({'; '.join(diffs)}); "
                              "set resume: force to continue it with the new settings, overwrite_output_dir: true "
