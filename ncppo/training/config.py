@@ -150,8 +150,10 @@ class TrainConfig:
     :class:`DataConfig`, :class:`ObjectiveConfig` and :class:`OptimConfig`.
 
     Run:
-        output_dir: the run's folder: ``config.yaml``, metrics, ``checkpoints/``, ``lora/``, ``README.md``
-            (the model card), ``summary.json``.
+        output_dir: the run's folder: ``config.yaml`` (the settings with absolute paths, which
+            :func:`load_config` reloads, plus the ``resolved`` values and the ``provenance``: versions, git
+            commit, machine), metrics, ``checkpoints/``, ``lora/``, ``README.md`` (the model card),
+            ``summary.json``.
         seed: the seed of everything random (the LoRA's initial weights, data order, noise, dropout).
 
     Batches and budget:
