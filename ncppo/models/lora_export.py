@@ -110,12 +110,15 @@ def training_metadata(*, kind: str, base_model: str, rank: int, alpha: float, ti
     return meta
 
 
-def export_kohya(lora: str | Path, out_file: str | Path, metadata: dict[str, str] | None = None) -> Path:
+def export_kohya(lora: str | Path, out_file: str | Path, metadata: dict[str, str] | None = None) -> Path | None:
     """Write the diffusers-format LoRA ``lora`` (folder or file) to ``out_file`` in kohya's key format, with
-    ``metadata`` (strings) in the header; through a temporary file and a rename."""
+    ``metadata`` (strings) in the header; through a temporary file and a rename. A transformer's LoRA (SD3)
+    has no kohya U-Net form: nothing is written and None returned (ComfyUI reads its diffusers file as it is)."""
     from safetensors.torch import save_file
 
     state_dict, adapter = read_lora(lora)
+    if state_dict and all(k.startswith("transformer.") for k in state_dict):
+        return None
     kohya = to_kohya(state_dict, adapter)
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
