@@ -299,7 +299,13 @@ def test_tokens_stay_out_of_the_access_log(tmp_path):
     finally:
         proc.send_signal(signal.SIGINT)
         out = "".join(lines) + proc.communicate(timeout=20)[0]
-    assert token not in out and admin not in out, out
+    # the banner gives the organiser the admin links (on the console, like `study create`); the log never
+    banner = [line for line in out.splitlines() if "admin_token=" in line and "[redacted]" not in line]
+    assert [line.split(": ")[0].strip() for line in banner] == ["results (admin)", "invite links (admin)"], out
+    logged = "\n".join(line for line in out.splitlines() if line not in banner)
+    assert token not in out and admin not in logged, out
+    assert re.search(r"study study \(.*\): 2 items x 2 votes, 0 complete; 1 annotator\(s\) invited", out)
+    assert f"{url}/admin/results?admin_token={admin}" in out  # the port actually bound (--port 0)
     assert '"GET /api/next?token=[redacted] HTTP/1.1" 200' in out and "/admin/invites?admin_token=[redacted]" in out
     assert f'"GET /img/{_name(item["left"])}?token=[redacted]' in out and "?x=[redacted]&token=[redacted]" in out
 
@@ -394,3 +400,28 @@ def test_the_server_refuses_a_half_made_study(tmp_path, capsys, damage):
         create_app(folder)
     assert main(["study", "serve", str(folder), "--port", "0"]) == 2  # refused before the port is bound
     assert expected in capsys.readouterr().err
+
+
+# -- gold files: each fault named by file, line and field ---------------------------------------------------
+@pytest.mark.parametrize(("line", "message"), [
+    ("{not json", "gold.jsonl line 2: not valid JSON"),
+    ('["a"]', "gold.jsonl line 2: a JSON object"),
+    ('{"prompt": "p", "better": "img/good0.png"}', "gold.jsonl line 2: field 'worse' must be a non-empty string"),
+    ('{"prompt": "p", "better": "img/good0.png", "worse": "img/bad0.png", "questions": ["q9"]}',
+     "gold.jsonl line 2: field 'questions' must be a list of q1, q2, q3"),
+    ('{"prompt": "p", "better": "../a/images/p00000-i00.png", "worse": "img/bad0.png"}',
+     "gold.jsonl line 2: field 'better' ('../a/images/p00000-i00.png') leads to"),
+    ('{"prompt": "p", "better": "img/none.png", "worse": "img/bad0.png"}',
+     "gold.jsonl line 2: field 'better' ('img/none.png') does not exist"),
+])
+def test_a_bad_gold_file_is_named_by_line_and_field(tmp_path, capsys, line, message):
+    from tests.study_helpers import fake_gold
+
+    a = fake_generation(tmp_path / "a", ["p"], (200, 0, 0))
+    b = fake_generation(tmp_path / "b", ["p"], (0, 0, 200))
+    gold = fake_gold(tmp_path / "g", 1)
+    gold.write_text(gold.read_text() + line + "\n")
+    args = ["study", "create", "--a", str(a), "--b", str(b), "--out", str(tmp_path / "s"), "--gold", str(gold)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and not (tmp_path / "s").exists()

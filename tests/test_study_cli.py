@@ -1,6 +1,7 @@
 """The study from the command line: create, invite, simulate with the oracle, results."""
 
 import json
+import re
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -37,9 +38,15 @@ def test_create_invite_simulate_results(tmp_path, capsys):
                 oracle([np.full((32, 32, 3), 128, np.uint8)], [p])[0] for i, p in enumerate(prompts)]
     assert all(b_better) and result["items_complete"] == 4
     assert result["questions"]["q1"]["win"] == 1.0  # 3 simulated annotators with a sharp Bradley-Terry choice
-    assert "Q1 Which image do you prefer given the prompt?: B wins 100.0%" in printed
+    assert printed.startswith("A = a, B = b: 4 of 4 items complete")  # the models by their folders' names
+    assert "Q1 Which image do you prefer given the prompt?: B (b) wins 100.0%" in printed
+    assert result["models"]["A"]["folder"] == str(a.resolve()) and result["models"]["B"]["name"] == "b"
+    assert "Q1 position: left chosen in" in printed and "(sides are random: 50% expected)" in printed
+    for k in (3, 4, 5):  # (after annotator-1 and -2) every simulated annotator agrees with the (unanimous) majority
+        assert f"simulated-{k}: 4 votes; agrees with the majority in 100%" in printed
     votes = pq.read_table(tmp_path / "s" / "results" / "votes.parquet")
     assert votes.num_rows == 12 and (tmp_path / "s" / "results" / "results.png").stat().st_size > 1000
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", votes.column("created_at")[0].as_py())
     assert len(open_study(tmp_path / "s").votes()) == 12
     assert main(["study", "create", "--a", str(a), "--b", str(b), "--out", str(tmp_path / "s")]) == 2
     assert "already holds a study" in capsys.readouterr().err

@@ -111,3 +111,31 @@ def test_a_small_load_run(tmp_path):
     result = json.loads(out.read_text())
     assert result["ok"] and result["votes_in_db"] == 24 and result["errors"] == []
     assert result["latency_ms"]["image"]["median"] > 0
+
+
+def test_undo_and_done_through_the_api(app):
+    client, store, token = app
+    assert client.post("/api/undo", json={"token": token}).status_code == 409  # nothing to undo yet
+    assert client.post("/api/undo", json={}).status_code == 401
+    item = client.get("/api/next", params={"token": token}).json()
+    _vote(client, token, item["assignment_id"], q1="right")
+    undone = client.post("/api/undo", json={"token": token}).json()
+    assert undone["assignment_id"] == item["assignment_id"] and undone["left"] == item["left"]
+    assert undone["answers"] == {"q1": "right", "q2": "right", "q3": "tie"} and undone["progress"]["judged_by_you"] == 0
+    assert _vote(client, token, item["assignment_id"], client_id="c1").status_code == 409  # the undone answer
+    for k in range(2):
+        nxt = client.get("/api/next", params={"token": token}).json()
+        assert _vote(client, token, nxt["assignment_id"], client_id=f"again{k}").status_code == 200
+    done = client.get("/api/next", params={"token": token}).json()
+    assert done["done"] is True and done["waiting"] is False and done["retry_after_s"] > 0
+
+
+def test_the_page_carries_the_instructions_as_text(tmp_path):
+    prompts = ["a red circle"]
+    a = fake_generation(tmp_path / "a", prompts, (200, 0, 0))
+    b = fake_generation(tmp_path / "b", prompts, (0, 0, 200))
+    (tmp_path / "howto.txt").write_text(f"Judge carefully.\n\nNever {EVIL}\n")
+    token = create_study(a, b, tmp_path / "study", instructions=tmp_path / "howto.txt").invite(1)[0]
+    page = TestClient(create_app(tmp_path / "study")).get("/", params={"token": token}).text
+    assert "Judge carefully." in page and "</script><script>alert(2)" not in page  # JSON inside the script
+    assert "\\u003c/script>\\u003cscript>alert(2)" in page

@@ -127,3 +127,88 @@ def test_results_from_known_votes(study):
     assert result["items_complete"] == 3 and (q1["win"], q1["loss"]) == (1.0, 0.0) and q1["full_agreement"] == 1.0
     assert q2["tie"] == 1.0 and q3["tie"] == 1.0 and q3["full_agreement"] == 0.0  # 1-1 split: no majority
     assert q1["win_rate_ties_half_interval"] == [1.0, 1.0]
+
+
+# -- issue 18: undo, gold items, "nothing available right now", the annotator checks ------------------------
+
+def test_undo_takes_back_the_last_answer_and_reopens_its_item(study):
+    store = open_study(study)
+    token, other = store.invite(2)
+    first = store.next_assignment(token, rng=random.Random(1))
+    assert store.submit(token, first.id, "c1", ANSWER)
+    shown = store.next_assignment(token)  # the next item is on screen when the annotator undoes
+    again, answers = store.undo(token)
+    assert (again.id, again.item_id, again.left_is_a) == (first.id, first.item_id, first.left_is_a)
+    assert answers == ANSWER and store.votes() == [] and [u["client_id"] for u in store.undone()] == ["c1"]
+    assert store.next_assignment(token).id == first.id  # the undone item comes back first, sides unchanged
+    # the item shown meanwhile went back to the pool: another annotator can take its slot
+    assert store.conn.execute("SELECT status FROM assignments WHERE id = ?", (shown.id,)).fetchone()[0] == "released"
+    with pytest.raises(StudyError, match="answer was undone") as late:  # a late retry of the undone vote
+        store.submit(token, first.id, "c1", ANSWER)
+    assert late.value.status == 409 and store.votes() == []
+    assert store.submit(token, first.id, "c2", {**ANSWER, "q3": "left"})
+    assert [(v["client_id"], v["q3"]) for v in store.votes()] == [("c2", "left")]
+    with pytest.raises(StudyError, match="no answer of yours to undo") as nothing:
+        store.undo(other)
+    assert nothing.value.status == 409
+    assert study_results(store, n_boot=10)["undone_answers"] == 1
+
+
+def test_gold_items_go_to_everyone_and_give_each_annotator_an_accuracy(tmp_path):
+    from tests.study_helpers import fake_gold
+
+    prompts = [f"prompt {i}" for i in range(6)]
+    a = fake_generation(tmp_path / "a", prompts, (200, 0, 0))
+    b = fake_generation(tmp_path / "b", prompts, (0, 0, 200))
+    store = create_study(a, b, tmp_path / "s", votes_per_item=1, gold=fake_gold(tmp_path / "g", 2))
+    gold = store.gold()
+    assert len(gold) == 2 and len(store.items()) == 8 and store.progress("")["items"] == 6
+    careful, careless = store.invite(2)
+    order = {careful: [], careless: []}
+    for token in (careful, careless):
+        while (a_ := store.next_assignment(token, rng=random.Random(len(order[token])))) is not None:
+            order[token].append(a_.item_id in gold)
+            better = "left" if a_.left_is_a else "right"  # image A of a gold item is the better one
+            pick = better if token == careful else {"left": "right", "right": "left"}[better]
+            store.submit(token, a_.id, f"{token}-{a_.id}", {"q1": pick, "q2": pick, "q3": "tie"})
+    # every annotator sees both gold items, spread among the regular ones (one after every 2 regular items)
+    assert order[careful] == [False, False, True, False, False, True, False, False]
+    assert order[careless] == [True, True]  # the regular items had all their votes: only gold was left
+    result = study_results(store, n_boot=10)
+    assert result["items"] == 6 and result["gold_items"] == 2 and result["votes"] == 6  # gold never counts for A/B
+    checks = result["annotators"]
+    assert checks["annotator-1"]["gold_accuracy"] == pytest.approx(4 / 6)  # q1 and q2 right, q3 a tie
+    assert checks["annotator-2"]["gold_accuracy"] == 0.0 and checks["annotator-2"]["agreement_with_majority"] is None
+
+
+def test_nothing_available_right_now_when_others_hold_the_last_items(study):
+    store = open_study(study)
+    first, second, third = store.invite(3)
+    held = [store.next_assignment(t) for t in (first, second)]  # both slots of item 1 (3 items x 2 votes)
+    assert held[0].item_id == held[1].item_id
+    for _ in range(2):  # the third annotator takes items 2 and 3 and answers them
+        a_ = store.next_assignment(third)
+        store.submit(third, a_.id, f"y-{a_.id}", ANSWER)
+    assert store.next_assignment(third) is None and store.waiting(third)  # item 1 is held by the others
+    for token, a_ in zip((first, second), held):
+        store.submit(token, a_.id, f"x-{token}", ANSWER)
+    assert store.next_assignment(third) is None and not store.waiting(third)  # now really done
+
+
+def test_position_bias_and_agreement_with_the_majority(study):
+    store = open_study(study)
+    tokens = store.invite(2)
+    for token in tokens:  # both always click left, whatever the sides: a pure position bias
+        while (a_ := store.next_assignment(token, rng=random.Random(7))) is not None:
+            store.submit(token, a_.id, f"{token}-{a_.id}", {"q1": "left", "q2": "left", "q3": "tie"})
+    result = study_results(store, n_boot=10)
+    bias = result["position_bias"]["q1"]
+    assert (bias["left"], bias["right"], bias["tie"]) == (6, 0, 0) and bias["left_share_of_decisive"] == 1.0
+    assert bias["p_value"] == pytest.approx(2 / 2**6) and bias["interval"][0] > 0.5
+    assert result["position_bias"]["q3"]["p_value"] == 1.0  # ties only: nothing to test
+    from ncppo.study.results import binomial_p_value
+
+    assert binomial_p_value(5, 10) == 1.0 and binomial_p_value(0, 10) == pytest.approx(2 / 1024)
+    for entry in result["annotators"].values():
+        assert entry["votes"] == 3 and entry["compared"] == 9 and 0.0 <= entry["agreement_with_majority"] <= 1.0
+        assert entry["gold_accuracy"] is None

@@ -9,8 +9,11 @@ def _create(args) -> int:
     from ncppo.study.create import create_study
 
     store = create_study(args.a, args.b, args.out, votes_per_item=args.votes, sample=args.sample, seed=args.seed,
-                         timeout_s=args.timeout, overwrite=args.overwrite, allow_mismatch=args.allow_mismatch)
-    print(f"study {args.out}: {len(store.items())} items x {store.votes_per_item} votes")
+                         timeout_s=args.timeout, overwrite=args.overwrite, allow_mismatch=args.allow_mismatch,
+                         instructions=args.instructions, gold=args.gold)
+    n_gold = len(store.gold())
+    print(f"study {args.out}: {len(store.items()) - n_gold} items x {store.votes_per_item} votes"
+          + (f", {n_gold} gold items for every annotator" if n_gold else ""))
     print(f"admin token (results, invites): {store.meta('admin_token')}")
     return 0
 
@@ -26,7 +29,7 @@ def _invite(args) -> int:
 def _serve(args) -> int:
     from ncppo.study.server import serve
 
-    serve(args.study, host=args.host, port=args.port)
+    serve(args.study, host=args.host, port=args.port)  # prints the study, its items and the admin links first
     return 0
 
 
@@ -34,17 +37,32 @@ def _results(args) -> int:
     from pathlib import Path
 
     from ncppo.study.create import open_study
-    from ncppo.study.results import write_results
+    from ncppo.study.results import model_names, write_results
 
     out = Path(args.out or Path(args.study) / "results")
     result = write_results(open_study(args.study), out)
-    print(f"{result['items_complete']} of {result['items']} items complete ({result['votes']} votes)")
+    a, b = model_names(result)
+    print(f"A = {a}, B = {b}: {result['items_complete']} of {result['items']} items complete ({result['votes']} votes)")
     for q, e in result["questions"].items():
         if "win" in e:
-            print(f"{q.upper()} {e['question']}: B wins {100 * e['win']:.1f}%, ties {100 * e['tie']:.1f}%, loses "
+            print(f"{q.upper()} {e['question']}: B ({b}) wins {100 * e['win']:.1f}%, ties {100 * e['tie']:.1f}%, loses "
                   f"{100 * e['loss']:.1f}%; win rate (ties half) {100 * e['win_rate_ties_half']:.1f}% "
                   f"[{100 * e['win_rate_ties_half_interval'][0]:.1f}, {100 * e['win_rate_ties_half_interval'][1]:.1f}]; "
                   f"full agreement {100 * e['full_agreement']:.0f}%, Fleiss' kappa {e['fleiss_kappa']:.2f}")
+    for q, bias in result["position_bias"].items():
+        if bias["left_share_of_decisive"] is not None:
+            lo, hi = bias["interval"]
+            flag = "  <- annotators favour a side" if bias["p_value"] < 0.05 else ""
+            print(f"{q.upper()} position: left chosen in {100 * bias['left_share_of_decisive']:.1f}% "
+                  f"[{100 * lo:.1f}, {100 * hi:.1f}] of {bias['left'] + bias['right']} decisive votes, "
+                  f"p = {bias['p_value']:.3f} (sides are random: 50% expected){flag}")
+    for name, entry in result["annotators"].items():
+        agree = entry["agreement_with_majority"]
+        gold = entry["gold_accuracy"]
+        print(f"{name}: {entry['votes']} votes; agrees with the majority in "
+              + (f"{100 * agree:.0f}%" if agree is not None else "-")
+              + (f"; gold accuracy {100 * gold:.0f}% ({entry['gold_correct']}/{entry['gold_answers']})"
+                 if gold is not None else ""))
     print(f"written: {out}/results.json, results.png, votes.csv, votes.parquet")
     return 0
 
@@ -73,6 +91,11 @@ def add_study_commands(sub) -> None:
     create.add_argument("--timeout", type=float, default=600.0, help="seconds before an unanswered item is released")
     create.add_argument("--overwrite", action="store_true",
                         help="replace an existing study in --out (its votes are lost); by default it is refused")
+    create.add_argument("--instructions", metavar="FILE",
+                        help="a text file of instructions shown to the annotators (blank lines: paragraphs)")
+    create.add_argument("--gold", metavar="FILE.jsonl",
+                        help='gold items, one {"prompt", "better", "worse"[, "questions"]} per line, paths relative to '
+                             "the file; every annotator gets them, the results give each one's accuracy")
     create.add_argument("--allow-mismatch", action="store_true",
                         help="pair sets whose generation settings differ in more than the model and LoRA (refused by default)")
     create.set_defaults(func=_create)

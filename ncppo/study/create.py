@@ -9,6 +9,12 @@ Only image files inside each generation folder are taken: a manifest path that i
 folder (``..``, a symlink pointing out) or names something other than a PNG, JPEG or WebP image of at
 most ``MAX_PIXELS`` pixels is an error naming the manifest, its row and the path. PNGs are copied without
 their text and time chunks (metadata could name the model); JPEG and WebP are converted to PNG.
+
+Organisers may add instructions (a text file, shown above the items; blank lines separate paragraphs) and
+gold items: a JSONL file, one ``{"prompt", "better", "worse"[, "questions"]}`` per line, image paths
+relative to the file's folder (and inside it, as above). A gold item looks like any other item; every
+annotator gets each of them, and the results give each annotator's accuracy on them (``better`` is the
+right answer to each of ``questions``, by default all three).
 """
 
 from __future__ import annotations
@@ -20,11 +26,12 @@ import secrets
 import struct
 import zlib
 from pathlib import Path
+from types import SimpleNamespace
 
 from ncppo.errors import OutputDirError, UsageError
 from ncppo.evaluation.image_sets import MANIFEST, ImageRecord, pair_image_sets
 from ncppo.io import atomic_directory, atomic_write_text, guard_output_dir, mark_output_dir, output_owner
-from ncppo.study.store import FORMAT, IncompleteStudyError, StudyStore
+from ncppo.study.store import FORMAT, QUESTIONS, IncompleteStudyError, StudyStore
 
 DB = "study.sqlite"
 COMMAND = "study create"
@@ -99,13 +106,53 @@ def blind_image(path: Path, where: str) -> bytes:
         raise UsageError(f"{where} is not a PNG, JPEG or WebP image Pillow can read ({err})") from None
 
 
+def read_gold(path: str | Path) -> list[dict]:
+    """Gold items from a JSONL file (see the module docstring); errors name the file, line and field."""
+    path = Path(path)
+    folder = path.resolve().parent
+    gold = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path} line {number}"
+        try:
+            row = json.loads(line)
+        except ValueError as err:
+            raise UsageError(f"{where}: not valid JSON ({err})") from None
+        if not isinstance(row, dict):
+            raise UsageError(f"{where}: a JSON object {{\"prompt\", \"better\", \"worse\"}} expected")
+        for key in ("prompt", "better", "worse"):
+            if not isinstance(row.get(key), str) or not row[key].strip():
+                raise UsageError(f"{where}: field {key!r} must be a non-empty string")
+        questions = row.get("questions", list(QUESTIONS))
+        if not isinstance(questions, list) or not questions or any(q not in QUESTIONS for q in questions):
+            raise UsageError(f"{where}: field 'questions' must be a list of {', '.join(QUESTIONS)}")
+        sources = [_source(folder, SimpleNamespace(path=row[k]), f"{where}: field {k!r} ({row[k]!r})")
+                   for k in ("better", "worse")]
+        gold.append({"prompt": row["prompt"], "better": sources[0], "worse": sources[1], "questions": questions,
+                     "where": where})
+    return gold
+
+
+def _models(pairs, folders: dict[str, Path]) -> dict:
+    """What A and B are, for the results: the folder's name, the model and the LoRA of their images."""
+    first = pairs[0] if pairs else (None, None)
+    return {side.upper(): {"name": folders[side].name, "folder": str(folders[side]),
+                           "model": getattr(record, "model", ""), "lora": getattr(record, "lora", "")}
+            for side, record in zip("ab", first)}
+
+
 def create_study(a_dir: str | Path, b_dir: str | Path, out: str | Path, votes_per_item: int = 3,
                  sample: int | None = None, seed: int = 0, timeout_s: float = 600.0, overwrite: bool = False,
-                 allow_mismatch: bool = False) -> StudyStore:
+                 allow_mismatch: bool = False, instructions: str | Path | None = None,
+                 gold: str | Path | None = None) -> StudyStore:
     """A study of ``a_dir`` against ``b_dir``, paired by :func:`ncppo.evaluation.image_sets.pair_image_sets` (refused
-    when their generation settings differ in more than the model and LoRA, unless ``allow_mismatch``)."""
+    when their generation settings differ in more than the model and LoRA, unless ``allow_mismatch``).
+    ``instructions``: a text file for the annotators; ``gold``: a JSONL of gold items (module docstring)."""
     if votes_per_item < 1:
         raise UsageError(f"votes per item must be >= 1, got {votes_per_item}")
+    text = Path(instructions).read_text(encoding="utf-8").strip() if instructions else ""
+    gold_rows = read_gold(gold) if gold else []
     target = guard_output_dir(out, COMMAND, inputs=[a_dir, b_dir], overwrite=overwrite)
     if (target / DB).exists() and not overwrite:
         raise OutputDirError(f"{out} already holds a study (with its votes); choose another --out, "
@@ -119,25 +166,33 @@ def create_study(a_dir: str | Path, b_dir: str | Path, out: str | Path, votes_pe
         pairs = sorted(random.Random(seed).sample(pairs, sample), key=lambda p: (p[0].prompt_index, p[0].image_index))
     with atomic_directory(target) as scratch:
         (scratch / "images").mkdir()
-        items, names = [], set()
+        names = set()
+
+        def copy(path: Path, where: str) -> str:
+            data = blind_image(path, where)
+            while (name := f"{secrets.token_urlsafe(16)}.png") in names:  # random: no model, side or order in it
+                pass
+            names.add(name)
+            (scratch / "images" / name).write_bytes(data)
+            return name
+
+        items = []
         for ra, rb in pairs:
             item_names = []
             for side, record in (("a", ra), ("b", rb)):
                 where = f"{folders[side] / MANIFEST}, row {rows[id(record)]}: image {record.path!r}"
-                data = blind_image(_source(folders[side], record, where), where)
-                while (name := f"{secrets.token_urlsafe(16)}.png") in names:  # random: no model, side or order in it
-                    pass
-                names.add(name)
-                (scratch / "images" / name).write_bytes(data)
-                item_names.append(name)
+                item_names.append(copy(_source(folders[side], record, where), where))
             items.append({"prompt": ra.prompt, "seed": ra.seed, "image_a": item_names[0], "image_b": item_names[1],
                           "metadata": {**(ra.metadata or {}), "a_id": ra.id, "b_id": rb.id}})
+        gold_items = [{"prompt": g["prompt"], "seed": 0, "image_a": copy(g["better"], g["where"]),
+                       "image_b": copy(g["worse"], g["where"]), "questions": g["questions"],
+                       "metadata": {"gold": g["where"]}} for g in gold_rows]
         atomic_write_text(scratch / "study.json", json.dumps(
-            {"a": str(a_dir), "b": str(b_dir), "items": len(items),
-             "unpaired": len(records["a"]) + len(records["b"]) - 2 * len(pairs), "votes_per_item": votes_per_item,
-             "seed": seed}, indent=2))
+            {"a": str(a_dir), "b": str(b_dir), "models": _models(pairs, folders), "items": len(items),
+             "gold_items": len(gold_items), "unpaired": len(records["a"]) + len(records["b"]) - 2 * len(pairs),
+             "votes_per_item": votes_per_item, "seed": seed}, indent=2))
         StudyStore.create(scratch / DB, items, votes_per_item=votes_per_item, timeout_s=timeout_s,
-                          study_seed=seed).close()
+                          study_seed=seed, gold=gold_items, instructions=text).close()
         mark_output_dir(scratch, COMMAND)  # last: a folder with the marker is a finished study
     return StudyStore(target / DB)
 

@@ -1,15 +1,22 @@
 """``ncppo study results``: majority votes, win rates of B over A with bootstrap intervals (the paper's
-Fig 5), agreement between annotators, a bar chart and vote exports.
+Fig 5), agreement between annotators, checks of the annotators, a bar chart and vote exports.
 
 Per item and question, the majority of its votes decides (A, B or tie; no majority is a tie). Only
-items with all their votes count. Agreement: the share of items where every annotator agreed, and
-Fleiss' kappa over the three answer categories.
+items with all their votes count; gold items never count towards A and B. Agreement: the share of items
+where every annotator agreed, and Fleiss' kappa over the three answer categories.
+
+Checks: **position bias**, per question, the share of decisive votes (not ties) for the left image, with
+its 95% Wilson interval and an exact two-sided binomial test against 1/2 (sides are drawn at random, so a
+share far from 1/2 means annotators favour a side); **per annotator**, the share of their answers on
+complete items that equal the item's majority (their own vote included), and their accuracy on gold
+items (answers on the questions each gold item checks).
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 from collections import Counter
 from pathlib import Path
 
@@ -39,14 +46,80 @@ def fleiss_kappa(table: np.ndarray) -> float:
     return float((p_i.mean() - p_e) / (1 - p_e)) if p_e < 1 else 1.0
 
 
+def binomial_p_value(k: int, n: int) -> float:
+    """Exact two-sided binomial test of ``k`` successes in ``n`` against p = 1/2."""
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(k, n - k) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def wilson_interval(k: int, n: int, z: float = 1.96) -> list[float]:
+    if n == 0:
+        return [0.0, 1.0]
+    p = k / n
+    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (
+        1 + z * z / n)
+    return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
+def position_bias(votes: list[dict]) -> dict:
+    out = {}
+    for q in QUESTIONS:
+        counts = Counter(v[q] for v in votes)
+        n = counts["left"] + counts["right"]
+        out[q] = {"left": counts["left"], "right": counts["right"], "tie": counts["tie"],
+                  "left_share_of_decisive": counts["left"] / n if n else None,
+                  "interval": wilson_interval(counts["left"], n), "p_value": binomial_p_value(counts["left"], n)}
+    return out
+
+
+def annotator_checks(votes: list[dict], complete: dict[int, list[dict]], gold: dict[int, list[str]]) -> dict:
+    """Per annotator: agreement with the majority on complete items, and accuracy on gold items."""
+    majorities = {(i, q): majority([v[f"{q}_ab"] for v in vs]) for i, vs in complete.items() for q in QUESTIONS}
+    out: dict[str, dict] = {}
+    for v in votes:
+        entry = out.setdefault(v["annotator_name"], {"votes": 0, "agreed": 0, "compared": 0, "gold_answers": 0,
+                                                     "gold_correct": 0})
+        entry["votes"] += 1
+        if v["item_id"] in gold:
+            checked = gold[v["item_id"]]
+            entry["gold_answers"] += len(checked)
+            entry["gold_correct"] += sum(v[f"{q}_ab"] == "A" for q in checked)  # A is the better image
+        elif v["item_id"] in complete:
+            entry["compared"] += len(QUESTIONS)
+            entry["agreed"] += sum(v[f"{q}_ab"] == majorities[(v["item_id"], q)] for q in QUESTIONS)
+    for entry in out.values():
+        entry["agreement_with_majority"] = entry["agreed"] / entry["compared"] if entry["compared"] else None
+        entry["gold_accuracy"] = entry["gold_correct"] / entry["gold_answers"] if entry["gold_answers"] else None
+    return out
+
+
+def _models(store) -> dict:
+    try:
+        models = json.loads((Path(store.path).parent / "study.json").read_text()).get("models")
+    except (OSError, ValueError):
+        models = None
+    return models or {"A": {"name": "A"}, "B": {"name": "B"}}
+
+
 def study_results(store, n_boot: int = 2000, seed: int = 0) -> dict:
+    from datetime import datetime, timezone
+
     need = store.votes_per_item
+    gold = store.gold()
+    votes = store.votes()
     by_item: dict[int, list[dict]] = {}
-    for vote in store.votes():
-        by_item.setdefault(vote["item_id"], []).append(vote)
+    for vote in votes:
+        if vote["item_id"] not in gold:
+            by_item.setdefault(vote["item_id"], []).append(vote)
     complete = {i: v for i, v in by_item.items() if len(v) >= need}
-    result = {"items": len(store.items()), "items_complete": len(complete), "votes": sum(len(v) for v in by_item.values()),
-              "votes_per_item": need, "questions": {}}
+    regular = [v for vs in by_item.values() for v in vs]
+    result = {"generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
+              "models": _models(store), "items": len(store.items()) - len(gold), "gold_items": len(gold),
+              "items_complete": len(complete), "votes": len(regular), "votes_per_item": need,
+              "undone_answers": len(store.undone()), "questions": {}, "position_bias": position_bias(regular),
+              "annotators": annotator_checks(votes, complete, gold)}
     rng = np.random.default_rng(seed)
     for q in QUESTIONS:
         outcomes = np.array([majority([v[f"{q}_ab"] for v in votes]) for votes in complete.values()])
@@ -66,28 +139,42 @@ def study_results(store, n_boot: int = 2000, seed: int = 0) -> dict:
     return result
 
 
+def model_names(result: dict) -> tuple[str, str]:
+    models = result.get("models") or {}
+    return tuple(models.get(k, {}).get("name") or k for k in ("A", "B"))
+
+
 def save_results_chart(result: dict, path: str | Path) -> None:
     from ncppo.plots import _pyplot
 
+    a, b = model_names(result)
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 2.6))
+    fig, ax = plt.subplots(figsize=(7.5, 3.0))
     labels = []
     for row, q in enumerate(QUESTIONS):
         e = result["questions"][q]
         labels.append(f"{q.upper()}: {e['question']}")
         left = 0.0
-        for key, colour in (("win", "tab:blue"), ("tie", "lightgrey"), ("loss", "tab:orange")):
+        for key, colour, name in (("win", "tab:blue", f"{b} (B) wins"), ("tie", "lightgrey", "tie"),
+                                  ("loss", "tab:orange", f"{a} (A) wins")):
             share = 100 * e.get(key, 0.0)
-            ax.barh(row, share, left=left, color=colour, label=key if row == 0 else None)
+            ax.barh(row, share, left=left, color=colour, label=name if row == 0 else None)
             if share >= 6:
                 ax.text(left + share / 2, row, f"{share:.0f}%", ha="center", va="center", fontsize=8)
             left += share
+        if "win_rate_ties_half" in e:  # B's win rate with ties as half, and its bootstrap interval
+            lo, hi = (100 * x for x in e["win_rate_ties_half_interval"])
+            rate = 100 * e["win_rate_ties_half"]
+            ax.errorbar(rate, row + 0.32, xerr=[[rate - lo], [hi - rate]], fmt="D", color="black", ms=4, capsize=3,
+                        label="B win rate, ties half (95% CI)" if row == 0 else None)
+    ax.axvline(50, color="black", lw=0.6, ls=":")
     ax.set_yticks(range(len(QUESTIONS)))
     ax.set_yticklabels(labels, fontsize=7)
     ax.invert_yaxis()
     ax.set_xlim(0, 100)
-    ax.set_xlabel(f"% of {result['items_complete']} items (majority of {result['votes_per_item']} votes): B win / tie / B loss")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.set_xlabel(f"% of {result['items_complete']} items (majority of {result['votes_per_item']} votes)")
+    ax.set_title(f"{b} (B) against {a} (A)", fontsize=9)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.28), ncol=4, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -1,7 +1,9 @@
 """``ncppo study serve``: the annotation web app (Starlette; plain HTML and JavaScript, no build step).
 
-Routes: ``GET /?token=T`` the page; ``GET /api/next?token=T`` the next item (or ``{"done": true}``);
-``POST /api/vote`` a vote ``{token, assignment_id, client_id, q1, q2, q3}`` (answers left | right | tie);
+Routes: ``GET /?token=T`` the page; ``GET /api/next?token=T`` the next item (or ``{"done": true, "waiting": w}``,
+``w`` when items are still held by other annotators and more may come); ``POST /api/vote`` a vote
+``{token, assignment_id, client_id, q1, q2, q3}`` (answers left | right | tie); ``POST /api/undo`` ``{token}``
+takes back the annotator's last vote and answers with its item and the answers it had;
 ``GET /img/NAME.png?token=T`` an image of one of the annotator's own items; ``GET /admin/results?admin_token=A``
 and ``/admin/invites`` for the organiser. Tokens: 401 when missing, 403 when wrong.
 
@@ -98,6 +100,37 @@ async def _read_json(request: Request) -> dict:
     return body
 
 
+RETRY_AFTER_S = 20  # how often a page with nothing to judge right now asks again
+
+
+def _item(assignment, token: str, progress: dict) -> dict:
+    query = urllib.parse.urlencode({"token": token})
+    return {"done": False, "assignment_id": assignment.id, "prompt": assignment.prompt,
+            "left": f"/img/{assignment.left_image}?{query}", "right": f"/img/{assignment.right_image}?{query}",
+            "progress": progress}
+
+
+def banner(study_dir: str | Path, base_url: str) -> str:
+    """What ``study serve`` prints: the study, its items, its annotators and the organiser's links."""
+    study_dir = Path(study_dir)
+    store = open_study(study_dir)
+    try:
+        gold = len(store.gold())
+        items = len(store.items()) - gold
+        annotators = store.conn.execute("SELECT COUNT(*) FROM annotators").fetchone()[0]
+        admin = urllib.parse.urlencode({"admin_token": store.meta("admin_token")})
+        progress = store.progress("")
+        lines = [f"study {study_dir.resolve().name} ({study_dir}): {items} items x {store.votes_per_item} votes"
+                 + (f" + {gold} gold items" if gold else "") + f", {progress['items_complete']} complete; "
+                 f"{annotators} annotator(s) invited (`ncppo study invite {study_dir}` adds more)",
+                 f"  annotation page: {base_url}/?token=<an invite token>",
+                 f"  results (admin): {base_url}/admin/results?{admin}",
+                 f"  invite links (admin): {base_url}/admin/invites?{admin}"]
+    finally:
+        store.close()
+    return "\n".join(lines)
+
+
 def create_app(study_dir: str | Path) -> Guard:
     study_dir = Path(study_dir)
     open_study(study_dir, check_images=True).close()  # refuse a half-made or damaged study before serving it
@@ -121,8 +154,9 @@ def create_app(study_dir: str | Path) -> Guard:
         except StudyError as err:
             return HTMLResponse(f"<!doctype html><p>{html.escape(str(err))}</p>", status_code=err.status)
         nonce = secrets.token_urlsafe(16)
-        questions = json.dumps(QUESTION_TEXT).replace("<", "\\u003c")  # safe inside <script>
-        body = PAGE.replace("__NONCE__", nonce).replace("__QUESTIONS__", questions)
+        as_script = lambda value: json.dumps(value).replace("<", "\\u003c")  # noqa: E731 (safe inside <script>)
+        body = PAGE.replace("__NONCE__", nonce).replace("__QUESTIONS__", as_script(QUESTION_TEXT))
+        body = body.replace("__INSTRUCTIONS__", as_script(store().instructions))
         return HTMLResponse(body.replace("__ANNOTATOR__", html.escape(name)),
                             headers={"content-security-policy": CSP.format(src=f"'nonce-{nonce}'")})
 
@@ -134,11 +168,18 @@ def create_app(study_dir: str | Path) -> Guard:
         except StudyError as err:
             return error(err)
         if assignment is None:
-            return JSONResponse({"done": True, "progress": progress})
-        query = urllib.parse.urlencode({"token": token})
-        return JSONResponse({"done": False, "assignment_id": assignment.id, "prompt": assignment.prompt,
-                             "left": f"/img/{assignment.left_image}?{query}",
-                             "right": f"/img/{assignment.right_image}?{query}", "progress": progress})
+            return JSONResponse({"done": True, "waiting": store().waiting(token), "retry_after_s": RETRY_AFTER_S,
+                                 "progress": progress})
+        return JSONResponse(_item(assignment, token, progress))
+
+    async def undo(request: Request) -> Response:
+        try:
+            body = await _read_json(request)
+            assignment, answers = store().undo(body.get("token"))
+            progress = store().progress(body.get("token"))
+        except StudyError as err:
+            return error(err)
+        return JSONResponse({**_item(assignment, body["token"], progress), "answers": answers})
 
     async def vote(request: Request) -> Response:
         try:
@@ -179,6 +220,7 @@ def create_app(study_dir: str | Path) -> Guard:
 
     return Guard(Starlette(routes=[
         Route("/", page), Route("/api/next", next_item), Route("/api/vote", vote, methods=["POST"]),
+        Route("/api/undo", undo, methods=["POST"]),
         Route("/img/{name:path}", image), Route("/admin/results", admin_results),
         Route("/admin/invites", admin_invites),
     ]))  # outside Starlette's error middleware: its 500s get the headers too
@@ -215,8 +257,16 @@ def log_config() -> dict:
 def serve(study_dir: str | Path, host: str = "127.0.0.1", port: int = 8000) -> None:
     import uvicorn
 
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None):  # the banner once the port is bound (--port 0 picks one)
+            await super().startup(sockets)
+            if self.servers:
+                bound = self.servers[0].sockets[0].getsockname()[1]
+                print(banner(study_dir, f"http://{host}:{bound}"), flush=True)
+
     app = create_app(study_dir)  # fails before binding the port when the folder is not a complete study
-    uvicorn.run(app, host=host, port=port, log_level="info", log_config=log_config())
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl+C ends it (as uvicorn.run does)
+        Server(uvicorn.Config(app, host=host, port=port, log_level="info", log_config=log_config())).run()
 
 
 @contextlib.contextmanager

@@ -12,7 +12,11 @@ transactions, so many server threads (or processes) can share one file:
 - image names are random (the mapping to A and B lives only here) and an image is shown only to an
   annotator assigned its item (``image_allowed``);
 - every value from a request is checked before it reaches SQLite: tokens are strings of the
-  ``token_urlsafe`` alphabet, ids positive and below 2^63, client ids printable ASCII (a 4xx otherwise).
+  ``token_urlsafe`` alphabet, ids positive and below 2^63, client ids printable ASCII (a 4xx otherwise);
+- an annotator can undo their last answer: the vote is moved to ``undone`` (kept for the record, and its
+  client id can never count again), its assignment reopens and the item they were shown since goes back;
+- gold items (``gold``: the organiser knows the better image, which is ``image_a``) go to every
+  annotator, spread among the regular items, and never count towards A and B.
 """
 
 from __future__ import annotations
@@ -65,6 +69,13 @@ CREATE UNIQUE INDEX IF NOT EXISTS items_image_a ON items(image_a);
 CREATE UNIQUE INDEX IF NOT EXISTS items_image_b ON items(image_b);
 CREATE INDEX IF NOT EXISTS assignments_annotator ON assignments(annotator, item_id);
 """
+# added with undo and gold items; created on open too, so studies made before them read as having none
+EXTRA_SCHEMA = """
+CREATE TABLE IF NOT EXISTS gold (item_id INTEGER PRIMARY KEY REFERENCES items(id), questions TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS undone (
+    id INTEGER PRIMARY KEY, client_id TEXT NOT NULL UNIQUE, vote TEXT NOT NULL, undone_at REAL NOT NULL);
+"""
+REGULAR = "NOT EXISTS (SELECT 1 FROM gold g WHERE g.item_id = i.id)"
 
 
 class StudyError(NcppoError, ValueError):
@@ -87,6 +98,13 @@ class Assignment:
     left_image: str
     right_image: str
     left_is_a: bool
+
+
+def iso_date(seconds: float) -> str:
+    """A Unix time as ISO 8601 in UTC, to the millisecond: ``2026-12-01T22:30:00.123Z``."""
+    from datetime import datetime, timezone
+
+    return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def connect(path: str | Path) -> sqlite3.Connection:
@@ -116,20 +134,28 @@ class StudyStore:
         if not self.path.is_file():
             raise FileNotFoundError(f"{self.path} does not exist (create the study with `ncppo study create`)")
         self.conn = connect(self.path)
+        if self.conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'undone'").fetchone() is None:
+            self.conn.executescript(EXTRA_SCHEMA)
 
     # -- creation ----------------------------------------------------------------------------------
     @classmethod
     def create(cls, path: str | Path, items: list[dict], votes_per_item: int = 3, timeout_s: float = 600.0,
-               study_seed: int = 0) -> StudyStore:
+               study_seed: int = 0, gold: list[dict] = (), instructions: str = "") -> StudyStore:
+        """``gold`` items are items whose ``image_a`` is the better one for each of their ``questions``."""
         conn = connect(path)
-        conn.executescript(SCHEMA)
+        conn.executescript(SCHEMA + EXTRA_SCHEMA)
         with transaction(conn):
             for key, value in (("votes_per_item", votes_per_item), ("timeout_s", timeout_s), ("seed", study_seed),
-                               ("admin_token", secrets.token_urlsafe(24)), ("format", FORMAT)):
+                               ("admin_token", secrets.token_urlsafe(24)), ("format", FORMAT),
+                               ("instructions", instructions)):
                 conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, str(value)))
-            conn.executemany("INSERT INTO items (prompt, seed, image_a, image_b, metadata) VALUES (?, ?, ?, ?, ?)",
-                             [(i["prompt"], i["seed"], i["image_a"], i["image_b"], json.dumps(i.get("metadata") or {}))
-                              for i in items])
+            for k, item in enumerate([*items, *gold]):
+                cur = conn.execute("INSERT INTO items (prompt, seed, image_a, image_b, metadata) VALUES (?, ?, ?, ?, ?)",
+                                   (item["prompt"], item["seed"], item["image_a"], item["image_b"],
+                                    json.dumps(item.get("metadata") or {})))
+                if k >= len(items):
+                    conn.execute("INSERT INTO gold VALUES (?, ?)",
+                                 (cur.lastrowid, json.dumps(list(item.get("questions") or QUESTIONS))))
         conn.close()
         return cls(path)
 
@@ -150,6 +176,15 @@ class StudyStore:
     @property
     def timeout_s(self) -> float:
         return float(self.meta("timeout_s"))
+
+    @property
+    def instructions(self) -> str:
+        row = self.conn.execute("SELECT value FROM meta WHERE key = 'instructions'").fetchone()
+        return row["value"] if row else ""
+
+    def gold(self) -> dict[int, list[str]]:
+        """Gold item id -> the questions it checks (``image_a`` is the right answer)."""
+        return {r["item_id"]: json.loads(r["questions"]) for r in self.conn.execute("SELECT * FROM gold")}
 
     # -- annotators --------------------------------------------------------------------------------
     def invite(self, n: int, prefix: str = "annotator") -> list[str]:
@@ -204,14 +239,7 @@ class StudyStore:
             row = self.conn.execute("SELECT id FROM assignments WHERE annotator = ? AND status = 'open'",
                                     (token,)).fetchone()
             if row is None:
-                # items closest to complete first, so finished items (and majority votes) accumulate early
-                item = self.conn.execute(
-                    """SELECT i.id,
-                              (SELECT COUNT(*) FROM votes v WHERE v.item_id = i.id)
-                            + (SELECT COUNT(*) FROM assignments a WHERE a.item_id = i.id AND a.status = 'open') AS taken
-                       FROM items i
-                       WHERE NOT EXISTS (SELECT 1 FROM votes v WHERE v.item_id = i.id AND v.annotator = ?)
-                       AND taken < ? ORDER BY taken DESC, i.id LIMIT 1""", (token, self.votes_per_item)).fetchone()
+                item = self._next_item(token)
                 if item is None:
                     return None
                 left_is_a = int((rng or random.SystemRandom()).random() < 0.5)
@@ -219,6 +247,38 @@ class StudyStore:
                                         "VALUES (?, ?, ?, ?, 'open')", (item["id"], token, left_is_a, now))
                 row = {"id": cur.lastrowid}
             return self._assignment(row["id"])
+
+    def _next_item(self, token: str):
+        # regular items closest to complete first, so finished items (and majority votes) accumulate early
+        item = self.conn.execute(
+            f"""SELECT i.id,
+                      (SELECT COUNT(*) FROM votes v WHERE v.item_id = i.id)
+                    + (SELECT COUNT(*) FROM assignments a WHERE a.item_id = i.id AND a.status = 'open') AS taken
+               FROM items i
+               WHERE NOT EXISTS (SELECT 1 FROM votes v WHERE v.item_id = i.id AND v.annotator = ?)
+               AND {REGULAR} AND taken < ? ORDER BY taken DESC, i.id LIMIT 1""", (token, self.votes_per_item)).fetchone()
+        gold = self.conn.execute(
+            """SELECT g.item_id AS id FROM gold g WHERE NOT EXISTS
+               (SELECT 1 FROM votes v WHERE v.item_id = g.item_id AND v.annotator = ?) ORDER BY g.item_id LIMIT 1""",
+            (token,)).fetchone()
+        if gold is None or item is None:
+            return item or gold
+        # gold items spread evenly: one after every `spacing` regular items the annotator judged
+        n_regular, n_gold = (self.conn.execute(q).fetchone()[0] for q in (
+            f"SELECT COUNT(*) FROM items i WHERE {REGULAR}", "SELECT COUNT(*) FROM gold"))
+        judged_regular, judged_gold = (self.conn.execute(
+            f"SELECT COUNT(*) FROM votes v JOIN items i ON i.id = v.item_id WHERE v.annotator = ? AND {cond}",
+            (token,)).fetchone()[0] for cond in (REGULAR, f"NOT {REGULAR}"))
+        spacing = max(1, n_regular // (n_gold + 1))
+        return gold if judged_regular >= (judged_gold + 1) * spacing else item
+
+    def waiting(self, token: str) -> bool:
+        """Whether items the annotator has not judged are held by others' open assignments (so more may come)."""
+        return self.conn.execute(
+            f"""SELECT 1 FROM items i WHERE {REGULAR}
+               AND NOT EXISTS (SELECT 1 FROM votes v WHERE v.item_id = i.id AND v.annotator = ?1)
+               AND (SELECT COUNT(*) FROM votes v WHERE v.item_id = i.id) < ?2 LIMIT 1""",
+            (token, self.votes_per_item)).fetchone() is not None
 
     def _assignment(self, assignment_id: int) -> Assignment:
         r = self.conn.execute("SELECT a.id, a.item_id, a.left_is_a, i.prompt, i.image_a, i.image_b FROM assignments a "
@@ -239,6 +299,8 @@ class StudyStore:
             if answers.get(q) not in ANSWERS:
                 raise StudyError(f"{q} must be one of {', '.join(ANSWERS)}, got {answers.get(q)!r}")
         with transaction(self.conn):
+            if self.conn.execute("SELECT 1 FROM undone WHERE client_id = ?", (client_id,)).fetchone():
+                raise StudyError("this answer was undone; answer the item again", 409)
             done = self.conn.execute("SELECT annotator, assignment_id FROM votes WHERE client_id = ?", (client_id,)).fetchone()
             if done is not None:
                 if done["annotator"] != token or done["assignment_id"] != assignment_id:
@@ -260,19 +322,52 @@ class StudyStore:
             self.conn.execute("UPDATE assignments SET status = 'done' WHERE id = ?", (assignment_id,))
         return True
 
+    def undo(self, token: str) -> tuple[Assignment, dict[str, str]]:
+        """Take back the annotator's last vote: its assignment reopens (same sides), the item handed out since
+        goes back to the others; returns the assignment and the answers that were given. 409 with none."""
+        self.annotator(token)
+        now = time.time()
+        with transaction(self.conn):
+            vote = self.conn.execute("SELECT * FROM votes WHERE annotator = ? ORDER BY id DESC LIMIT 1",
+                                     (token,)).fetchone()
+            if vote is None:
+                raise StudyError("there is no answer of yours to undo", 409)
+            self.conn.execute("UPDATE assignments SET status = 'released' WHERE annotator = ? AND status = 'open'",
+                              (token,))
+            record = {k: v for k, v in dict(vote).items() if k != "annotator"}
+            self.conn.execute("INSERT INTO undone (client_id, vote, undone_at) VALUES (?, ?, ?)",
+                              (vote["client_id"], json.dumps(record), now))
+            self.conn.execute("DELETE FROM votes WHERE id = ?", (vote["id"],))
+            self.conn.execute("UPDATE assignments SET status = 'open', created_at = ? WHERE id = ?",
+                              (now, vote["assignment_id"]))
+        return self._assignment(vote["assignment_id"]), {q: vote[q] for q in QUESTIONS}
+
     # -- progress and export -----------------------------------------------------------------------
     def progress(self, token: str) -> dict:
         done = self.conn.execute("SELECT COUNT(*) FROM votes WHERE annotator = ?", (token,)).fetchone()[0]
-        total = self.conn.execute("SELECT COUNT(*) FROM items").fetchone()[0]
-        complete = self.conn.execute("SELECT COUNT(*) FROM (SELECT item_id FROM votes GROUP BY item_id HAVING COUNT(*) >= ?)",
-                                     (self.votes_per_item,)).fetchone()[0]
+        total = self.conn.execute(f"SELECT COUNT(*) FROM items i WHERE {REGULAR}").fetchone()[0]
+        complete = self.conn.execute(
+            f"SELECT COUNT(*) FROM (SELECT v.item_id FROM votes v JOIN items i ON i.id = v.item_id WHERE {REGULAR} "
+            "GROUP BY v.item_id HAVING COUNT(*) >= ?)", (self.votes_per_item,)).fetchone()[0]
         return {"judged_by_you": done, "items": total, "items_complete": complete}
 
     def votes(self) -> list[dict]:
+        """Every vote, with the annotator's name (never the token), its item, ``gold`` (1 for a gold item) and
+        ``created_at`` as an ISO 8601 date (UTC)."""
         rows = self.conn.execute(
-            "SELECT v.*, an.name AS annotator_name, i.prompt, i.seed, i.metadata FROM votes v "
+            "SELECT v.*, an.name AS annotator_name, i.prompt, i.seed, i.metadata, "
+            "EXISTS (SELECT 1 FROM gold g WHERE g.item_id = v.item_id) AS gold FROM votes v "
             "JOIN items i ON i.id = v.item_id JOIN annotators an ON an.token = v.annotator ORDER BY v.id").fetchall()
-        return [{k: v for k, v in dict(r).items() if k != "annotator"} for r in rows]  # tokens stay secret
+        out = []
+        for r in rows:
+            vote = {k: v for k, v in dict(r).items() if k != "annotator"}  # tokens stay secret
+            vote["created_at"] = iso_date(vote["created_at"])
+            out.append(vote)
+        return out
+
+    def undone(self) -> list[dict]:
+        return [{**json.loads(r["vote"]), "undone_at": iso_date(r["undone_at"])}
+                for r in self.conn.execute("SELECT * FROM undone ORDER BY id")]
 
     def items(self) -> list[dict]:
         return [dict(r) for r in self.conn.execute("SELECT * FROM items ORDER BY id").fetchall()]
