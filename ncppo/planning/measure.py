@@ -1,0 +1,51 @@
+"""Measuring a real training step on the CPU, to check the estimate against: its CPU time and the peak of
+the memory it allocates (torch's CPU memory profiler: ``torch.profiler`` with ``profile_memory=True``)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+def measured_step(model, objective, batch, *, generator_seed: int = 0) -> dict:
+    """``{"cpu_seconds", "peak_bytes"}`` of one forward and backward of the real step (the trained gradients
+    cleared before and after). ``peak_bytes`` is the highest running sum of the profiler's allocation and
+    free records during the step: memory the step allocated and still held, as the estimate's activations."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from ncppo.step import training_step
+
+    params = model.trainable_parameters()
+    for p in params:
+        p.grad = None
+    generator = torch.Generator().manual_seed(generator_seed)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        start = time.process_time()
+        out = training_step(model, objective, batch, generator=generator)
+        out.loss.backward()
+        seconds = time.process_time() - start
+        del out
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
+    for p in params:
+        p.grad = None
+    records = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    current = peak = 0
+    for _, delta in records:
+        current += delta
+        peak = max(peak, current)
+    return {"cpu_seconds": seconds, "peak_bytes": peak, "gradient_bytes": grads}
+
+
+def timed_step(model, objective, batch, *, generator_seed: int = 0) -> float:
+    """CPU seconds of one forward and backward of the real step (no profiler)."""
+    from ncppo.step import training_step
+
+    generator = torch.Generator().manual_seed(generator_seed)
+    start = time.process_time()
+    out = training_step(model, objective, batch, generator=generator)
+    out.loss.backward()
+    seconds = time.process_time() - start
+    for p in model.trainable_parameters():
+        p.grad = None
+    return seconds
