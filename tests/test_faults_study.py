@@ -207,6 +207,10 @@ def test_malformed_requests_get_4xx_not_500(tmp_path):
         "lone surrogate client_id": client.post("/api/vote", content=body.format(f'"{token}"', aid, '"\\udfff"', '"tie"')),
         "lone surrogate answer": client.post("/api/vote", content=body.format(f'"{token}"', aid, '"c"', '"\\ud800"')),
         "body not UTF-8": client.post("/api/vote", content=b'{"token": "\xff\xfe"}'),
+        "undo: token as a list": client.post("/api/undo", json={"token": [token]}),
+        "undo: body a list": client.post("/api/undo", json=[token]),
+        "undo: lone surrogate token": client.post("/api/undo", content=b'{"token": "\\ud800"}'),
+        "undo: nothing to undo": client.post("/api/undo", json={"token": token}),
         "non-ASCII admin token": client.get("/admin/results", params={"admin_token": "schlüssel"}),
         "admin token with NUL": client.get("/admin/invites", params={"admin_token": "a\x00b"}),
         "non-ASCII token": client.get("/api/next", params={"token": "schlüssel"}),
@@ -298,7 +302,10 @@ def test_tokens_stay_out_of_the_access_log(tmp_path):
             assert http.get(f"/api/next?x=1&token={token}").status_code == 200
     finally:
         proc.send_signal(signal.SIGINT)
-        out = "".join(lines) + proc.communicate(timeout=20)[0]
+        # read through the same buffered reader as readline (communicate(timeout=...) reads the pipe itself and
+        # would miss what the reader already buffered: here the banner, printed right after "running on")
+        out = "".join(lines) + proc.stdout.read()
+        proc.wait(timeout=20)
     # the banner gives the organiser the admin links (on the console, like `study create`); the log never
     banner = [line for line in out.splitlines() if "admin_token=" in line and "[redacted]" not in line]
     assert [line.split(": ")[0].strip() for line in banner] == ["results (admin)", "invite links (admin)"], out
