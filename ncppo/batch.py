@@ -20,6 +20,7 @@ class Condition:
     encoder_hidden_states: torch.Tensor  # (N, L, D)
     text_embeds: torch.Tensor | None = None  # SDXL pooled prompt embedding, (N, D2)
     time_ids: torch.Tensor | None = None  # SDXL micro-conditioning, (N, 6)
+    guidance: torch.Tensor | None = None  # FLUX.1-dev's distilled guidance scale, (N,)
 
     @property
     def batch_size(self) -> int:
@@ -30,11 +31,13 @@ class Condition:
         added = None
         if self.text_embeds is not None or self.time_ids is not None:
             added = {"text_embeds": self.text_embeds, "time_ids": self.time_ids}
+        if self.guidance is not None:  # only a guidance-distilled transformer has one
+            added = {**(added or {}), "guidance": self.guidance}
         return {"encoder_hidden_states": self.encoder_hidden_states, "added_cond_kwargs": added}
 
     def map(self, fn) -> Condition:
         return Condition(*(None if v is None else fn(v) for v in (
-            self.encoder_hidden_states, self.text_embeds, self.time_ids)))
+            self.encoder_hidden_states, self.text_embeds, self.time_ids, self.guidance)))
 
     def repeat(self, n: int) -> Condition:
         """The same condition for ``n`` stacked copies of the batch (winners, losers, ...)."""
@@ -43,7 +46,7 @@ class Condition:
     @staticmethod
     def cat(conditions: Sequence[Condition]) -> Condition:
         fields_ = []
-        for name in ("encoder_hidden_states", "text_embeds", "time_ids"):
+        for name in ("encoder_hidden_states", "text_embeds", "time_ids", "guidance"):
             values = [getattr(c, name) for c in conditions]
             if any(v is None for v in values) and not all(v is None for v in values):
                 raise ValueError(f"cannot concatenate conditions where only some have {name}")

@@ -25,8 +25,9 @@ perturbation ``d`` and keeps its precision in half precision, where the differen
 passes drowns in rounding. The encoder does not own weights or switch adapters: the caller passes the
 frozen U-Net (for LoRA, the policy U-Net inside its adapters-disabled context).
 
-For a transformer (SD3's MMDiT), ``f`` is its first part: the patch embedding (with positions), the timestep
-and pooled-text conditioning, the caption projection and the first ``K`` joint blocks (``blocks``: a fraction
+For a transformer (SD3's MMDiT, FLUX.1), ``f`` is its first part: the patch embedding (with positions; FLUX:
+rotary ids), the timestep, guidance and pooled-text conditioning, the caption projection and the first ``K``
+blocks (FLUX: double-stream, then single-stream) (``blocks``: a fraction
 of the depth, a block count, or a list of block indices). Only the image tokens are compared (the text
 stream is not part of the distance); they are returned channels first, ``(N, D, L)``, so the level
 normalisations treat the token width as channels. ``features`` is ``last`` (the deepest chosen block) or
@@ -51,6 +52,11 @@ DEFAULT_BLOCKS = 0.5  # half the depth: the U-Net's down path is about its first
 
 def _is_token_model(model) -> bool:
     return hasattr(model, "transformer_blocks") and not hasattr(model, "down_blocks")
+
+
+def _token_blocks(model) -> list[torch.nn.Module]:
+    """A transformer's blocks in forward order (FLUX: the double-stream blocks, then the single-stream ones)."""
+    return list(model.transformer_blocks) + list(getattr(model, "single_transformer_blocks", None) or [])
 
 
 def block_indices(blocks, depth: int, features: str = "last") -> list[int]:
@@ -128,7 +134,7 @@ class NoiseConditionedEncoder:
             if type(unet).__name__ not in TOKEN_PATHS:
                 raise UsageError(f"no perceptual encoder for {type(unet).__name__}; transformers supported: "
                                  f"{', '.join(TOKEN_PATHS)}")
-            names = [f"block_{i}" for i in block_indices(self.blocks, len(unet.transformer_blocks), self.features)]
+            names = [f"block_{i}" for i in block_indices(self.blocks, len(_token_blocks(unet)), self.features)]
         else:
             names = feature_names(self.features, len(unet.down_blocks))
         if self.level_weights is not None and len(self.level_weights) != len(names):
@@ -257,7 +263,36 @@ def _sd3_tokens(model, sample, timestep, encoder_hidden_states, added_cond_kwarg
     return [found[i].transpose(1, 2) for i in indices]
 
 
-TOKEN_PATHS = {"SD3Transformer2DModel": _sd3_tokens}
+def _flux_tokens(model, sample, timestep, encoder_hidden_states, added_cond_kwargs, indices) -> list[torch.Tensor]:
+    """``FluxTransformer2DModel.forward`` on the packed latents up to block ``max(indices)`` (double-stream blocks
+    first, then single-stream ones): the image tokens after each chosen block. ``timestep`` is ``sigma T``."""
+    from ncppo.batch import Condition
+    from ncppo.models.transformers_backbone import flux_inputs, pack_latents
+
+    added = added_cond_kwargs or {}
+    if added.get("text_embeds") is None:
+        raise UsageError("a FLUX-class transformer needs the pooled text embedding (Condition.text_embeds)")
+    dtype = model.dtype
+    condition = Condition(encoder_hidden_states.to(dtype), added["text_embeds"], None, added.get("guidance"))
+    inputs = flux_inputs(sample, timestep, condition)
+    hidden = model.x_embedder(pack_latents(sample.to(dtype)))
+    step = inputs["timestep"].to(hidden.dtype) * 1000  # the forward's own arithmetic, for identical tensors
+    guidance = inputs["guidance"]
+    if guidance is None:
+        temb = model.time_text_embed(step, inputs["pooled_projections"])
+    else:
+        temb = model.time_text_embed(step, guidance.to(hidden.dtype) * 1000, inputs["pooled_projections"])
+    context = model.context_embedder(condition.encoder_hidden_states)
+    rotary = model.pos_embed(torch.cat((inputs["txt_ids"], inputs["img_ids"]), dim=0))
+    found = {}
+    for i, block in enumerate(_token_blocks(model)[: max(indices) + 1]):
+        context, hidden = block(hidden_states=hidden, encoder_hidden_states=context, temb=temb,
+                                image_rotary_emb=rotary, joint_attention_kwargs=None)
+        found[i] = hidden
+    return [found[i].transpose(1, 2) for i in indices]
+
+
+TOKEN_PATHS = {"SD3Transformer2DModel": _sd3_tokens, "FluxTransformer2DModel": _flux_tokens}
 
 
 def _down_path(unet, sample, timestep, encoder_hidden_states, added_cond_kwargs, names) -> list[torch.Tensor]:

@@ -66,3 +66,11 @@ def perturb_lora(unet, seed: int = 0, scale: float = 0.1) -> None:
         for name, p in unet.named_parameters():
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+def noised_random_pairs(model, seed: int = 0):
+    """:func:`random_pairs` encoded by ``model`` and noised by its process (winners and losers), one generator."""
+    from ncppo.step import noise_pairs
+
+    g = torch.Generator().manual_seed(seed)
+    return noise_pairs(model, model.encode_batch(random_pairs(), g), True, g)

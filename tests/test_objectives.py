@@ -219,12 +219,9 @@ def flow_model():
 
 
 def _flow_batch(model, seed=0):
-    from ncppo.step import noise_pairs
+    from .conftest import noised_random_pairs
 
-    from .conftest import random_pairs
-
-    g = torch.Generator().manual_seed(seed)
-    return noise_pairs(model, model.encode_batch(random_pairs(), g), True, g)
+    return noised_random_pairs(model, seed)
 
 
 def test_a_flow_models_process_is_flow_matching(flow_model):

@@ -1,4 +1,4 @@
-"""Loading SD1.5-, SDXL- and SD3-class pipelines from a local diffusers folder (or a hub id when online)."""
+"""Loading SD1.5-, SDXL-, SD3- and FLUX.1-class pipelines from a local diffusers folder (or a hub id when online)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import torch
 from ncppo.errors import NcppoError
 
 SUPPORTED_PIPELINES = {"StableDiffusionPipeline": "sd15", "StableDiffusionXLPipeline": "sdxl",
-                       "PixelTextToImagePipeline": "pixel", "StableDiffusion3Pipeline": "sd3"}
+                       "PixelTextToImagePipeline": "pixel", "StableDiffusion3Pipeline": "sd3",
+                       "FluxPipeline": "flux"}
 # the project's own pipeline classes, which diffusers' generic loader cannot resolve by name
 _OWN_PIPELINES = {"PixelTextToImagePipeline": ("ncppo.models.pixel_pipeline", "PixelTextToImagePipeline")}
 
@@ -22,7 +23,7 @@ class ModelLoadError(NcppoError, RuntimeError):
 
 
 def pipeline_kind(pipeline) -> str:
-    """The kind (``'sd15'``, ``'sdxl'``, ``'pixel'``, ``'sd3'``) of a loaded pipeline; an error naming the
+    """The kind (``'sd15'``, ``'sdxl'``, ``'pixel'``, ``'sd3'``, ``'flux'``) of a loaded pipeline; an error naming the
     supported classes for anything else."""
     name = type(pipeline).__name__
     if name not in SUPPORTED_PIPELINES:

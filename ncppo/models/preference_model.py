@@ -50,15 +50,21 @@ class LoraSettings:
 
 
 class PreferenceModel:
-    """Wraps a SD1.5-/SDXL-class pipeline for training; see the module docstring."""
+    """Wraps a SD1.5-/SDXL-/SD3-/FLUX-class pipeline for training; see the module docstring.
 
-    def __init__(self, pipeline, *, finetune: str = "lora", lora: LoraSettings | None = None):
+    ``guidance`` is the distilled guidance scale a FLUX.1-dev-class transformer is conditioned on while training
+    (default :data:`FLUX_TRAINING_GUIDANCE`); a model without a guidance embedding refuses one.
+    """
+
+    def __init__(self, pipeline, *, finetune: str = "lora", lora: LoraSettings | None = None,
+                 guidance: float | None = None):
         if finetune not in FINETUNE_MODES:
             raise UsageError(f"unknown finetune mode {finetune!r}; expected one of {FINETUNE_MODES}")
         self.pipeline = pipeline
         self.kind = pipeline_kind(pipeline)
         self.backbone = BACKBONES[self.kind]
-        self.unet = self.backbone.denoiser(pipeline)  # the denoiser: a U-Net or (SD3) a transformer
+        self.unet = self.backbone.denoiser(pipeline)  # the denoiser: a U-Net or (SD3, FLUX) a transformer
+        self.guidance = training_guidance(self.kind, self.unet, guidance)
         self.policy = self.unet  # what runs the policy forward: see use_policy (a DDP-wrapped U-Net)
         self.finetune = finetune
         self.schedule = process_for(pipeline.scheduler)  # DDPM or flow matching: the step never asks which
@@ -204,6 +210,9 @@ class PreferenceModel:
                 prompts, None, None, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
             )
             return embeds, pooled
+        if self.kind == "flux":
+            embeds, pooled, _ = self.pipeline.encode_prompt(prompts, None, device=self.device, num_images_per_prompt=1)
+            return embeds, pooled
         if self.kind == "sdxl":
             embeds, _, pooled, _ = self.pipeline.encode_prompt(
                 prompts, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
@@ -249,10 +258,11 @@ class PreferenceModel:
                 raise ValueError(f"the batch has neither latents_{side} nor pixel_values_{side}")
             latents[side] = lat if lat is not None else self.encode_images(pix, generator)
         lw, ll = latents["w"], latents["l"]
-        channels = self.unet.config.in_channels
+        channels = self.backbone.latent_channels(self.unet)
         for side, lat in latents.items():
             if lat.ndim != 4 or lat.shape[1] != channels:
-                raise ValueError(f"latents_{side} must be (B, {channels}, h, w) for this U-Net; got {tuple(lat.shape)}")
+                raise ValueError(f"latents_{side} must be (B, {channels}, h, w) for this {self.kind} model; "
+                                 f"got {tuple(lat.shape)}")
         if lw.shape != ll.shape:
             raise ValueError(f"winner latents {tuple(lw.shape)} and loser latents {tuple(ll.shape)} differ in shape")
 
@@ -272,7 +282,8 @@ class PreferenceModel:
             cond_w = Condition(embeds, pooled, _time_ids(batch.time_ids_w, self.default_time_ids(lw), "w"))
             cond_l = Condition(embeds, pooled, _time_ids(batch.time_ids_l, self.default_time_ids(ll), "l"))
         elif self.backbone.needs_pooled:
-            cond_w = cond_l = Condition(embeds, pooled)
+            guidance = None if self.guidance is None else torch.full((lw.shape[0],), self.guidance)
+            cond_w = cond_l = Condition(embeds, pooled, guidance=guidance)
         else:
             cond_w = cond_l = Condition(embeds)
         device = self.device
@@ -312,6 +323,21 @@ class PreferenceModel:
         """Save the fully fine-tuned U-Net in diffusers' format (``UNet2DConditionModel.from_pretrained``)."""
         with atomic_directory(out_dir) as tmp:
             self.unet.save_pretrained(tmp, safe_serialization=True)
+
+
+FLUX_TRAINING_GUIDANCE = 3.5  # diffusers' FLUX.1-dev LoRA scripts' --guidance_scale default
+
+
+def training_guidance(kind: str, denoiser, guidance: float | None) -> float | None:
+    """The guidance value a model trains with: FLUX.1-dev-class models need one, all others refuse one."""
+    embeds = kind == "flux" and bool(denoiser.config.get("guidance_embeds", False))
+    if embeds:
+        return FLUX_TRAINING_GUIDANCE if guidance is None else float(guidance)
+    if guidance is not None:
+        what = "this FLUX model has no guidance embedding (a schnell-like model)" if kind == "flux" else \
+            f"a {kind} model has no guidance embedding"
+        raise UsageError(f"guidance {guidance!r} was given but {what}; leave guidance unset")
+    return None
 
 
 def _time_ids(given: torch.Tensor | None, default: torch.Tensor, side: str) -> torch.Tensor:

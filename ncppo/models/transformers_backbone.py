@@ -1,11 +1,13 @@
-"""What differs between the denoisers ncppo trains, in one table: U-Nets (SD1.5, SDXL, pixel) and the
-SD3-class MMDiT transformer. :class:`~ncppo.models.preference_model.PreferenceModel` reads it; the training
+"""What differs between the denoisers ncppo trains, in one table: U-Nets (SD1.5, SDXL, pixel), the SD3-class
+MMDiT and the FLUX.1-class transformer (2x2-packed latent tokens, rotary position ids, guidance embedding). :class:`~ncppo.models.preference_model.PreferenceModel` reads it; the training
 step, the objectives and the trainer never see it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import torch
 
 from ncppo.batch import Condition
 
@@ -19,12 +21,17 @@ class Backbone:
     """One denoiser family: where the pipeline keeps it and how it is called, adapted and saved."""
 
     attribute: str  # the pipeline's component: "unet" or "transformer"
+    family: str  # how it is called: "unet", "sd3" or "flux"
     text_width_key: str  # the config key of the prompt embeddings' width
     needs_pooled: bool  # the condition carries a pooled text embedding (Condition.text_embeds)
     context_twins: bool = False  # MMDiT: LoRA targets gain their text-stream twins
 
     def denoiser(self, pipeline):
         return getattr(pipeline, self.attribute)
+
+    def latent_channels(self, denoiser) -> int:
+        """Channels of the latents (the diffusion variable): FLUX's input packs 2x2 patches of them."""
+        return denoiser.config.in_channels // (4 if self.family == "flux" else 1)
 
     def lora_targets(self, targets: tuple[str, ...]) -> tuple[str, ...]:
         if not self.context_twins:
@@ -33,20 +40,61 @@ class Backbone:
 
     def forward(self, denoiser, x, timestep, condition: Condition):
         """The raw model output at ``x`` (in the denoiser's dtype) and the network's ``timestep``."""
-        if self.attribute == "unet":
+        if self.family == "unet":
             return denoiser(x, timestep, **condition.unet_kwargs(), return_dict=False)[0]
-        return denoiser(hidden_states=x, timestep=timestep, encoder_hidden_states=condition.encoder_hidden_states,
-                        pooled_projections=condition.text_embeds, return_dict=False)[0]
+        if self.family == "sd3":
+            return denoiser(hidden_states=x, timestep=timestep, encoder_hidden_states=condition.encoder_hidden_states,
+                            pooled_projections=condition.text_embeds, return_dict=False)[0]
+        return flux_forward(denoiser, x, timestep, condition)
 
     def lora_save_kwargs(self, layers: dict, metadata: dict) -> dict:
         """Keywords for ``Pipeline.save_lora_weights`` (``unet_lora_layers`` or ``transformer_lora_layers``)."""
         return {f"{self.attribute}_lora_layers": layers, f"{self.attribute}_lora_adapter_metadata": metadata}
 
 
-UNET = Backbone("unet", "cross_attention_dim", needs_pooled=False)
+UNET = Backbone("unet", "unet", "cross_attention_dim", needs_pooled=False)
 BACKBONES = {
     "sd15": UNET,
     "pixel": UNET,
-    "sdxl": Backbone("unet", "cross_attention_dim", needs_pooled=True),
-    "sd3": Backbone("transformer", "joint_attention_dim", needs_pooled=True, context_twins=True),
+    "sdxl": Backbone("unet", "unet", "cross_attention_dim", needs_pooled=True),
+    "sd3": Backbone("transformer", "sd3", "joint_attention_dim", needs_pooled=True, context_twins=True),
+    "flux": Backbone("transformer", "flux", "joint_attention_dim", needs_pooled=True, context_twins=True),
 }
+
+
+# -- FLUX.1: the transformer sees 2x2 patches of the latents as tokens, with (0, row, column) position ids ---------
+def pack_latents(x: torch.Tensor) -> torch.Tensor:
+    """``(N, C, H, W)`` -> ``(N, H/2 * W/2, 4C)``, as ``FluxPipeline._pack_latents``."""
+    from diffusers import FluxPipeline
+
+    n, c, h, w = x.shape
+    if h % 2 or w % 2:
+        raise ValueError(f"FLUX packs 2x2 latent patches: latent height and width must be even, got {h}x{w}")
+    return FluxPipeline._pack_latents(x, n, c, h, w)
+
+
+def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The inverse of :func:`pack_latents` (``FluxPipeline._unpack_latents`` counts in pixels, not latents)."""
+    n, _, d = tokens.shape
+    c = d // 4
+    return tokens.view(n, height // 2, width // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(n, c, height, width)
+
+
+def flux_inputs(x: torch.Tensor, timestep: torch.Tensor, condition: Condition) -> dict:
+    """The keyword arguments of ``FluxTransformer2DModel.forward`` but ``hidden_states``: text ids are zeros,
+    image ids (0, row, column) of the packed grid, and the timestep in [0, 1] (the model multiplies by 1000)."""
+    from diffusers import FluxPipeline
+
+    h, w = x.shape[-2:]
+    text = condition.encoder_hidden_states
+    return dict(
+        timestep=timestep / 1000, guidance=condition.guidance, pooled_projections=condition.text_embeds,
+        encoder_hidden_states=text,
+        txt_ids=torch.zeros(text.shape[1], 3, device=x.device, dtype=text.dtype),
+        img_ids=FluxPipeline._prepare_latent_image_ids(x.shape[0], h // 2, w // 2, x.device, text.dtype),
+    )
+
+
+def flux_forward(denoiser, x: torch.Tensor, timestep: torch.Tensor, condition: Condition) -> torch.Tensor:
+    out = denoiser(hidden_states=pack_latents(x), **flux_inputs(x, timestep, condition), return_dict=False)[0]
+    return unpack_latents(out, *x.shape[-2:])

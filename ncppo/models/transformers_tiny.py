@@ -1,9 +1,10 @@
-"""Tiny transformer pipelines (SD3-class MMDiT with flow matching), built offline, for tests and examples.
+"""Tiny transformer pipelines (SD3-class MMDiT, FLUX.1-class; flow matching), built offline, for tests and examples.
 
 Real component classes with random weights: ``SD3Transformer2DModel``, two ``CLIPTextModelWithProjection``
 encoders and a ``T5EncoderModel`` with tokenizers trained here (``tokenizers``: a CLIP BPE and a T5
 Unigram model), an ``AutoencoderKL`` with SD3's ``shift_factor`` and a ``FlowMatchEulerDiscreteScheduler``
-with SD3's ``shift = 3``, saved as a ``StableDiffusion3Pipeline`` folder that ``load_pipeline`` loads.
+with SD3's ``shift = 3``, saved as a ``StableDiffusion3Pipeline`` folder that ``load_pipeline`` loads; and the
+same for ``FluxPipeline`` (``FluxTransformer2DModel``, CLIP + T5, FLUX's resolution-dependent shift).
 """
 
 from __future__ import annotations
@@ -75,4 +76,46 @@ def build_tiny_sd3(*, image_size: int = 32, num_layers: int = 4, seed: int = 0,
         tokenizer_2=clip_tokenizer,
         text_encoder_3=tiny_t5_encoder(len(t5_tokenizer), 32, seed + 4),
         tokenizer_3=t5_tokenizer,
+    )
+
+
+FLUX_SCHEDULER = dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                      max_image_seq_len=4096)  # FLUX.1's scheduler config
+
+
+def tiny_flux_transformer(latent_channels: int = 4, num_layers: int = 2, num_single_layers: int = 2,
+                          guidance_embeds: bool = True, seed: int = 0):
+    """A ``FluxTransformer2DModel``: double-stream then single-stream blocks over 2x2-packed latents with rotary
+    positions; ``guidance_embeds`` as the distilled FLUX.1-dev (False: as FLUX.1-schnell)."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(
+        patch_size=1, in_channels=latent_channels * 4, num_layers=num_layers, num_single_layers=num_single_layers,
+        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16,
+        guidance_embeds=guidance_embeds, axes_dims_rope=(2, 2, 4),
+    ).eval()
+
+
+def build_tiny_flux(*, seed: int = 0, guidance_embeds: bool = True, tokenizer_corpus: Iterable[str] | None = None,
+                    vae_block_out_channels: Sequence[int] = (16, 32)):
+    """A tiny ``FluxPipeline``: CLIP (pooled, width 16) and T5 (width 32) text encoders, 4-channel latents packed
+    2x2 into 16-wide tokens, FLUX's resolution-dependent shift."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    from ncppo.models.tiny import _vae, tiny_text_encoder, train_clip_tokenizer
+
+    corpus = list(tokenizer_corpus) if tokenizer_corpus is not None else None
+    clip_tokenizer = train_clip_tokenizer(corpus)
+    t5_tokenizer = train_t5_tokenizer(corpus)
+    vae = _vae(4, seed + 1, vae_block_out_channels)
+    vae.register_to_config(shift_factor=0.1159, scaling_factor=0.3611)  # FLUX.1's VAE normalisation constants
+    return FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER),
+        vae=vae,
+        text_encoder=tiny_text_encoder(len(clip_tokenizer), 16, False, seed + 2),
+        tokenizer=clip_tokenizer,
+        text_encoder_2=tiny_t5_encoder(len(t5_tokenizer), 32, seed + 4),
+        tokenizer_2=t5_tokenizer,
+        transformer=tiny_flux_transformer(4, guidance_embeds=guidance_embeds, seed=seed),
     )

@@ -1,4 +1,5 @@
-"""SD3-class MMDiT with flow matching: the tiny pipeline, its perceptual encoder, LoRA, and the six objectives."""
+"""Transformer backbones with flow matching (SD3-class MMDiT, FLUX.1-class): the tiny pipelines, the perceptual
+encoder, LoRA, and the six objectives, each test on both."""
 
 import math
 
@@ -9,18 +10,28 @@ from ncppo.errors import UsageError
 from ncppo.models.preference_model import LoraSettings, PreferenceModel
 from ncppo.objectives import OBJECTIVE_NAMES, make_objective
 from ncppo.perception import NoiseConditionedEncoder
-from ncppo.step import noise_pairs, training_step
+from ncppo.step import training_step
 
-from .conftest import perturb_lora, random_pairs
+from .conftest import noised_random_pairs, perturb_lora, random_pairs
+
+KINDS = ("sd3", "flux")
 
 
 @pytest.fixture(scope="module")
-def sd3_dir(tmp_path_factory):
+def tiny_dirs(tmp_path_factory):
+    return {}
+
+
+@pytest.fixture(params=KINDS)
+def tiny_dir(request, tiny_dirs, tmp_path_factory):
+    """The tiny pipeline of each kind, built once by the CLI (offline)."""
     from ncppo.cli import main
 
-    out = tmp_path_factory.mktemp("sd3") / "sd3"
-    assert main(["tiny-model", str(out), "--kind", "sd3"]) == 0  # the CLI builds it offline
-    return out
+    if request.param not in tiny_dirs:
+        out = tmp_path_factory.mktemp(request.param) / request.param
+        assert main(["tiny-model", str(out), "--kind", request.param]) == 0
+        tiny_dirs[request.param] = out
+    return tiny_dirs[request.param]
 
 
 def test_the_pipeline_classes_ncppo_supports_are_named():
@@ -35,45 +46,54 @@ def test_the_pipeline_classes_ncppo_supports_are_named():
 
 
 @pytest.fixture
-def model(sd3_dir):
+def model(tiny_dir):
     from ncppo.models.loading import load_pipeline
 
-    return PreferenceModel(load_pipeline(sd3_dir), lora=LoraSettings(rank=4))
+    return PreferenceModel(load_pipeline(tiny_dir), lora=LoraSettings(rank=4))
 
 
-def _inputs(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return noise_pairs(model, model.encode_batch(random_pairs(), g), True, g)
 
 
-def test_the_tiny_sd3_pipeline_is_a_flow_mmdit(model):
-    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+def test_the_tiny_pipelines_are_flow_transformers(model):
+    from diffusers import (
+        FluxPipeline,
+        FluxTransformer2DModel,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
 
     from ncppo.flow import FlowSchedule
 
-    assert isinstance(model.pipeline, StableDiffusion3Pipeline) and model.kind == "sd3"
-    assert isinstance(model.unet, SD3Transformer2DModel) and len(model.unet.transformer_blocks) == 4
     assert isinstance(model.schedule, FlowSchedule) and model.schedule.shift == 3.0
-    assert model.pipeline.text_encoder_3 is not None and model.pipeline.tokenizer_3 is not None
-    nb = _inputs(model)
-    assert nb.condition.encoder_hidden_states.shape[-1] == 32 and nb.condition.text_embeds.shape == (4, 32)
+    nb = noised_random_pairs(model)
+    assert nb.condition.encoder_hidden_states.shape[-1] == 32
+    if model.kind == "sd3":
+        assert isinstance(model.pipeline, StableDiffusion3Pipeline) and not model.schedule.use_dynamic_shifting
+        assert isinstance(model.unet, SD3Transformer2DModel) and len(model.unet.transformer_blocks) == 4
+        assert model.pipeline.text_encoder_3 is not None and model.pipeline.tokenizer_3 is not None
+        assert nb.condition.text_embeds.shape == (4, 32) and nb.condition.guidance is None
+    else:
+        assert isinstance(model.pipeline, FluxPipeline) and model.schedule.use_dynamic_shifting
+        assert isinstance(model.unet, FluxTransformer2DModel) and model.unet.config.guidance_embeds
+        assert len(model.unet.transformer_blocks) == 2 and len(model.unet.single_transformer_blocks) == 2
+        assert nb.condition.text_embeds.shape == (4, 16) and nb.condition.guidance.tolist() == [3.5] * 4
 
 
 @pytest.mark.parametrize("features,blocks", [("last", 0.5), ("all", 1.0), ("last", (0, 3)), ("last", 1)])
 def test_encoder_equals_the_hooked_hidden_states_of_a_full_forward(model, features, blocks):
-    nb = _inputs(model, seed=1)
+    nb = noised_random_pairs(model, seed=1)
     enc = NoiseConditionedEncoder(features, blocks=blocks)
     transformer = model.unet
     names = enc.levels(transformer)
     hooked = {}
+    blocks = list(transformer.transformer_blocks) + list(getattr(transformer, "single_transformer_blocks", []))
     handles = [blk.register_forward_hook(lambda m, a, out, i=i: hooked.__setitem__(i, out[1]))
-               for i, blk in enumerate(transformer.transformer_blocks)]
+               for i, blk in enumerate(blocks)]  # each block returns (text stream, image stream)
     timestep = model.schedule.model_timestep(nb.t, nb.x_t)
     cond = nb.condition
     with torch.no_grad(), model.frozen_unet() as frozen:
         try:
-            frozen(hidden_states=nb.x_t, timestep=timestep, encoder_hidden_states=cond.encoder_hidden_states,
-                   pooled_projections=cond.text_embeds)
+            model.backbone.forward(frozen, nb.x_t, timestep, cond)  # the full forward, as training runs it
         finally:
             for h in handles:
                 h.remove()
@@ -86,15 +106,15 @@ def test_encoder_equals_the_hooked_hidden_states_of_a_full_forward(model, featur
         torch.testing.assert_close(f, expected, atol=0, rtol=0)
 
 
-def test_lora_adapts_both_streams_and_off_is_the_base_exactly(model, sd3_dir):
+def test_lora_adapts_both_streams_and_off_is_the_base_exactly(model, tiny_dir):
     from ncppo.models.loading import load_pipeline
 
     attn = model.unet.transformer_blocks[0].attn
     for name in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"):
         assert hasattr(getattr(attn, name), "lora_A"), name
     assert hasattr(attn.to_out[0], "lora_A")
-    nb = _inputs(model, seed=2)
-    base = PreferenceModel(load_pipeline(sd3_dir), finetune="none")
+    nb = noised_random_pairs(model, seed=2)
+    base = PreferenceModel(load_pipeline(tiny_dir), finetune="none")
     with torch.no_grad():
         expected = base.predict_epsilon(base.unet, nb.x_t, nb.t, nb.condition)
         perturb_lora(model.unet, scale=0.3)
@@ -105,15 +125,15 @@ def test_lora_adapts_both_streams_and_off_is_the_base_exactly(model, sd3_dir):
     assert (on - expected).abs().max() > 1e-4
 
 
-def test_saved_lora_loads_into_a_fresh_pipeline_with_identical_outputs(model, sd3_dir, tmp_path):
+def test_saved_lora_loads_into_a_fresh_pipeline_with_identical_outputs(model, tiny_dir, tmp_path):
     from ncppo.models.loading import load_pipeline
 
     perturb_lora(model.unet, scale=0.3)
     model.save_lora(tmp_path / "lora")
-    fresh = load_pipeline(sd3_dir)
+    fresh = load_pipeline(tiny_dir)
     fresh.load_lora_weights(tmp_path / "lora")
     loaded = PreferenceModel(fresh, finetune="none")
-    nb = _inputs(model, seed=3)
+    nb = noised_random_pairs(model, seed=3)
     with torch.no_grad():
         ours = model.predict_epsilon(model.unet, nb.x_t, nb.t, nb.condition)
         theirs = loaded.predict_epsilon(loaded.unet, nb.x_t, nb.t, nb.condition)
@@ -152,7 +172,7 @@ def test_bad_encoder_depth_and_block_index_are_refused_before_training(model):
     make_objective("dpo", encoder_blocks=9).validate(model)  # noise-space objectives have no encoder
 
 
-def test_ncppo_train_runs_each_objective_on_the_tiny_sd3(sd3_dir, tmp_path):
+def test_ncppo_train_runs_each_objective_on_the_tiny_sd3(tiny_dir, tmp_path):
     import json
 
     from ncppo.training import Trainer, load_config
@@ -163,7 +183,7 @@ def test_ncppo_train_runs_each_objective_on_the_tiny_sd3(sd3_dir, tmp_path):
     data = write_dataset(tmp_path / "pairs", spec, rows_per_shard=5)
     for name in OBJECTIVE_NAMES:
         run = tmp_path / f"run-{name}"
-        cfg = load_config(None, [f"output_dir={run}", f"model.pretrained={sd3_dir}", "model.lora_rank=4",
+        cfg = load_config(None, [f"output_dir={run}", f"model.pretrained={tiny_dir}", "model.lora_rank=4",
                                  f"data.source={data}", "data.resolution=32", "batch_size=2", "max_steps=2",
                                  "optim.learning_rate=1e-3", "optim.scale_lr=false", f"objective.name={name}"])
         assert Trainer(cfg).train().steps == 2
@@ -171,6 +191,26 @@ def test_ncppo_train_runs_each_objective_on_the_tiny_sd3(sd3_dir, tmp_path):
         assert len(losses) == 2 and all(math.isfinite(v) for v in losses), name
         if name.endswith("dpo"):
             assert losses[0] == pytest.approx(math.log(2), abs=1e-6)  # the first step: policy = reference
-        fresh = PreferenceModel.from_pretrained(sd3_dir, finetune="none")
+        fresh = PreferenceModel.from_pretrained(tiny_dir, finetune="none")
         fresh.pipeline.load_lora_weights(run / "lora")  # the run's LoRA, in the pipeline's own loader
         assert any("lora" in n for n, _ in fresh.unet.named_parameters())
+
+
+def test_guidance_is_for_guidance_distilled_models_only(tiny_dir):
+    from ncppo.models.loading import load_pipeline
+    from ncppo.models.tiny import build_tiny_pipeline
+
+    pipe = load_pipeline(tiny_dir)
+    if pipe.transformer.config.get("guidance_embeds", False):
+        model = PreferenceModel(pipe, lora=LoraSettings(rank=4), guidance=2.0)
+        assert noised_random_pairs(model).condition.guidance.tolist() == [2.0] * 4
+        schnell = build_tiny_pipeline("flux-schnell")  # FLUX.1-schnell-like: no guidance embedding
+        with pytest.raises(UsageError, match="no guidance embedding .a schnell-like model.; leave guidance unset"):
+            PreferenceModel(schnell, guidance=3.5)
+        model = PreferenceModel(schnell, lora=LoraSettings(rank=4))
+        assert model.guidance is None and noised_random_pairs(model).condition.guidance is None
+        out = training_step(model, make_objective("ncp-dpo"), random_pairs(), generator=torch.Generator().manual_seed(0))
+        assert out.loss.item() == pytest.approx(math.log(2), abs=1e-6)
+    else:
+        with pytest.raises(UsageError, match="a sd3 model has no guidance embedding"):
+            PreferenceModel(pipe, guidance=3.5)
