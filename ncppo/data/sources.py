@@ -1,7 +1,7 @@
 """Where preference pairs live: parquet shards, a ``save_to_disk`` folder, a hub dataset, the
 authors' layout (a CSV of uids/labels/captions plus a folder of images named ``{uid}.jpg``), a ``.json``
-or ``.jsonl`` of records, or folders of winner/loser images (the last two in :mod:`ncppo.data.formats`,
-which also adapts every source that is not in the Pick-a-Pic shape).
+or ``.jsonl`` of records, or folders of winner/loser images (the last two in
+:mod:`ncppo.data.file_sources`); :mod:`ncppo.data.formats` adapts every source not in the Pick-a-Pic shape.
 
 Every source is a list of shards with two ways in: ``metadata(i)`` reads a shard's metadata columns
 only (parquet and arrow are columnar, so image bytes are not even read), and ``rows(i, rows, columns)``
@@ -197,7 +197,8 @@ def open_source(source: str | os.PathLike, *, split: str = "train", image_dir: s
     """Open a preference-pair source by path (or hub id, when online), in any shape that
     :mod:`ncppo.data.formats` knows, ``columns`` (a ``ColumnMapping``) naming the columns of others.
     Relative image paths are resolved against ``image_dir``, by default the file's folder or the folder."""
-    from ncppo.data.formats import JsonRecordsSource, WinnerLoserFolderSource, adapt, is_winner_loser_folder
+    from ncppo.data.file_sources import JsonRecordsSource, WinnerLoserFolderSource, is_winner_loser_folder
+    from ncppo.data.formats import adapt
 
     path = Path(source).expanduser()
     if not path.exists():
