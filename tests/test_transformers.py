@@ -214,3 +214,31 @@ def test_guidance_is_for_guidance_distilled_models_only(tiny_dir):
     else:
         with pytest.raises(UsageError, match="a sd3 model has no guidance embedding"):
             PreferenceModel(pipe, guidance=3.5)
+
+
+def test_the_linearised_distance_agrees_with_the_exact_one(model):
+    """``distance: linear`` (a forward-mode JVP through the transformer's blocks, what half precision uses)."""
+    from ncppo.objectives.spaces import PerceptualSpace
+
+    perturb_lora(model.unet, scale=0.05)
+    nb = noised_random_pairs(model, seed=5)
+    with torch.no_grad():
+        v_theta = model.predict_epsilon(model.unet, nb.x_t, nb.t, nb.condition)
+        with model.frozen_unet() as frozen:
+            v_ref = model.predict_epsilon(frozen, nb.x_t, nb.t, nb.condition)
+        exact, exact_ref = PerceptualSpace(distance="exact").losses(model, nb, v_theta, v_ref)
+        linear, linear_ref = PerceptualSpace(distance="linear").losses(model, nb, v_theta, v_ref)
+    torch.testing.assert_close(linear, exact, rtol=1e-2, atol=0)
+    torch.testing.assert_close(linear_ref, exact_ref, rtol=1e-2, atol=0)
+
+
+def test_timestep_weighting_is_a_flow_models_option(tiny_dir, tiny_pipeline_dirs):
+    from ncppo.models.loading import load_pipeline
+
+    model = PreferenceModel(load_pipeline(tiny_dir), finetune="none", timestep_weighting="uniform")
+    assert model.schedule.weighting == "uniform"
+    assert PreferenceModel(load_pipeline(tiny_dir), finetune="none").schedule.weighting == "logit_normal"
+    with pytest.raises(UsageError, match="weighting"):
+        PreferenceModel(load_pipeline(tiny_dir), finetune="none", timestep_weighting="mode")
+    with pytest.raises(UsageError, match="flow-matching models only"):
+        PreferenceModel(load_pipeline(tiny_pipeline_dirs["sd15"]), finetune="none", timestep_weighting="uniform")

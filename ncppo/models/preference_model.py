@@ -54,10 +54,12 @@ class PreferenceModel:
 
     ``guidance`` is the distilled guidance scale a FLUX.1-dev-class transformer is conditioned on while training
     (default :data:`FLUX_TRAINING_GUIDANCE`); a model without a guidance embedding refuses one.
+    ``timestep_weighting`` chooses a flow model's training sigmas (:data:`ncppo.flow.WEIGHTINGS`; default
+    ``logit_normal``, SD3's); DDPM models draw ``t`` uniformly, as Diffusion-DPO, and refuse the option.
     """
 
     def __init__(self, pipeline, *, finetune: str = "lora", lora: LoraSettings | None = None,
-                 guidance: float | None = None):
+                 guidance: float | None = None, timestep_weighting: str | None = None):
         if finetune not in FINETUNE_MODES:
             raise UsageError(f"unknown finetune mode {finetune!r}; expected one of {FINETUNE_MODES}")
         self.pipeline = pipeline
@@ -67,7 +69,8 @@ class PreferenceModel:
         self.guidance = training_guidance(self.kind, self.unet, guidance)
         self.policy = self.unet  # what runs the policy forward: see use_policy (a DDP-wrapped U-Net)
         self.finetune = finetune
-        self.schedule = process_for(pipeline.scheduler)  # DDPM or flow matching: the step never asks which
+        weighting = {} if timestep_weighting is None else {"weighting": timestep_weighting}
+        self.schedule = process_for(pipeline.scheduler, **weighting)  # DDPM or flow: the step never asks which
         for module in self._frozen_components():
             module.requires_grad_(False)
         self.reference_unet = None
