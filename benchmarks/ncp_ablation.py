@@ -5,8 +5,10 @@ Protocol (fixed before any number was seen):
 
 - World: the toy world's default config (base model, Pick-a-Pic-format pairs, ties dropped: the
   ``original`` dataset), built once and reused. Every run trains through the project's Trainer.
-- Split: the world's 168 captions, sorted, alternate into validation (even positions) and test (odd);
-  validation images use evaluation seed 1001, test images seed 2002, neither used by the pair generator.
+- Split: the toy world's own held-out split (``ncppo.toy.splits``): the preference data is made for the
+  ``train`` captions; selection uses the ``validation`` captions and the verdict the ``test`` captions
+  (56 each, compositions the pairs never show); validation images use evaluation seed 1001, test images
+  seed 2002, neither used by the pair generator.
 - Grid: baselines ``dpo``, ``cpo``, ``sft`` (beta 5000) and, for each, ``ncp-X`` under the settings
   ``paper`` (the paper's exact loss, beta 5000) and ``conditioned`` (``scale: noise`` plus ``beta: auto``;
   SFT has no beta) x features ``last``, ``mid``, ``all``.
@@ -48,7 +50,7 @@ SETTINGS = {"paper": {"scale": "paper"}, "conditioned": {"scale": "noise", "beta
 FEATURES = ("last", "mid", "all")
 SPLIT_SEEDS = {"validation": 1001, "test": 2002}
 PAPER_AT_TEST = ("dpo",)
-TEST_IMAGES = 1  # images per test caption (x 3 training seeds x 84 captions = 252 paired units)
+TEST_IMAGES = 2  # images per test caption (x 3 training seeds x 56 captions = 336 paired units)
 
 
 def grid() -> dict[str, dict]:
@@ -63,11 +65,11 @@ def grid() -> dict[str, dict]:
 
 
 def split_captions() -> dict[str, tuple[list[str], list[int]]]:
+    from ncppo.toy.splits import split_captions as toy_split
     from ncppo.toy.world import all_scenes
 
-    captions = sorted(s.caption for s in all_scenes())
-    return {"validation": ([c for i, c in enumerate(captions) if i % 2 == 0], list(range(0, len(captions), 2))),
-            "test": ([c for i, c in enumerate(captions) if i % 2 == 1], list(range(1, len(captions), 2)))}
+    every = [s.caption for s in all_scenes()]
+    return {split: (toy_split(split), [every.index(c) for c in toy_split(split)]) for split in SPLIT_SEEDS}
 
 
 def spec(split: str, images: int):
@@ -94,9 +96,9 @@ def train_values(world, objective: dict, seed: int, steps: int, run_dir: Path) -
 
     cfg = world.config.train
     values = toy_values(cfg, objective["name"], world.dataset_path("original"), world.base_model_path(), run_dir,
-                        world.config.pretrain.image_size)
-    values.update(seed=seed, max_steps=steps, max_train_minutes=None, checkpoint_every_minutes=None,
-                  checkpoint_every_steps=max(1, steps // 2), keep_last_checkpoints=4, overwrite_output_dir=True)
+                        world.config.pretrain.image_size, steps)
+    values.update(seed=seed, checkpoint_every_steps=max(1, steps // 2), keep_last_checkpoints=4,
+                  overwrite_output_dir=True)
     values["objective"] = {"beta": cfg.beta_noise, **objective}
     if objective["name"].endswith("sft"):
         values["objective"].pop("beta")
@@ -105,29 +107,16 @@ def train_values(world, objective: dict, seed: int, steps: int, run_dir: Path) -
 
 def step_flops(world, objective: dict) -> int:
     """FLOPs of one training step (forward, backward) of ``objective`` on the world's first batch."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from ncppo.data.pairs import PreferencePairs
-    from ncppo.models.preference_model import LoraSettings, PreferenceModel
     from ncppo.objectives import make_objective
-    from ncppo.step import training_step
+    from ncppo.toy.budget import first_batch, training_step_flops
 
     global _FLOP_MODEL
     if "_FLOP_MODEL" not in globals():
-        pairs = PreferencePairs(world.dataset_path("original"))
-        plan = pairs.plan(world.config.train.batch_size, shuffle=False)
-        batch = pairs.collate(plan[0], world.config.pretrain.image_size)
-        model = PreferenceModel.from_pretrained(world.base_model_path(), lora=LoraSettings(world.config.train.lora_rank))
-        _FLOP_MODEL = (model, batch)
+        cfg = world.config
+        _FLOP_MODEL = first_batch(world.base_model_path(), world.dataset_path("original"), cfg.train.batch_size,
+                                  cfg.pretrain.image_size, cfg.train.lora_rank)
     model, batch = _FLOP_MODEL
-    options = {k: v for k, v in objective.items() if k != "beta"}
-    counter = FlopCounterMode(display=False)
-    with counter:
-        out = training_step(model, make_objective(**options), batch, generator=torch.Generator().manual_seed(0))
-        out.loss.backward()
-    model.unet.zero_grad(set_to_none=True)
-    return int(counter.get_total_flops())
+    return training_step_flops(model, make_objective(**{k: v for k, v in objective.items() if k != "beta"}), batch)
 
 
 def evaluate(run_dir: Path | None, world, generation_spec, checkpoint=None) -> dict:

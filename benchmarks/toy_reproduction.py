@@ -1,21 +1,24 @@
 """The paper's Table 1, Fig 4 and Table 2 at toy scale, over several seeds.
 
-For each seed, a toy world (the shared cached base model; pairs, annotators, training and evaluation
-seeded by the seed) trains the six methods on the original and the NCP-filtered data at equal time
-budgets, plus NCP-DPO on Table 2's two other variants, and evaluates them all on every caption with the
-oracle reward. This script then pools the seeds: win rates over (seed, prompt) with bootstrap intervals
-over the same units, per-seed rates, time to quality, and mean curves.
+For each seed, a toy world (the shipped base model; pairs, annotators, training and evaluation seeded by
+the seed) trains the six methods on the original and the NCP-filtered data at equal compute (FLOPs, in
+DPO-step equivalents: the step counts do not depend on the machine), plus NCP-DPO on Table 2's two other
+variants, and evaluates them all on the held-out **test** captions (``ncppo.toy.splits``; compositions the
+preference data never shows) with the oracle reward, ``--images`` images per caption. This script then
+pools the seeds: win rates over (seed, prompt) with bootstrap intervals over the same units, per-seed
+rates, compute to quality, and mean curves with their spread over seeds.
 
-    python benchmarks/toy_reproduction.py            # 3 seeds, 60 s per run: about 90 min on 2 CPU cores
-    python benchmarks/toy_reproduction.py --seeds 0 --minutes 0.2   # a quick look
+    python benchmarks/toy_reproduction.py                     # 3 seeds
+    python benchmarks/toy_reproduction.py --seeds 0 --budget 10 --images 1   # a quick look
 
-Writes benchmarks/results/toy_reproduction.json, .md and .png; the worlds go to --out. Keep the machine
-otherwise idle: the budgets are wall-clock training time.
+Resumable: each seed's world is a folder under --out whose finished stages are reused, so an interrupted
+run continues where it stopped. Writes benchmarks/results/toy_reproduction.json, .md and .png.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import statistics
@@ -33,15 +36,15 @@ RESULTS = Path(__file__).parent / "results"
 VARIANTS = ("x>y", "x>y,x>z", "x>y,y>z")
 
 
-def world_config(seed: int, minutes: float) -> ToyConfig:
+def world_config(seed: int, budget: int, images: int) -> ToyConfig:
     base = ToyConfig()
     return ToyConfig(
         pretrain=base.pretrain,  # one base model for every seed (pretraining is not what is compared)
         pairs=base.pairs,
         filter=FilterConfig(variants=VARIANTS),
-        train=TrainStageConfig(datasets=("original", "filtered"), minutes_per_run=minutes, seed=seed,
+        train=TrainStageConfig(datasets=("original", "filtered"), budget_dpo_steps=budget, seed=seed,
                                extra_runs=("x>y,x>z/ncp-dpo", "x>y,y>z/ncp-dpo")),
-        eval=base.eval,
+        eval=dataclasses.replace(base.eval, split="test", images_per_prompt=images),
         seed=seed,
     )
 
@@ -70,29 +73,45 @@ def pooled(results: list[dict]) -> list[dict]:
 
 
 def mean_curves(results: list[dict]) -> dict[str, list[dict]]:
-    """Per run, the curve averaged over seeds point by point (points are at the same budget fractions)."""
+    """Per run, the curve averaged over seeds point by point (the points are at the same steps in every seed),
+    with the spread over seeds as ``low``/``high`` (mean -/+ one standard deviation; none for one seed)."""
     out = {}
     for name in results[0]["curves"]:
         curves = [r["curves"][name] for r in results]
         n = min(len(c) for c in curves)
-        out[name] = [{"train_seconds": statistics.fmean(c[i]["train_seconds"] for c in curves),
-                      "mean": statistics.fmean(c[i]["mean"] for c in curves)} for i in range(n)]
+        points = []
+        for i in range(n):
+            means = [c[i]["mean"] for c in curves]
+            sd = statistics.stdev(means) if len(means) > 1 else None
+            point = {"compute": statistics.fmean(c[i]["compute"] for c in curves),
+                     "train_seconds": statistics.fmean(c[i]["train_seconds"] for c in curves),
+                     "mean": statistics.fmean(means), "per_seed": means}
+            if sd is not None:
+                point.update(low=point["mean"] - sd, high=point["mean"] + sd)
+            points.append(point)
+        out[name] = points
     return out
 
 
 def markdown(summary: dict) -> str:
     lines = ["# Toy reproduction (Table 1, Fig 4, Table 2 at toy scale)", "",
-             f"Command: `{summary['command']}`; {len(summary['seeds'])} seeds, {summary['minutes_per_run'] * 60:.0f} s "
-             f"of training per run, {summary['wall_minutes']:.0f} min wall in all; {summary['machine']}.", "",
-             "Win rates of B over A by the oracle reward on every caption, ties half; pooled over seeds with 95% "
-             "bootstrap intervals over (seed, prompt).", "",
+             f"Command: `{summary['command']}`; {len(summary['seeds'])} seeds; every run trained for the FLOPs of "
+             f"{summary['budget_dpo_steps']} DPO steps (steps per method: {summary['steps']}); "
+             f"{summary['wall_minutes']:.0f} min wall in all; {summary['machine']}.", "",
+             f"Win rates of B over A by the oracle reward on the held-out **test** split ({summary['test_prompts']} "
+             f"captions x {summary['images_per_prompt']} images x {len(summary['seeds'])} seeds), ties half; pooled "
+             "over seeds with 95% bootstrap intervals over (seed, prompt).", "",
+             "Base model (mean oracle reward and components, over the seeds' evaluations):", "",
+             "| split | mean | object colour | background | shape | quality |", "|---|---|---|---|---|---|",
+             *[f"| {split} | {b['mean']:.4f} | {b['object_colour']:.3f} | {b['background']:.3f} | {b['shape']:.3f} | "
+               f"{b['quality']:.3f} |" for split, b in summary["base_by_split"].items()], "",
              "| B vs A | kind | pooled win rate [95% CI] | per seed | mean reward A -> B |", "|---|---|---|---|---|"]
     for r in summary["comparisons"]:
         seeds = ", ".join(f"{100 * x:.0f}%" for x in r["per_seed"])
         lines.append(f"| {r['b']} vs {r['a']} | {r['kind']} | {100 * r['rate']:.1f}% [{100 * r['low']:.1f}, "
                      f"{100 * r['high']:.1f}] | {seeds} | {r['mean_a']:.4f} -> {r['mean_b']:.4f} |")
-    lines += ["", "Time to quality (NCP-X's training time to reach X's final reward, as a fraction of X's budget; "
-              "per seed):", ""]
+    lines += ["", "Compute to quality (NCP-X's training FLOPs to reach X's final reward, as a fraction of X's "
+              "budget; per seed):", ""]
     for r in summary["comparisons"]:
         if "time_to_quality_per_seed" in r:
             vals = ", ".join(v if isinstance(v, str) else ("never" if v is None else f"{v:.2f}")
@@ -102,26 +121,37 @@ def markdown(summary: dict) -> str:
               "|---|---|---|"]
     for name, per_seed in summary["model_means"].items():
         lines.append(f"| {name} | {statistics.fmean(per_seed):.4f} | {', '.join(f'{x:.4f}' for x in per_seed)} |")
-    lines += ["", "![mean curves](toy_reproduction.png)", ""]
+    lines += ["", "![mean curves](toy_reproduction.png)", "",
+              "The curves: the mean over seeds of each checkpoint's mean reward on the test curve prompts; bands: "
+              "-/+ one standard deviation over seeds.", ""]
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--minutes", type=float, default=1.0, help="training minutes per run (equal budgets)")
+    parser.add_argument("--budget", type=int, default=TrainStageConfig().budget_dpo_steps,
+                        help="equal compute per run, in DPO steps (FLOPs)")
+    parser.add_argument("--images", type=int, default=8, help="images per test caption")
     parser.add_argument("--out", default="outputs/toy_reproduction")
     args = parser.parse_args()
     start = time.perf_counter()
     results = []
     for seed in args.seeds:
-        world = ToyWorld(Path(args.out) / f"seed-{seed}", world_config(seed, args.minutes))
+        world = ToyWorld(Path(args.out) / f"seed-{seed}", world_config(seed, args.budget, args.images))
         world.run()
         results.append(json.loads((world.out / "eval" / "results.json").read_text()))
     summary = {
         "command": "python benchmarks/toy_reproduction.py " + " ".join(
-            [f"--seeds {' '.join(map(str, args.seeds))}", f"--minutes {args.minutes:g}"]),
-        "seeds": args.seeds, "minutes_per_run": args.minutes, "wall_minutes": (time.perf_counter() - start) / 60,
+            [f"--seeds {' '.join(map(str, args.seeds))}", f"--budget {args.budget}", f"--images {args.images}"]),
+        "seeds": args.seeds, "budget_dpo_steps": args.budget, "images_per_prompt": args.images,
+        "test_prompts": results[0]["spec"]["prompts"],
+        "steps": json.loads((Path(args.out) / f"seed-{args.seeds[0]}" / "budget.json").read_text())["steps"],
+        "base_by_split": {split: {"mean": statistics.fmean(r["base_by_split"][split]["mean"] for r in results),
+                                  **{k: statistics.fmean(r["base_by_split"][split]["components"][k] for r in results)
+                                     for k in results[0]["base_by_split"][split]["components"]}}
+                          for split in results[0]["base_by_split"]},
+        "wall_minutes": (time.perf_counter() - start) / 60,
         "machine": f"{platform.processor() or platform.machine()}, torch threads as set by torch",
         "comparisons": pooled(results),
         "model_means": {name: [r["models"][name]["mean"] for r in results] for name in results[0]["models"]},
@@ -136,7 +166,9 @@ def main() -> None:
 
     base_curve = next(iter(summary["curves_mean"].values()))[0]["mean"]
     save_reward_curves(summary["curves_mean"], RESULTS / "toy_reproduction.png", "mean oracle reward (mean of seeds)",
-                       base_curve)
+                       base_curve, prompts=results[0]["spec"]["curve_prompts"], x_key="compute",
+                       xlabel="training compute (DPO-step equivalents, FLOPs)",
+                       title=f"test split, {len(args.seeds)} seeds", band_label="bands: -/+ 1 sd over seeds")
     print(markdown(summary))
 
 

@@ -66,9 +66,11 @@ def save_image_grid(rows: list[np.ndarray], labels: list[str], path: str | Path,
 
 def save_reward_curves(curves: dict[str, list[dict]], path: str | Path, ylabel: str = "mean reward",
                        baseline: float | None = None, prompts: int | None = None, title: str | None = None,
-                       style_index: dict[str, int] | None = None) -> None:
-    """Reward against training time, one line per run (points: ``train_seconds``, ``mean``, and optionally
-    ``low``/``high``, drawn as a 95% band): the paper's Fig 4. Each run has its own colour and marker
+                       style_index: dict[str, int] | None = None, x_key: str = "train_seconds",
+                       xlabel: str = "training time (s)",
+                       band_label: str = "bands: 95% bootstrap interval over prompts") -> None:
+    """Reward against training time, one line per run (points: ``x_key``, ``mean``, and optionally
+    ``low``/``high``, drawn as a band described by ``band_label``): the paper's Fig 4. Each run has its own colour and marker
     (``style_index``: a run's :func:`model_style` index, to match a report's other figures)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2))
@@ -77,7 +79,7 @@ def save_reward_curves(curves: dict[str, list[dict]], path: str | Path, ylabel: 
     free = (i for i in range(1, 1000) if i not in used)  # 0 is the base model's
     for name, points in curves.items():
         style = model_style((style_index or {}).get(name) if name in (style_index or {}) else next(free))
-        x = [p["train_seconds"] for p in points]
+        x = [p[x_key] for p in points]
         ax.plot(x, [p["mean"] for p in points], "-", color=style["color"], marker=style["marker"], label=name,
                 markersize=5, linewidth=1.6)
         if all("low" in p and "high" in p for p in points):
@@ -86,13 +88,13 @@ def save_reward_curves(curves: dict[str, list[dict]], path: str | Path, ylabel: 
                             alpha=0.15, linewidth=0)
     if baseline is not None:
         ax.axhline(baseline, color=model_style(0)["color"], linewidth=1, linestyle=":", label="base model")
-    ax.set_xlabel("training time (s)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     parts = [title] if title else []
     if prompts is not None:
         parts.append(f"{prompts} prompts")
     if banded:
-        parts.append("bands: 95% bootstrap interval over prompts")
+        parts.append(band_label)
     if parts:
         ax.set_title("; ".join(parts), fontsize=9)
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)

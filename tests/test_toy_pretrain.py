@@ -14,7 +14,8 @@ def test_base_model_is_pretrained_once_and_cached(tmp_path, monkeypatch):
     assert path.parent == tmp_path and path.name == f"toy-base-{QUICK.fingerprint()}"
     record = json.loads((path / "pretrain.json").read_text())
     assert len(record["losses"]) == QUICK.steps and all(v == v for v in record["losses"])  # finite
-    assert record["loss_last_50"] < record["loss_first_50"] * 1.5
+    assert record["loss_last_10pct"] < record["loss_first_10pct"] * 1.5
+    assert record["loss_trace"] == record["losses"][: pretrain_module.TRACE_STEPS] and record["fingerprint"] == QUICK.fingerprint()
 
     def no_retraining(*args, **kwargs):
         raise AssertionError("the cached model should be reused")
@@ -27,6 +28,33 @@ def test_base_model_is_pretrained_once_and_cached(tmp_path, monkeypatch):
     images = pipe(["a red circle on a blue background"], num_inference_steps=2, guidance_scale=3.0, output_type="np",
                   generator=torch.Generator().manual_seed(0)).images
     assert images.shape == (1, 32, 32, 3)
+
+
+def test_the_recipe_reproduces_its_recorded_first_steps():
+    # the first steps of a rerun give the very losses the record holds (the recipe is seeded throughout)
+    cfg = PretrainConfig(**{**QUICK.__dict__, "ema_decay": 0.99})
+    first = pretrain_module.recipe_losses(cfg, steps=3)
+    assert first == pretrain_module.recipe_losses(cfg, steps=3) and len(set(first)) == 3
+    assert first != pretrain_module.recipe_losses(PretrainConfig(**{**cfg.__dict__, "seed": 1}), steps=3)
+
+
+def test_the_shipped_base_model_loads_and_matches_its_recipe():
+    cfg = PretrainConfig()
+    path = pretrain_module.shipped_model(cfg)
+    assert path is not None, f"the package should ship the default base model ({cfg.fingerprint()})"
+    assert base_model(cfg, progress=False) == path  # used as it is: never pretrained on a user's machine
+    record = json.loads((path / "pretrain.json").read_text())
+    assert record["fingerprint"] == cfg.fingerprint() and record["config"] == json.loads(json.dumps(cfg.__dict__))
+    assert record["command"].startswith("python -m ncppo.toy.pretrain") and "git" in record["code_version"]
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    assert size <= 20 * 2**20, f"the shipped model is {size / 2**20:.1f} MB (limit 20)"
+    pipe = load_pipeline(path)
+    assert type(pipe).__name__ == "PixelTextToImagePipeline"
+    # the code that claims to make it gives the recorded first steps (the record is from a 2-thread run;
+    # torch's CPU kernels sum in a thread-dependent order, hence a relative tolerance far below a step's change)
+    rerun = pretrain_module.recipe_losses(cfg, steps=pretrain_module.TRACE_STEPS)
+    assert rerun == pytest.approx(record["loss_trace"], rel=1e-5)
+    assert abs(record["loss_trace"][1] - record["loss_trace"][0]) > 1e-3  # the tolerance could catch a change
 
 
 def test_fingerprint_follows_the_config():

@@ -49,7 +49,9 @@ def test_the_reports_numbers_are_computed_from_the_runs(quick_world):
     assert f"- {pairs['rows']} rows over {pairs['prompts']} prompts: {pairs['pairs']} decided pairs and " \
            f"{pairs['ties']} ties" in report
     kept = len(PreferencePairs(out / "filtered").meta)
-    assert f"- kept {kept} pairs over" in report
+    filtered = json.loads((out / "filtered" / "stats.json").read_text())
+    assert f"- {filtered['before']['absolute_winners']} absolute winners (no loss, no draw, at least " \
+           f"{QUICK_CONFIG.filter.min_wins} win(s)); kept {kept} pairs over" in report  # one rule, stated once
 
 
 def _prompts(results, prompt_ids):
@@ -59,13 +61,42 @@ def _prompts(results, prompt_ids):
     return [captions[i] for i in prompt_ids]
 
 
-def test_curves_start_at_the_base_model_and_follow_training_time(quick_world):
+def test_curves_start_at_the_base_model_and_follow_training_compute(quick_world):
     results = json.loads((quick_world / "eval" / "results.json").read_text())
+    budget = json.loads((quick_world / "budget.json").read_text())
     for name, points in results["curves"].items():
-        assert points[0]["train_seconds"] == 0.0 and points[0]["step"] == 0
+        assert points[0]["train_seconds"] == 0.0 and points[0]["step"] == 0 and points[0]["compute"] == 0
         seconds = [p["train_seconds"] for p in points]
         assert seconds == sorted(seconds) and len(points) >= 2
         assert points[-1]["step"] == json.loads((quick_world / "runs" / name / "summary.json").read_text())["steps"]
+        method = name.rsplit("/", 1)[1]
+        ratio = budget["flops_per_step"][method] / budget["flops_per_step"]["dpo"]
+        assert points[-1]["compute"] == pytest.approx(points[-1]["step"] * ratio)
+
+
+def test_every_run_gets_the_same_compute_whatever_the_machine(quick_world):
+    budget = json.loads((quick_world / "budget.json").read_text())
+    flops, steps = budget["flops_per_step"], budget["steps"]
+    assert steps["dpo"] == QUICK_CONFIG.train.budget_dpo_steps and set(QUICK_CONFIG.train.methods) <= set(steps)
+    assert flops["ncp-dpo"] > flops["dpo"] > flops["sft"] > 0  # NCP runs the encoder; SFT has no loser/reference
+    for method in QUICK_CONFIG.train.methods:
+        assert steps[method] == max(1, round(budget["budget_dpo_steps"] * flops["dpo"] / flops[method]))
+        summary = json.loads((quick_world / "runs" / "filtered" / method / "summary.json").read_text())
+        assert summary["steps"] == steps[method]  # a step budget: the machine's speed cannot change it
+
+
+def test_evaluation_uses_held_out_captions_and_reports_the_base_on_both_splits(quick_world):
+    from ncppo.toy.splits import split_captions
+
+    results = json.loads((quick_world / "eval" / "results.json").read_text())
+    held_out = set(split_captions(results["spec"]["split"]))
+    trained_on = set(PreferencePairs(quick_world / "pairs", tie_policy="keep").meta["caption"])
+    evaluated = set(_prompts(results, results["models"]["base"]["prompt_ids"]))
+    assert evaluated <= held_out and not evaluated & trained_on and trained_on <= set(split_captions("train"))
+    assert set(results["base_by_split"]) == {"validation", "test"}
+    report = (quick_world / "report.md").read_text()
+    for split, record in results["base_by_split"].items():
+        assert f"| {split} | {record['images']} | {record['mean']:.4f} |" in report
 
 
 def test_a_stage_reruns_only_when_its_inputs_change(quick_world, tmp_path):
@@ -92,8 +123,10 @@ def test_toy_config_errors_name_the_key(tmp_path, capsys):
     assert main(["toy", "train", "--out", str(tmp_path), "train.bogus=1"]) == 2
     assert "bogus" in capsys.readouterr().err
     # every value is type-checked when the config is loaded, not when a stage uses it
-    assert main(["toy", "train", "--out", str(tmp_path), "train.minutes_per_run=abc"]) == 2
-    assert "toy config.train.minutes_per_run: expected float, got 'abc'" in capsys.readouterr().err
+    assert main(["toy", "train", "--out", str(tmp_path), "train.budget_dpo_steps=abc"]) == 2
+    assert "toy config.train.budget_dpo_steps: expected int, got 'abc'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="eval.split: 'train' is not one of"):
+        toy_config_from_dict({"eval": {"split": "train"}})  # the preference data's captions are not held out
     with pytest.raises(ValueError, match="train.methods: 'dpoo' is not one of .*did you mean 'dpo'"):
         toy_config_from_dict({"train": {"methods": ["dpoo"]}})
     with pytest.raises(ValueError, match="pairs.guidance_scales: expected a list"):
@@ -109,7 +142,7 @@ def test_the_shipped_world_config_is_the_default():
 
     path = Path(__file__).parents[1] / "configs" / "world" / "toy.yaml"
     assert load_toy_config(str(path), [], quick=False) == ToyConfig()
-    assert load_toy_config(str(path), ["train.minutes_per_run=2"], quick=False).train.minutes_per_run == 2
+    assert load_toy_config(str(path), ["train.budget_dpo_steps=2"], quick=False).train.budget_dpo_steps == 2
 
 
 def test_a_damaged_stage_record_is_named(tmp_path):

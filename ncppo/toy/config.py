@@ -23,11 +23,12 @@ class PairsConfig:
         images_per_prompt: images sampled per caption, split over the generators.
         guidance_scales: one guidance scale per "generator" (Pick-a-Pic mixes models).
         num_inference_steps: DDIM steps per sample.
-        prompts: how many captions (``None``: every caption of the world, 168), drawn with the world's seed.
+        prompts: how many captions (``None``: every caption of the ``train`` split, 56; see
+            :mod:`ncppo.toy.splits`), drawn with the world's seed.
         annotators: the simulated annotators (:class:`ncppo.toy.annotators.AnnotatorConfig`).
     """
 
-    images_per_prompt: int = 4
+    images_per_prompt: int = 8
     guidance_scales: tuple[float, ...] = (3.0, 1.5)
     num_inference_steps: int = 10
     prompts: int | None = None
@@ -51,15 +52,18 @@ class FilterConfig:
 
 @dataclass(frozen=True)
 class TrainStageConfig:
-    """The ``train`` stage: every run through ``ncppo.training.Trainer`` with the same budget, data and optimiser.
+    """The ``train`` stage: every run through ``ncppo.training.Trainer`` with the same compute, data and optimiser.
 
     Parameters:
         methods: the objectives to train (``ncppo objectives``).
         datasets: ``original`` (ties dropped), ``filtered`` and/or a ``filter.variants`` entry.
         extra_runs: more ``dataset/method`` runs, e.g. ``x>y,y>z/ncp-dpo`` for Table 2.
-        minutes_per_run: the equal training-time budget of every run.
-        max_steps: a cap; the time budget normally stops a run first.
-        checkpoints_per_run: checkpoints evenly spaced in training time (the curve's points).
+        budget_dpo_steps: the equal-compute budget of every run, in steps of noise-space DPO: a run gets
+            ``round(budget * FLOPs(DPO step) / FLOPs(its step))`` steps, FLOPs counted by
+            ``torch.utils.flop_counter`` on the run's first batch (:mod:`ncppo.toy.budget`). The paper's
+            equal-compute idea in a unit that does not drift with the machine's speed or load (a wall-clock
+            budget gave DPO 34 steps on one machine and 84 on another); wall time is recorded beside it.
+        checkpoints_per_run: checkpoints evenly spaced in steps (the curve's points).
         batch_size: pairs per step.
         lora_rank: LoRA rank.
         learning_rate: one learning rate for every method (1e-3 made NCP-DPO and SFT worse than the base).
@@ -74,8 +78,7 @@ class TrainStageConfig:
     methods: tuple[str, ...] = OBJECTIVE_NAMES
     datasets: tuple[str, ...] = ("filtered",)
     extra_runs: tuple[str, ...] = ()
-    minutes_per_run: float = 0.5
-    max_steps: int = 100_000
+    budget_dpo_steps: int = 60
     checkpoints_per_run: int = 3
     batch_size: int = 8
     lora_rank: int = 8
@@ -96,8 +99,10 @@ class EvalConfig:
     """The ``evaluate`` stage: paired samples scored by the oracle.
 
     Parameters:
+        split: the captions evaluated: ``test`` (the reported numbers) or ``validation`` (for choosing
+            settings); see :mod:`ncppo.toy.splits`. The base model is also scored on the other one.
         images_per_prompt: images per caption, from seeds the pair generator never used.
-        prompts: how many captions (``None``: every caption, 168; else that many, evenly spaced).
+        prompts: how many captions of the split (``None``: all 56; else that many, evenly spaced).
         curve_prompt_stride: intermediate checkpoints are scored on every ``stride``-th caption.
         num_inference_steps: DDIM steps per sample.
         guidance_scale: classifier-free guidance.
@@ -106,7 +111,8 @@ class EvalConfig:
         bootstrap: bootstrap resamples of the win-rate intervals.
     """
 
-    images_per_prompt: int = 1
+    split: str = "test"
+    images_per_prompt: int = 3
     prompts: int | None = None
     curve_prompt_stride: int = 3
     num_inference_steps: int = 10
@@ -152,17 +158,18 @@ QUICK_CONFIG = ToyConfig(
     pairs=PairsConfig(images_per_prompt=3, num_inference_steps=4, prompts=32,
                       annotators=AnnotatorConfig(comparisons_per_prompt=6, tie_margin=0.001)),
     filter=FilterConfig(min_wins=1),
-    train=TrainStageConfig(minutes_per_run=0.05, max_steps=6, checkpoints_per_run=2, batch_size=2, lora_rank=4),
-    eval=EvalConfig(prompts=48, num_inference_steps=4, curve_prompt_stride=4, batch_size=48, bootstrap=500),
+    train=TrainStageConfig(budget_dpo_steps=4, checkpoints_per_run=2, batch_size=2, lora_rank=4),
+    eval=EvalConfig(prompts=24, images_per_prompt=2, num_inference_steps=4, curve_prompt_stride=4, batch_size=48, bootstrap=500),
 )
 
 
 def toy_config_from_dict(data: dict, base: ToyConfig = ToyConfig()) -> ToyConfig:
     """``base`` updated by a nested dict (from YAML), type-checked: an unknown key or a wrong type is a
-    :class:`~ncppo.configuration.ConfigError` naming the key (``toy config.train.minutes_per_run: ...``)."""
+    :class:`~ncppo.configuration.ConfigError` naming the key (``toy config.train.budget_dpo_steps: ...``)."""
     config = updated(base, data, "toy config")
     choices = {"train.methods": (config.train.methods, OBJECTIVE_NAMES),
-               "filter.pairs": ((config.filter.pairs,), PAIR_CHOICES), "filter.variants": (config.filter.variants, VARIANTS)}
+               "filter.pairs": ((config.filter.pairs,), PAIR_CHOICES), "filter.variants": (config.filter.variants, VARIANTS),
+               "eval.split": ((config.eval.split,), ("validation", "test"))}
     for key, (values, allowed) in choices.items():
         for value in values:
             check_choice(value, allowed, f"toy config.{key}")
@@ -181,7 +188,7 @@ def toy_config_from_dict(data: dict, base: ToyConfig = ToyConfig()) -> ToyConfig
 
 
 _POSITIVE = ("pretrain.image_size", "pretrain.steps", "pretrain.batch_size", "pairs.images_per_prompt",
-             "pairs.num_inference_steps", "pairs.prompts", "filter.min_wins", "train.minutes_per_run", "train.max_steps",
+             "pairs.num_inference_steps", "pairs.prompts", "filter.min_wins", "train.budget_dpo_steps",
              "train.checkpoints_per_run", "train.batch_size", "train.lora_rank", "eval.images_per_prompt", "eval.prompts",
              "eval.curve_prompt_stride", "eval.num_inference_steps", "eval.batch_size", "eval.bootstrap")
 

@@ -1,5 +1,6 @@
-"""Evaluating the toy world's runs: paired samples on every caption, the oracle reward, win rates with
-bootstrap intervals, reward-vs-training-time curves and time to quality. Writes ``eval/results.json``
+"""Evaluating the toy world's runs: paired samples on the held-out captions of one split (``eval.split``,
+normally ``test``), the oracle reward, win rates with bootstrap intervals, reward-vs-compute curves and
+compute to quality; the base model also on the other held-out split. Writes ``eval/results.json``
 (every number the report states) and ``eval/images/*.npz`` (the samples, for the report's grids)."""
 
 from __future__ import annotations
@@ -18,13 +19,17 @@ from ncppo.toy.layout import ToyLayout
 from ncppo.toy.oracle import score_components
 
 
-def eval_specs(cfg: EvalConfig) -> tuple[GenerationSpec, GenerationSpec]:
-    """The final evaluation (every caption) and the curve subset (every ``stride``-th, same seeds)."""
+def eval_specs(cfg: EvalConfig, split: str | None = None) -> tuple[GenerationSpec, GenerationSpec]:
+    """The final evaluation (the captions of ``split``, default ``cfg.split``) and the curve subset (every
+    ``stride``-th, same seeds). A caption's id is its index among the world's captions, so its seeds do not
+    depend on the split it is evaluated in."""
+    from ncppo.toy.splits import split_captions
     from ncppo.toy.world import all_scenes
 
-    captions = [s.caption for s in all_scenes()]
+    every = [s.caption for s in all_scenes()]
+    captions = split_captions(split or cfg.split)
     full = GenerationSpec(tuple(captions), cfg.images_per_prompt, cfg.seed, cfg.num_inference_steps,
-                          cfg.guidance_scale, cfg.batch_size)
+                          cfg.guidance_scale, cfg.batch_size, prompt_ids=tuple(every.index(c) for c in captions))
     if cfg.prompts is not None and cfg.prompts < len(captions):
         full = full.subset(np.linspace(0, len(captions) - 1, cfg.prompts).round().astype(int))
     return full, full.subset(range(0, len(full.prompts), cfg.curve_prompt_stride))
@@ -42,15 +47,20 @@ def _model_record(samples, rewards: np.ndarray) -> dict:
             "components": {k: float(np.mean([p[k] for p in parts])) for k in parts[0]}}
 
 
-def time_to_reach(curve: list[dict], target: float) -> float | None:
-    """The first training time at which ``curve`` (points with ``train_seconds`` and ``mean``) reaches
-    ``target``, linearly interpolated between checkpoints; None when it never does."""
+def _summary(record: dict) -> dict:
+    return {"mean": record["mean"], "images": len(record["rewards"]), "components": record["components"]}
+
+
+def time_to_reach(curve: list[dict], target: float, axis: str = "compute") -> float | None:
+    """The first ``axis`` value (``compute`` in DPO-step equivalents, or ``train_seconds``) at which ``curve``
+    (points with ``axis`` and ``mean``) reaches ``target``, linearly interpolated between checkpoints; None
+    when it never does."""
     for before, after in zip(curve, curve[1:]):
         if after["mean"] >= target:
             if before["mean"] >= target:
-                return before["train_seconds"]
+                return before[axis]
             frac = (target - before["mean"]) / (after["mean"] - before["mean"])
-            return before["train_seconds"] + frac * (after["train_seconds"] - before["train_seconds"])
+            return before[axis] + frac * (after[axis] - before[axis])
     return None
 
 
@@ -60,7 +70,10 @@ def evaluate_world(layout: ToyLayout, config: ToyConfig, progress: bool = True) 
     from ncppo.models.loading import load_pipeline
 
     full, curve_spec = eval_specs(config.eval)
+    other_split = "validation" if config.eval.split == "test" else "test"
     curve_ids = set(curve_spec.prompt_ids)
+    budget = json.loads(layout.budget.read_text())
+    flops = budget["flops_per_step"]
     reward = make_reward("oracle")
 
     def score(pipe, spec, desc):
@@ -71,9 +84,13 @@ def evaluate_world(layout: ToyLayout, config: ToyConfig, progress: bool = True) 
         return float(np.mean([r for r, p in zip(rewards, samples.prompt_ids) if p in curve_ids]))
 
     models, curves, samples_of = {}, {}, {}
-    samples, rewards = score(load_pipeline(layout.base_model), full, "eval base")
+    base_pipe = load_pipeline(layout.base_model)
+    samples, rewards = score(base_pipe, full, "eval base")
     models["base"], samples_of["base"] = _model_record(samples, rewards), samples
     base_mean = curve_mean(samples, rewards)
+    other = score(base_pipe, eval_specs(config.eval, other_split)[0], f"eval base ({other_split})")
+    base_splits = {config.eval.split: _summary(models["base"]), other_split: _summary(_model_record(*other))}
+    del base_pipe
     for name in config.train.run_names():
         def score_checkpoint(pipe, ckpt, last, name=name):
             if not last:  # intermediate checkpoints: the curve prompts only
@@ -82,11 +99,14 @@ def evaluate_world(layout: ToyLayout, config: ToyConfig, progress: bool = True) 
             models[name], samples_of[name] = _model_record(s, r), s
             return curve_mean(s, r)
 
-        curves[name] = checkpoint_curve(layout.run_dir(name), score_checkpoint, base_mean)
-    results = {"spec": {"prompts": len(full.prompts), "images_per_prompt": full.images_per_prompt, "seed": full.seed,
+        ratio = flops[name.rsplit("/", 1)[1]] / flops[budget["reference"]]
+        curves[name] = [{**p, "compute": p["step"] * ratio}
+                        for p in checkpoint_curve(layout.run_dir(name), score_checkpoint, base_mean)]
+    results = {"spec": {"split": config.eval.split, "prompts": len(full.prompts),
+                        "images_per_prompt": full.images_per_prompt, "seed": full.seed,
                         "num_inference_steps": full.num_inference_steps, "guidance_scale": full.guidance_scale,
                         "curve_prompts": len(curve_spec.prompts)},
-               "models": models, "curves": curves}
+               "base_by_split": base_splits, "models": models, "curves": curves}
     results["comparisons"] = compare_models(models, curves, config.eval.bootstrap)
     with atomic_directory(layout.eval_dir) as tmp:  # results and samples appear together
         for name, samples in samples_of.items():
@@ -97,7 +117,7 @@ def evaluate_world(layout: ToyLayout, config: ToyConfig, progress: bool = True) 
 
 def compare_models(models: dict, curves: dict, n_boot: int) -> list[dict]:
     """Win rates (B over A): every run vs base, NCP-X vs X per dataset, filtered vs original per method;
-    for NCP-X vs X also the time NCP-X needed to reach X's final reward, as a fraction of X's budget."""
+    for NCP-X vs X also the compute NCP-X needed to reach X's final reward, as a fraction of X's budget."""
     pairs = [("base", name, "vs base") for name in models if name != "base"]
     for name in models:
         dataset, _, method = name.rpartition("/")
@@ -117,7 +137,7 @@ def compare_models(models: dict, curves: dict, n_boot: int) -> list[dict]:
         win = paired_win_rate(ra["rewards"], rb["rewards"], groups=ra["prompt_ids"], n_boot=n_boot)
         row = {"a": a, "b": b, "kind": kind, **win.to_dict(), "mean_a": ra["mean"], "mean_b": rb["mean"]}
         if kind == "NCP vs noise space":
-            target, budget = curves[a][-1]["mean"], curves[a][-1]["train_seconds"]
+            target, budget = curves[a][-1]["mean"], curves[a][-1]["compute"]
             if target <= curves[a][0]["mean"]:
                 row["time_to_quality"] = "baseline did not improve on the base model"
             else:

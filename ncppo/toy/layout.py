@@ -6,7 +6,7 @@
     OUT/base_model -> $NCPPO_CACHE/toy-base-...  base_model.json
     OUT/pairs/  pairs.json                                the annotated pairs (Pick-a-Pic v2 schema)
     OUT/filtered/  OUT/filtered-x_gt_y+x_gt_z/ ...        the NCP filter and Table 2's variants
-    OUT/runs/<dataset>/<method>/                          ``ncppo train`` outputs
+    OUT/budget.json  OUT/runs/<dataset>/<method>/         equal compute; ``ncppo train`` outputs
     OUT/eval/results.json  OUT/eval/images/<run>.npz      the evaluation
     OUT/figures/*.png  OUT/report.md                      the report
 """
@@ -76,6 +76,11 @@ class ToyLayout:
             raise UsageError(f"unknown toy dataset {name!r}; expected one of {sorted(paths)} "
                              "(a Table-2 variant must be listed in filter.variants)")
         return paths[name]
+
+    @property
+    def budget(self) -> Path:
+        """``budget.json``: FLOPs per step of each method and the steps the equal-compute budget gave it."""
+        return self.root / "budget.json"
 
     def run_dir(self, name: str) -> Path:
         """The folder of run ``dataset/method``."""

@@ -1,15 +1,24 @@
 """Pretraining the toy world's base model: a ~4M-parameter pixel-space U-Net and a tiny CLIP text
 encoder, trained jointly from scratch on rendered scenes (v-prediction, 10% empty captions so
-classifier-free guidance works). The result is a diffusers-format ``PixelTextToImagePipeline``, cached
-under ``$NCPPO_CACHE`` (default ``~/.cache/ncppo``) by a hash of its config and reused.
+classifier-free guidance works, EMA weights). The result is a diffusers-format ``PixelTextToImagePipeline``.
+
+The default recipe takes longer than a demo can afford, so its result ships inside the package
+(``ncppo/toy/base_models/toy-base-<fingerprint>/``, with ``pretrain.json`` recording the config, its hash,
+the command, the code version and the first steps' losses); ``python -m ncppo.toy.pretrain
+ncppo/toy/base_models`` rebuilds it. Any other config is pretrained on first use and cached under
+``$NCPPO_CACHE`` (default ``~/.cache/ncppo``) by the same hash.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import json
 import os
+import platform
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +31,9 @@ from ncppo.diffusion import NoiseSchedule, add_noise
 from ncppo.io import atomic_directory
 from ncppo.toy.world import all_scenes, render, sample_scenes
 
-FORMAT_VERSION = 2  # bump when the pretraining recipe changes: old caches are then not reused
+FORMAT_VERSION = 3  # bump when the pretraining recipe changes: old caches are then not reused
+SHIPPED = Path(__file__).parent / "base_models"
+TRACE_STEPS = 5  # the first steps' losses, recorded so a rerun of the recipe can be checked against them
 
 
 @dataclass(frozen=True)
@@ -32,7 +43,10 @@ class PretrainConfig:
     Parameters:
         image_size: pixels per side.
         block_out_channels: the U-Net's channels per level; ``layers_per_block`` its resnets per level.
-        steps: optimisation steps; ``batch_size`` images per step; ``learning_rate`` AdamW's.
+        steps: optimisation steps; ``batch_size`` images per step; ``learning_rate`` AdamW's (cosine decay
+            after a 5% warm-up).
+        ema_decay: the saved weights are an exponential moving average with this decay (warmed up as
+            ``min(decay, (1 + step) / (10 + step))``); 0 saves the last weights.
         caption_dropout: share of empty captions (so classifier-free guidance works).
         prediction_type: ``v_prediction`` or ``epsilon``.
         seed: the pretraining seed.
@@ -41,10 +55,11 @@ class PretrainConfig:
     image_size: int = 32
     block_out_channels: tuple[int, ...] = (32, 64, 128)
     layers_per_block: int = 1
-    steps: int = 400
-    batch_size: int = 32
-    learning_rate: float = 5e-4
+    steps: int = 3000
+    batch_size: int = 16
+    learning_rate: float = 1e-3
     caption_dropout: float = 0.1
+    ema_decay: float = 0.999
     prediction_type: str = "v_prediction"
     seed: int = 0
 
@@ -53,7 +68,7 @@ class PretrainConfig:
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
-QUICK = PretrainConfig(block_out_channels=(16, 32), layers_per_block=1, steps=30, batch_size=8)
+QUICK = PretrainConfig(block_out_channels=(16, 32), layers_per_block=1, steps=30, batch_size=8, ema_decay=0.0)
 
 
 def cache_root() -> Path:
@@ -96,11 +111,10 @@ def _batch(cfg: PretrainConfig, rng: np.random.Generator):
     return pixels, captions
 
 
-def pretrain(cfg: PretrainConfig, out_dir: str | os.PathLike, progress: bool = True) -> dict:
-    """Train from scratch and save the pipeline to ``out_dir`` (atomically); returns the training record."""
+def _train(cfg: PretrainConfig, pipe, steps: int, progress: bool) -> list[float]:
+    """Run the recipe's first ``steps`` steps on ``pipe`` in place (its weights become the EMA's); the losses."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    pipe = build_base_pipeline(cfg)
     schedule = NoiseSchedule.from_scheduler_config(pipe.scheduler.config)
     unet, text_encoder, tokenizer = pipe.unet.train(), pipe.text_encoder.train(), pipe.tokenizer
     params = list(unet.parameters()) + list(text_encoder.parameters())
@@ -108,9 +122,10 @@ def pretrain(cfg: PretrainConfig, out_dir: str | os.PathLike, progress: bool = T
     from diffusers.optimization import get_cosine_schedule_with_warmup
 
     lr = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=max(1, cfg.steps // 20), num_training_steps=cfg.steps)
+    ema = [p.detach().clone() for p in params] if cfg.ema_decay else None
     generator = torch.Generator().manual_seed(cfg.seed)
-    losses, start = [], time.perf_counter()
-    for _ in tqdm(range(cfg.steps), desc="pretrain toy base model", disable=not progress):
+    losses = []
+    for step in tqdm(range(1, steps + 1), desc="pretrain toy base model", disable=not progress):
         x0, captions = _batch(cfg, rng)
         ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                         return_tensors="pt").input_ids
@@ -126,20 +141,89 @@ def pretrain(cfg: PretrainConfig, out_dir: str | os.PathLike, progress: bool = T
         optimizer.step()
         lr.step()
         losses.append(loss.item())
-    record = {"config": dataclasses.asdict(cfg), "fingerprint": cfg.fingerprint(), "seconds": time.perf_counter() - start,
-              "unet_parameters": sum(p.numel() for p in unet.parameters()),
-              "loss_first_50": float(np.mean(losses[:50])), "loss_last_50": float(np.mean(losses[-50:]))}
+        if ema is not None:
+            decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+            with torch.no_grad():
+                torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
+    if ema is not None:
+        with torch.no_grad():
+            for p, e in zip(params, ema):
+                p.copy_(e)
     pipe.unet.eval()
     pipe.text_encoder.eval()
+    return losses
+
+
+def recipe_losses(cfg: PretrainConfig, steps: int = TRACE_STEPS) -> list[float]:
+    """The losses of the recipe's first ``steps`` steps, from scratch (what ``pretrain.json``'s
+    ``loss_trace`` records, so a shipped model can be checked against the code that claims to make it)."""
+    return _train(cfg, build_base_pipeline(cfg), steps, progress=False)
+
+
+def _code_version() -> str:
+    from ncppo import __version__
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True,
+                                  timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    commit = git("rev-parse", "HEAD")
+    dirty = commit and git("status", "--porcelain", "--untracked-files=no", "--", str(Path(__file__).parent.parent))
+    return f"ncppo {__version__}" + (f" (git {commit}{', with uncommitted changes' if dirty else ''})" if commit else "")
+
+
+def pretrain(cfg: PretrainConfig, out_dir: str | os.PathLike, progress: bool = True, command: str | None = None) -> dict:
+    """Train from scratch and save the pipeline to ``out_dir`` (atomically); returns the training record
+    (``command``: what made it, for the record)."""
+    pipe = build_base_pipeline(cfg)
+    start = time.perf_counter()
+    losses = _train(cfg, pipe, cfg.steps, progress)
+    tenth = max(1, len(losses) // 10)
+    record = {"config": dataclasses.asdict(cfg), "fingerprint": cfg.fingerprint(), "format_version": FORMAT_VERSION,
+              "seconds": time.perf_counter() - start, "unet_parameters": sum(p.numel() for p in pipe.unet.parameters()),
+              "loss_first_10pct": float(np.mean(losses[:tenth])), "loss_last_10pct": float(np.mean(losses[-tenth:])),
+              "loss_trace": losses[:TRACE_STEPS], "code_version": _code_version(), "command": command,
+              "versions": {"torch": torch.__version__, "python": platform.python_version()},
+              "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": torch.get_num_threads()}}
     with atomic_directory(out_dir) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         (tmp / "pretrain.json").write_text(json.dumps({**record, "losses": losses}, indent=2))
     return record
 
 
+def shipped_model(cfg: PretrainConfig) -> Path | None:
+    """The packaged base model pretrained with ``cfg``, if the package ships one."""
+    path = SHIPPED / f"toy-base-{cfg.fingerprint()}"
+    return path if (path / "pretrain.json").is_file() else None
+
+
 def base_model(cfg: PretrainConfig = PretrainConfig(), progress: bool = True) -> Path:
-    """The cached base model for ``cfg`` (pretrained on first use): a folder ``load_pipeline`` reads."""
+    """The base model for ``cfg``: the packaged one when the package ships it, else the cached one (pretrained on
+    first use); a folder ``load_pipeline`` reads."""
+    shipped = shipped_model(cfg)
+    if shipped is not None:
+        return shipped
     path = cache_root() / f"toy-base-{cfg.fingerprint()}"
     if not (path / "pretrain.json").is_file():
         pretrain(cfg, path, progress=progress)
     return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m ncppo.toy.pretrain FOLDER``: pretrain the default recipe into ``FOLDER/toy-base-<hash>``."""
+    parser = argparse.ArgumentParser(prog="python -m ncppo.toy.pretrain", description=main.__doc__)
+    parser.add_argument("folder", help="where to write toy-base-<fingerprint>/ (the package's: ncppo/toy/base_models)")
+    args = parser.parse_args(argv)
+    cfg = PretrainConfig()
+    out = Path(args.folder) / f"toy-base-{cfg.fingerprint()}"
+    command = "python -m ncppo.toy.pretrain " + " ".join(argv if argv is not None else sys.argv[1:])
+    record = pretrain(cfg, out, command=command)
+    print(f"pretrained {cfg.fingerprint()} in {record['seconds']:.0f} s -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -53,8 +53,10 @@ def write_report(layout: ToyLayout, config: ToyConfig) -> None:
     figures = layout.figures
     figures.mkdir(exist_ok=True)
 
-    save_reward_curves(curves, figures / "curves.png", "mean oracle reward (curve prompts)", curves and
-                       next(iter(curves.values()))[0]["mean"])
+    spec = results["spec"]
+    save_reward_curves(curves, figures / "curves.png", f"mean oracle reward ({spec['split']} curve prompts)",
+                       curves and next(iter(curves.values()))[0]["mean"], prompts=spec["curve_prompts"],
+                       x_key="compute", xlabel="training compute (DPO-step equivalents, FLOPs)")
     save_win_rate_bars(comparisons, figures / "win_rates.png", "paired win rates (oracle reward)")
     names = ["base"] + [n for n in models if n != "base"]
     n_prompts = results["spec"]["prompts"]
@@ -66,13 +68,13 @@ def write_report(layout: ToyLayout, config: ToyConfig) -> None:
     save_image_grid(rows, names, figures / "samples.png")
 
     before, after = filtered["before"], filtered["after"]
-    spec = results["spec"]
+    budget = json.loads(layout.budget.read_text())
     lines = [
         "# ncppo toy world report",
         "",
         "The paper's whole story at toy scale, offline, with the project's real code paths: a base model pretrained",
         "on procedural captioned images, Pick-a-Pic-format preference data from simulated annotators, the NCP",
-        "filter, the methods trained through `ncppo.training.Trainer` at equal time budgets, and paired",
+        "filter, the methods trained through `ncppo.training.Trainer` at equal compute, and paired",
         "evaluation by the world's programmatic reward (the *oracle*: object colour, background colour, shape",
         "and cleanliness, in [0, 1]). Every number below is read from the files of this folder.",
         "",
@@ -88,36 +90,60 @@ def write_report(layout: ToyLayout, config: ToyConfig) -> None:
         "",
         f"- pixel-space U-Net, {base['unet_parameters'] / 1e6:.2f} M parameters, v-prediction, "
         f"{base['config']['steps']} steps of batch {base['config']['batch_size']} in {base['seconds']:.0f} s "
-        f"(when it was pretrained); loss {base['loss_first_50']:.3f} (first 50 steps) -> {base['loss_last_50']:.3f} (last 50)",
-        f"- cached at `{base.get('path', '?')}`",
+        f"(when it was pretrained); loss {base['loss_first_10pct']:.3f} (first 10% of steps) -> "
+        f"{base['loss_last_10pct']:.3f} (last 10%)" + (", EMA weights" if base["config"].get("ema_decay") else ""),
+        f"- {'shipped with the package' if '/ncppo/toy/base_models/' in base.get('path', '') else 'cached'} at "
+        f"`{base.get('path', '?')}` (config hash {base['fingerprint']})",
         "",
         "## Preference data (Pick-a-Pic v2 schema, `pairs/`)",
         "",
         f"- {pairs['rows']} rows over {pairs['prompts']} prompts: {pairs['pairs']} decided pairs and {pairs['ties']} ties",
         f"- {pairs['unique_images']} images, {pairs['images_both_winner_and_loser']} of them both a winner and a "
-        f"loser (contradictory votes); {pairs['absolute_winners']} absolute winners (min_wins={pairs['min_wins']})",
+        "loser (contradictory votes)",
         "- mean oracle reward of the pooled images by generator: " + ", ".join(
             f"{g} {v:.3f}" for g, v in pairs["oracle_mean_by_generator"].items()),
         "",
         "## NCP filter (`filtered/`)",
         "",
-        f"- kept {after['rows']} pairs over {after['prompts']} prompts from {before['pairs']} decided pairs "
-        f"({before['pairs'] / max(after['rows'], 1):.1f}x fewer); rule: {json.dumps(filtered['rule'])}",
+        f"- {before['absolute_winners']} absolute winners (no loss, no draw, at least "
+        f"{filtered['rule']['min_wins']} win(s)); kept {after['rows']} pairs over {after['prompts']} prompts from "
+        f"{before['pairs']} decided pairs ({before['pairs'] / max(after['rows'], 1):.1f}x fewer); rule: "
+        f"{json.dumps(filtered['rule'])}",
         "",
-        "## Training (equal time budgets)",
+        "## Training (equal compute)",
         "",
         f"Every run: LoRA rank {cfg.train.lora_rank}, batch {cfg.train.batch_size} pairs, AdamW lr "
-        f"{cfg.train.learning_rate:g}, beta {cfg.train.beta_noise:g} (noise space) / {cfg.train.beta_perceptual:g} "
-        f"(NCP), budget {cfg.train.minutes_per_run * 60:.0f} s of training time, checkpoints for the curves.",
+        f"{cfg.train.learning_rate:g}, beta {cfg.train.beta_noise:g} (noise space) / {cfg.train.beta_perceptual} "
+        f"(NCP), checkpoints for the curves. Budget: the FLOPs of {budget['budget_dpo_steps']} DPO steps "
+        f"({budget['budget_dpo_steps'] * budget['flops_per_step']['dpo'] / 1e9:.1f} GFLOP, counted by "
+        "`torch.utils.flop_counter` on the first batch), so the step counts do not depend on the machine:",
+        "",
+        "| method | GFLOP per step | / DPO | steps |",
+        "|---|---|---|---|",
+        *[f"| {m} | {f / 1e9:.2f} | {f / budget['flops_per_step']['dpo']:.2f} | {budget['steps'][m]} |"
+          for m, f in budget["flops_per_step"].items()],
+        "",
+        "Wall time is recorded beside it:",
         "",
         *_run_table(layout, config),
         "",
         "## Evaluation",
         "",
-        f"{spec['prompts']} prompts x {spec['images_per_prompt']} image(s), seed per (prompt, image) shared by every "
+        f"The **{spec['split']}** split: {spec['prompts']} held-out captions (compositions the preference data never",
+        f"shows; `ncppo.toy.splits`) x {spec['images_per_prompt']} image(s), seed per (prompt, image) shared by every "
         f"model (paired), {spec['num_inference_steps']} DDIM steps, guidance {spec['guidance_scale']:g}; the seeds are",
         "not those the preference data was sampled with. Win rates count ties half; intervals are 95% percentile",
         "bootstraps over prompts.",
+        "",
+        "The base model on both held-out splits:",
+        "",
+        "| split | images | mean reward | object colour | background | shape | quality |",
+        "|---|---|---|---|---|---|---|",
+        *[f"| {split} | {b['images']} | {b['mean']:.4f} | {b['components']['object_colour']:.3f} | "
+          f"{b['components']['background']:.3f} | {b['components']['shape']:.3f} | {b['components']['quality']:.3f} |"
+          for split, b in results["base_by_split"].items()],
+        "",
+        f"Every model on the {spec['split']} split:",
         "",
         "| model | mean reward | median | object colour | background | shape | quality |",
         "|---|---|---|---|---|---|---|",
@@ -134,7 +160,7 @@ def write_report(layout: ToyLayout, config: ToyConfig) -> None:
                      f"{row['mean_a']:.4f} -> {row['mean_b']:.4f} | {_verdict(row)} |")
     ttq = [r for r in comparisons if "time_to_quality" in r]
     if ttq:
-        lines += ["", "Time to quality: the training time NCP-X needed to reach X's final mean reward (on the curve",
+        lines += ["", "Compute to quality: the training FLOPs NCP-X needed to reach X's final mean reward (on the curve",
                   "prompts, interpolated between checkpoints), as a fraction of X's budget (the paper claims NCP-DPO",
                   "needs 40-62% less compute than DPO, i.e. a fraction of 0.38-0.60):", ""]
         for r in ttq:
@@ -144,7 +170,7 @@ def write_report(layout: ToyLayout, config: ToyConfig) -> None:
             lines.append(f"- {r['b']} vs {r['a']}: {value}")
     lines += [
         "",
-        "![reward vs training time](figures/curves.png)",
+        "![reward vs training compute](figures/curves.png)",
         "",
         "![win rates](figures/win_rates.png)",
         "",

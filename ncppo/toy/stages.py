@@ -1,7 +1,7 @@
 """The toy world's stages, each reusing the previous one's output in one folder.
 
 ``pretrain`` (cached base model) -> ``pairs`` (Pick-a-Pic parquet from simulated annotators) ->
-``filter`` (NCP absolute winners) -> ``train`` (methods x datasets at equal time budgets) -> ``evaluate``
+``filter`` (NCP absolute winners) -> ``train`` (methods x datasets at equal compute) -> ``evaluate``
 (paired generation, oracle reward, curves) -> ``report``. A stage is skipped when its output exists and was
 made from the same config sections (``stages.json`` records their fingerprints); ``force`` redoes it.
 """
@@ -34,11 +34,11 @@ def _log(message: str) -> None:
 
 
 def pair_captions(config: ToyConfig) -> list[str]:
-    """The captions the preference data is sampled for: every caption, or ``pairs.prompts`` of them drawn
-    with the world's seed."""
-    from ncppo.toy.world import all_scenes
+    """The captions the preference data is sampled for: the ``train`` split (:mod:`ncppo.toy.splits`), or
+    ``pairs.prompts`` of them drawn with the world's seed."""
+    from ncppo.toy.splits import split_captions
 
-    captions = [s.caption for s in all_scenes()]
+    captions = split_captions("train")
     n = config.pairs.prompts
     if n is None or n >= len(captions):
         return captions
@@ -94,16 +94,28 @@ def _filter(layout: ToyLayout, config: ToyConfig, progress: bool) -> None:
 
 
 def _train(layout: ToyLayout, config: ToyConfig, progress: bool) -> dict:
-    from ncppo.toy.training import train_method
+    from ncppo.toy.budget import REFERENCE_METHOD, equal_compute_steps, method_flops
+    from ncppo.toy.training import objective_values, train_method
 
     cfg = config.train
+    names = cfg.run_names()
+    methods = [name.rsplit("/", 1)[1] for name in names]
+    flops = method_flops(methods, lambda m: objective_values(cfg, m), layout.base_model,
+                         layout.dataset(names[0].rsplit("/", 1)[0]), cfg.batch_size, config.pretrain.image_size,
+                         cfg.lora_rank)
+    steps = equal_compute_steps(cfg.budget_dpo_steps, flops)
+    _log(f"equal compute: {cfg.budget_dpo_steps} {REFERENCE_METHOD.upper()} steps = "
+         f"{cfg.budget_dpo_steps * flops[REFERENCE_METHOD] / 1e9:.1f} GFLOP per run; steps "
+         + ", ".join(f"{m} {steps[m]}" for m in dict.fromkeys(methods)))
     results = {}
-    for name in cfg.run_names():
-        dataset, method = name.rsplit("/", 1)
+    for name, method in zip(names, methods):
+        dataset = name.rsplit("/", 1)[0]
         result = train_method(cfg, method, layout.dataset(dataset), layout.base_model, layout.run_dir(name),
-                              config.pretrain.image_size)
+                              config.pretrain.image_size, steps[method])
         results[name] = {"steps": result.steps, "train_seconds": round(result.train_seconds, 2)}
         _log(f"trained {name}: {result.steps} steps in {result.train_seconds:.1f} s")
+    atomic_write_text(layout.budget, json.dumps({"budget_dpo_steps": cfg.budget_dpo_steps, "reference": REFERENCE_METHOD,
+                                                 "flops_per_step": flops, "steps": steps}, indent=2))
     return {"runs": results}
 
 
