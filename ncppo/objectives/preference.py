@@ -17,7 +17,8 @@ that write ``beta_dpo`` without it mean half our ``beta``). The scale differs fr
 target has about twice the variance of ``eps`` (unit-variance latents) and its error does not vanish at low
 noise, so loss differences, and the argument at a given ``beta``, are typically a few times larger. Treat
 ``beta`` as a range to sweep, about 500-5000 (the DDPM range shifted down by the larger scale; not measured on
-a real flow model here), or use ``beta: auto``, which puts the argument where epsilon-space DPO's sits.
+a real flow model here). ``beta: auto`` calibrates within the model's own noise space: for a flow model it puts
+an NCP objective's argument where Flow-DPO's sits at ``target_beta`` (for Flow-DPO itself the ratio is 1).
 
 Ties (label 0.5, kept with ``tie_policy: keep``) get the label-smoothed loss with label 1/2,
 ``-(log sigmoid(x) + log sigmoid(-x)) / 2``, symmetric in the pair's two images; CPO's behaviour-cloning
