@@ -50,3 +50,26 @@ def test_create_invite_simulate_results(tmp_path, capsys):
     assert len(open_study(tmp_path / "s").votes()) == 12
     assert main(["study", "create", "--a", str(a), "--b", str(b), "--out", str(tmp_path / "s")]) == 2
     assert "already holds a study" in capsys.readouterr().err
+
+
+def test_create_with_instructions_and_gold_then_results_per_annotator(tmp_path, capsys):
+    from tests.study_helpers import fake_gold
+
+    a = fake_generation(tmp_path / "a", ["p0", "p1"], (200, 0, 0))
+    b = fake_generation(tmp_path / "b", ["p0", "p1"], (0, 0, 200))
+    (tmp_path / "howto.txt").write_text("Pick the sharper one.\n")
+    assert main(["study", "create", "--a", str(a), "--b", str(b), "--out", str(tmp_path / "s"), "--votes", "1",
+                 "--instructions", str(tmp_path / "howto.txt"), "--gold", str(fake_gold(tmp_path / "g", 1))]) == 0
+    assert "study " in (out := capsys.readouterr().out) and "2 items x 1 votes, 1 gold items for every annotator" in out
+    store = open_study(tmp_path / "s")
+    assert store.instructions == "Pick the sharper one." and len(store.gold()) == 1
+    token = store.invite(1)[0]
+    while (item := store.next_assignment(token)) is not None:
+        better = "left" if item.left_is_a else "right"  # for the gold item, A is the better image
+        store.submit(token, item.id, f"c{item.id}", {"q1": better, "q2": better, "q3": better})
+    assert main(["study", "results", str(tmp_path / "s")]) == 0
+    printed = capsys.readouterr().out
+    assert "annotator-1: 3 votes; agrees with the majority in 100%; gold accuracy 100% (3/3)" in printed
+    result = json.loads((tmp_path / "s" / "results" / "results.json").read_text())
+    assert result["items"] == 2 and result["gold_items"] == 1 and result["votes"] == 2
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", result["generated_at"])
