@@ -193,3 +193,10 @@ def test_kohya_subsets_and_txt_captions(tmp_path):
         (tmp_path / "d" / subset / "w" / "img.txt").write_text(subset.split("_")[1])
     pairs = PreferencePairs(tmp_path / "d")
     assert pairs.meta.caption.to_pylist() == ["cats", "dogs"] and pairs.where(1).endswith("pair 3_dogs/img")
+
+
+def test_a_role_left_unnamed_says_which_option_names_it(tmp_path):
+    pq.write_table(pa.table({"prompt": ["red"], "good": [image_for("a")]}), tmp_path / "t.parquet")
+    with pytest.raises(DataError, match=r"t.parquet: missing column\(s\) 'rejected' \(the rejected column; "
+                                        r"--rejected-column names another\); the columns are prompt, good"):
+        PreferencePairs(tmp_path / "t.parquet", columns=ColumnMapping(chosen="good"))

@@ -114,7 +114,8 @@ def resolve_roles(names: list[str], mapping: ColumnMapping | None, where: str) -
     absent = [(role, col) for role, col in base.items() if col not in names
               and not (role.startswith("uid") and role not in given)]
     if absent:
-        named = ", ".join(f"{col!r} ({'given as ' + ColumnMapping.option(role) if role in given else role})"
+        named = ", ".join(f"{col!r} (given as {ColumnMapping.option(role)})" if role in given else
+                          f"{col!r} (the {role} column; {ColumnMapping.option(role)} names another)"
                           for role, col in absent)
         raise DataError(f"{where}: missing column(s) {named}; the columns are {', '.join(names)}")
     for role in ("uid_0", "uid_1"):  # derived from the images when the source has none
