@@ -327,6 +327,15 @@ def test_a_damaged_checkpoint_is_named(tmp_path, tiny_pipeline_dirs, dataset):
         Trainer(_config(tmp_path, model, dataset, "max_steps=2")).train()
 
 
+def test_a_checkpoint_of_the_older_format_is_named(tmp_path, tiny_pipeline_dirs, dataset):
+    model = tiny_pipeline_dirs["sd15"]
+    Trainer(_config(tmp_path, model, dataset)).train()
+    ckpt = tmp_path / "run" / "checkpoints" / "step-000001"
+    (ckpt / "optimizer.bin").rename(ckpt / "optimizer.pt")  # what ncppo wrote before accelerate's save_state
+    with pytest.raises(StateError, match=rf"^train: {ckpt} was written by an older ncppo .*its LoRA still loads"):
+        Trainer(_config(tmp_path, model, dataset, "max_steps=2")).train()
+
+
 def test_resume_false_and_overwrite_and_inputs(tmp_path, tiny_pipeline_dirs, dataset):
     model = tiny_pipeline_dirs["sd15"]
     run = tmp_path / "run"

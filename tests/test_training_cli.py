@@ -14,7 +14,7 @@ def test_version(capsys):
 
 
 def test_train_help_lists_every_config_key_with_meaning_and_default(capsys):
-    from ncppo.training.config import config_options
+    from ncppo.training.reference import config_options
 
     with pytest.raises(SystemExit):
         main(["train", "--help"])

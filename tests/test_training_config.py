@@ -96,7 +96,8 @@ def test_yaml_pitfalls_no_and_single_strings(tmp_path):
 def test_every_config_key_is_described_with_its_default():
     import dataclasses
 
-    from ncppo.training.config import TrainConfig, config_options, describe_options
+    from ncppo.training.config import TrainConfig
+    from ncppo.training.reference import config_options, describe_options
 
     options = {o["key"]: o for o in config_options()}
     leaves = []

@@ -70,6 +70,31 @@ def banner(t) -> str:
     return _table("***** Running training *****", rows)
 
 
+def progress_bar(t, timed: bool, budget: float):
+    """tqdm over the real bound: the training-time budget in seconds when there is one (not an ETA from
+    ``max_steps``), else the steps."""
+    from tqdm.auto import tqdm
+
+    cfg = t.config
+    disable = not t.accelerator.is_main_process
+    if timed:
+        return tqdm(total=budget, initial=min(t.train_seconds, budget), unit="s",
+                    desc=f"train {cfg.objective.name} (budget {cfg.max_train_minutes:g} min)",
+                    bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}{postfix}]",
+                    disable=disable)
+    return tqdm(total=cfg.max_steps, initial=t.step, unit="step", desc=f"train {cfg.objective.name}", disable=disable)
+
+
+def bar_postfix(metrics: dict, step: int, max_steps: int, timed: bool) -> dict:
+    postfix = {"step": f"{step}/{max_steps}"} if timed else {}
+    postfix["loss"] = f"{metrics.get('loss', float('nan')):.6g}"  # near log 2 (0.693147) the change is in the 5th digit
+    if "argument_rms" in metrics:
+        postfix["arg_rms"] = f"{metrics['argument_rms']:.2g}"
+    if "implicit_acc" in metrics:
+        postfix["acc"] = f"{metrics['implicit_acc']:.2f}"
+    return postfix
+
+
 def summary(t, stopped_by: str, checksums: list) -> dict:
     """What ``summary.json`` holds: the run's end, final and mean metrics, diagnostics, where the weights are."""
     cfg, d = t.config, t.derived

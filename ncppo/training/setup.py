@@ -122,3 +122,29 @@ def build_scheduler(config, optimizer):
 
     return get_scheduler(config.optim.lr_scheduler, optimizer, num_warmup_steps=config.optim.lr_warmup_steps,
                          num_training_steps=config.max_steps)
+
+
+def calibrate(model, objective, batches, config, accelerator):
+    """``objective.beta: auto``: measure beta on the first ``calibration_batches`` usable batches
+    (:func:`ncppo.calibration.calibrate_beta`), the same on every process (their ratios are averaged) and
+    on a resume (the batches and their noise are fixed by the seed). Returns the calibrated objective and
+    the record (with ``batches``: how many were measured)."""
+    from ncppo.calibration import calibrate_beta
+    from ncppo.training.sources import CALIBRATION_STREAM
+
+    measured, generators = [], []
+    wanted = config.objective.calibration_batches
+    for micro_index in range(wanted * 4):  # batches without a valid pair are skipped
+        batch = batches(micro_index)
+        if batch is not None:
+            measured.append(batch)
+            generators.append(batches.generator(micro_index, CALIBRATION_STREAM))
+        if len(measured) == wanted:
+            break
+
+    def average(ratio: float) -> float:
+        return float(accelerator.reduce(torch.tensor([ratio], device=accelerator.device), reduction="mean"))
+
+    with accelerator.autocast():
+        objective, record = calibrate_beta(model, objective, measured, generators, average=average)
+    return objective, {**record, "batches": len(measured)}

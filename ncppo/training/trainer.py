@@ -44,9 +44,10 @@ from ncppo.training.setup import (
     build_objective,
     build_optimizer,
     build_scheduler,
+    calibrate,
     prepare_model,
 )
-from ncppo.training.sources import CALIBRATION_STREAM, MicroBatches, PromptDropout, TrainingData
+from ncppo.training.sources import MicroBatches, PromptDropout, TrainingData
 
 __all__ = ["Trainer", "TrainResult", "TrainingDiverged", "TooManySkippedSteps"]
 
@@ -201,30 +202,14 @@ class Trainer:
         self.folder.release()
 
     def _calibrate(self) -> dict:
-        """``objective.beta: auto``: measure beta on the first batches (:mod:`ncppo.calibration`), the same on
-        every process (their ratios are averaged) and the same on a resume (the measurement is deterministic)."""
+        """``objective.beta: auto`` (:func:`~ncppo.training.setup.calibrate`): the measured beta and its record."""
         if not self.objective.needs_calibration:
             return {}
-        from ncppo.calibration import calibrate_beta
-
-        cfg, acc = self.config, self.accelerator
-        batches, generators = [], []
-        for micro_index in range(cfg.objective.calibration_batches * 4):  # batches without a valid pair are skipped
-            batch = self.batches(micro_index)
-            if batch is not None:
-                batches.append(batch)
-                generators.append(self.batches.generator(micro_index, CALIBRATION_STREAM))
-            if len(batches) == cfg.objective.calibration_batches:
-                break
-
-        def average(ratio: float) -> float:
-            return float(acc.reduce(torch.tensor([ratio], device=acc.device), reduction="mean"))
-
-        with acc.autocast():
-            self.objective, record = calibrate_beta(self.model, self.objective, batches, generators, average=average)
-        self._say(f"beta: auto -> {record['beta']:.6g} (noise MSE / {cfg.objective.name} loss = "
-                  f"{record['noise_over_space']:.4g} over {len(batches)} batches x {acc.num_processes} process(es), "
-                  f"target: noise-space DPO's scale at beta {record['target_beta']:g})")
+        self.objective, record = calibrate(self.model, self.objective, self.batches, self.config, self.accelerator)
+        self._say(f"beta: auto -> {record['beta']:.6g} (noise MSE / {self.config.objective.name} loss = "
+                  f"{record['noise_over_space']:.4g} over {record['batches']} batches x "
+                  f"{self.accelerator.num_processes} process(es), target: noise-space DPO's scale at beta "
+                  f"{record['target_beta']:g})")
         return {"beta": record["beta"], "beta_calibration": record}
 
     # -- checkpoints -------------------------------------------------------------------------------
@@ -246,6 +231,10 @@ class Trainer:
         if path is None:
             self.logger.truncate_after(0)  # a fresh start in a folder whose run never checkpointed
             return 0, 0.0, 0
+        if (path / "optimizer.pt").is_file() and not (path / "optimizer.bin").is_file():
+            raise StateError(f"train: {path} was written by an older ncppo (optimizer.pt, before checkpoints were "
+                             "accelerate states) and cannot be resumed; its LoRA still loads (--lora); set "
+                             "overwrite_output_dir: true to start over, or choose a new output_dir")
         try:
             self.accelerator.load_state(str(path))
         except (NcppoError, OSError):
@@ -267,17 +256,6 @@ class Trainer:
         finally:
             self._close()
 
-    def _progress_bar(self, timed: bool, budget: float):
-        cfg = self.config
-        disable = not self.accelerator.is_main_process
-        if timed:  # the bound is the training-time budget: show it, not an ETA from max_steps
-            return tqdm(total=budget, initial=min(self.train_seconds, budget), unit="s",
-                        desc=f"train {cfg.objective.name} (budget {cfg.max_train_minutes:g} min)",
-                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}{postfix}]",
-                        disable=disable)
-        return tqdm(total=cfg.max_steps, initial=self.step, unit="step", desc=f"train {cfg.objective.name}",
-                    disable=disable)
-
     def _train(self) -> TrainResult:
         cfg = self.config
         self._say(report.banner(self))
@@ -287,7 +265,7 @@ class Trainer:
         timed = math.isfinite(budget)
         last_ckpt = (self.step, self.train_seconds)
         stopped_by = "max_steps"
-        bar = self._progress_bar(timed, budget)
+        bar = report.progress_bar(self, timed, budget)
         with contextlib.closing(bar):  # closed on errors too: the error starts on a line of its own
             first = (self.step, self.train_seconds)
             while self.step < cfg.max_steps:
@@ -386,13 +364,7 @@ class Trainer:
         self.logger.log(step, row)
         self.accelerator.log(row, step=step)
         self.diagnostics.observe(step, row)
-        postfix = {"step": f"{step}/{cfg.max_steps}"} if timed else {}
-        postfix["loss"] = f"{metrics.get('loss', float('nan')):.6g}"  # near log 2 (0.693147) the change is in the 5th digit
-        if "argument_rms" in metrics:
-            postfix["arg_rms"] = f"{metrics['argument_rms']:.2g}"
-        if "implicit_acc" in metrics:
-            postfix["acc"] = f"{metrics['implicit_acc']:.2f}"
-        bar.set_postfix(postfix)
+        bar.set_postfix(report.bar_postfix(metrics, step, cfg.max_steps, timed))
 
     def _validate(self, final: bool = False) -> None:
         if self.accelerator.is_main_process:
