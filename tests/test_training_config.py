@@ -116,3 +116,13 @@ def test_every_config_key_is_described_with_its_default():
     assert "  mixed_precision (str, default: no)  one of: no, fp16, bf16" in text
     assert "  report_to (list of str, default: [jsonl, csv])" in text and "tracker_project (str, default: ncppo)" in text
     assert "``" not in text and ":class:" not in text
+
+
+def test_choices_match_the_modules_that_own_them():
+    # the table stays a literal so that `ncppo train --help` loads without torch; the owners decide
+    from ncppo.data.schema import TIE_POLICIES
+    from ncppo.models.preference_model import FINETUNE_MODES
+    from ncppo.training.config import _CHOICES
+
+    assert _CHOICES["data.tie_policy"] == TIE_POLICIES
+    assert _CHOICES["model.finetune"] == tuple(m for m in FINETUNE_MODES if m != "none")  # none: not trainable

@@ -278,6 +278,8 @@ CHANGEABLE_ON_RESUME = frozenset({
 })
 RESUME_CHOICES = (True, False, "force")
 
+# literals so that `ncppo train --help` loads without torch; tests/test_training_config.py checks them against
+# their owners (ncppo.models.preference_model.FINETUNE_MODES, ncppo.data.schema.TIE_POLICIES)
 _CHOICES = {
     "model.finetune": ("lora", "full"),
     "data.tie_policy": ("drop", "keep", "error"),
