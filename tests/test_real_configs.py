@@ -1,0 +1,75 @@
+"""The real SD1.5 and SDXL U-Net configs through ncppo's encoder and training step.
+
+Building them with weights takes a minute on this machine's CPU (SDXL: 2.6B parameters), so the tests run
+them on fake tensors: every shape, dtype and code path of the real architectures (SDXL's 1/2/10
+transformer layers, list-valued head dims, linear projections, 2048-wide cross-attention, 2816-wide
+added embeddings), no values. ``benchmarks/real_configs.py`` runs them with random weights and checks
+the encoder's values against the hooked full forward.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ncppo.models.preference_model import LoraSettings
+from ncppo.objectives import make_objective
+from ncppo.perception import FEATURE_CHOICES, NoiseConditionedEncoder, feature_names
+from ncppo.planning.abstract import abstract_execution
+from ncppo.planning.architectures import read_configs
+from ncppo.planning.estimate import AbstractRun
+
+
+@pytest.fixture(scope="module", params=["sd15", "sdxl"])
+def real(request):
+    return AbstractRun(read_configs(request.param), lora=LoraSettings(64), mixed_precision="bf16", batch_size=1,
+                       resolution=64)
+
+
+def _hooked_forward(unet, sample, t, condition):
+    """Outputs of ``conv_in``, every down block and the mid block in a full U-Net forward."""
+    found = {}
+    modules = {"conv_in": unet.conv_in, "mid": unet.mid_block} | {f"down_{i}": b for i, b in enumerate(unet.down_blocks)}
+    hooks = [m.register_forward_hook(lambda _m, _a, out, k=k: found.__setitem__(k, out[0] if isinstance(out, tuple) else out))
+             for k, m in modules.items()]
+    try:
+        unet(sample, t, **condition.unet_kwargs())
+    finally:
+        for h in hooks:
+            h.remove()
+    return found
+
+
+def test_encoder_levels_have_the_shapes_of_the_full_forward(real):
+    model = real.model
+    with abstract_execution(real.mode, real.half), torch.no_grad():
+        pairs = model.encode_batch(real.batch())
+        x, t = pairs.latents_w, torch.full((1,), 500)
+        with model.frozen_unet() as unet:
+            full = _hooked_forward(unet, x.to(unet.dtype), t, pairs.condition_w)
+            for features in FEATURE_CHOICES:
+                feats = NoiseConditionedEncoder(features)(unet, x, t, **pairs.condition_w.unet_kwargs())
+                names = feature_names(features, len(unet.down_blocks))
+                assert [(f.shape, f.dtype) for f in feats] == [(full[n].shape, full[n].dtype) for n in names]
+    channels = model.unet.config.block_out_channels
+    assert full[f"down_{len(channels) - 1}"].shape[1] == channels[-1]
+
+
+@pytest.mark.parametrize("name", ["dpo", "ncp-dpo"])
+def test_training_step_on_the_real_config(real, name):
+    counted = real.count(make_objective(name), gradient_checkpointing=False)
+    assert counted.flops["policy"] > 0 and counted.flops["reference"] > 0 and counted.flops["backward"] > 0
+    assert (counted.flops["encoder"] > 0.1 * counted.flops["policy"]) == (name == "ncp-dpo")
+    lora = real.model.trainable_parameters()
+    assert lora and all(p.dtype == torch.float32 for p in lora)  # trained in float32 under bf16 autocast
+
+
+def test_sdxl_real_config_exercises_what_tiny_models_do_not():
+    config = read_configs("sdxl")["unet"]
+    assert config["transformer_layers_per_block"] == [1, 2, 10] and config["attention_head_dim"] == [5, 10, 20]
+    run = AbstractRun(read_configs("sdxl"), lora=LoraSettings(64), batch_size=1, resolution=64)
+    blocks = run.model.unet.down_blocks
+    assert [len(b.attentions[0].transformer_blocks) for b in blocks[1:]] == [2, 10]
+    assert run.model.unet.add_embedding.linear_1.in_features == 2816
+    assert isinstance(blocks[2].attentions[0].proj_in, torch.nn.Linear)  # use_linear_projection (SD1.5: a 1x1 conv)
+    assert blocks[1].attentions[0].transformer_blocks[0].attn2.to_k.in_features == 2048
