@@ -49,7 +49,8 @@ def test_the_data_has_contradictions_and_absolute_winners(tmp_path):
 
     pools = _pools(n_prompts=60, size=4, spread=0.3)
     images = {img.uid: jpeg_bytes(np.full((8, 8, 3), 100, np.uint8)) for pool in pools.values() for img in pool}
-    path = write_preference_dataset(pools, images, tmp_path / "pairs", AnnotatorConfig(), rows_per_shard=100)
+    path = write_preference_dataset(pools, images, tmp_path / "pairs", AnnotatorConfig(comparisons_per_prompt=6),
+                                    rows_per_shard=100)
     pairs = PreferencePairs(path, tie_policy="keep")  # read back through the project's readers
     stats = dataset_stats(pairs.meta, min_wins=2)
     assert stats["rows"] == 360 and stats["prompts"] == 60 and pairs.skips.total == 0

@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -50,6 +51,16 @@ def test_the_shipped_base_model_loads_and_matches_its_recipe():
     assert size <= 20 * 2**20, f"the shipped model is {size / 2**20:.1f} MB (limit 20)"
     pipe = load_pipeline(path)
     assert type(pipe).__name__ == "PixelTextToImagePipeline"
+    # plain diffusers loads it too, with the pipeline's code file (the README's recipe), to the same images
+    from diffusers import DiffusionPipeline
+
+    import ncppo.models.pixel_pipeline as pixel_pipeline
+
+    plain = DiffusionPipeline.from_pretrained(path, custom_pipeline=pixel_pipeline.__file__, trust_remote_code=True)
+    sample = {"num_inference_steps": 3, "guidance_scale": 3.0, "output_type": "np"}
+    prompt = ["a red circle on a blue background"]
+    np.testing.assert_array_equal(plain(prompt, generator=torch.Generator().manual_seed(0), **sample).images,
+                                  pipe(prompt, generator=torch.Generator().manual_seed(0), **sample).images)
     # the code that claims to make it gives the recorded first steps (the record is from a 2-thread run;
     # torch's CPU kernels sum in a thread-dependent order, hence a relative tolerance far below a step's change)
     rerun = pretrain_module.recipe_losses(cfg, steps=pretrain_module.TRACE_STEPS)

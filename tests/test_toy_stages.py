@@ -90,7 +90,7 @@ def test_evaluation_uses_held_out_captions_and_reports_the_base_on_both_splits(q
 
     results = json.loads((quick_world / "eval" / "results.json").read_text())
     held_out = set(split_captions(results["spec"]["split"]))
-    trained_on = set(PreferencePairs(quick_world / "pairs", tie_policy="keep").meta["caption"])
+    trained_on = set(PreferencePairs(quick_world / "pairs", tie_policy="keep").meta.caption.to_pylist())
     evaluated = set(_prompts(results, results["models"]["base"]["prompt_ids"]))
     assert evaluated <= held_out and not evaluated & trained_on and trained_on <= set(split_captions("train"))
     assert set(results["base_by_split"]) == {"validation", "test"}

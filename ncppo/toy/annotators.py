@@ -35,7 +35,7 @@ class AnnotatorConfig:
         seed: the votes' seed.
     """
 
-    comparisons_per_prompt: int = 6
+    comparisons_per_prompt: int = 12
     annotators: int = 40  # the pool of users; each comparison is made by one of them
     temperature: float = 0.05  # Bradley-Terry scale on the oracle's [0, 1] reward
     tie_margin: float = 0.01  # a smaller reward gap is judged a tie

@@ -28,7 +28,7 @@ class PairsConfig:
         annotators: the simulated annotators (:class:`ncppo.toy.annotators.AnnotatorConfig`).
     """
 
-    images_per_prompt: int = 8
+    images_per_prompt: int = 6
     guidance_scales: tuple[float, ...] = (3.0, 1.5)
     num_inference_steps: int = 10
     prompts: int | None = None
@@ -112,7 +112,7 @@ class EvalConfig:
     """
 
     split: str = "test"
-    images_per_prompt: int = 3
+    images_per_prompt: int = 1
     prompts: int | None = None
     curve_prompt_stride: int = 3
     num_inference_steps: int = 10
