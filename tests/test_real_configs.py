@@ -73,3 +73,24 @@ def test_sdxl_real_config_exercises_what_tiny_models_do_not():
     assert run.model.unet.add_embedding.linear_1.in_features == 2816
     assert isinstance(blocks[2].attentions[0].proj_in, torch.nn.Linear)  # use_linear_projection (SD1.5: a 1x1 conv)
     assert blocks[1].attentions[0].transformer_blocks[0].attn2.to_k.in_features == 2048
+
+
+def test_gpu_benchmark_runs_at_toy_size_on_the_cpu(tmp_path):
+    """``benchmarks/gpu_step.py`` is run for real only where a GPU is; its code path runs here at toy size."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_step.py"
+    spec = importlib.util.spec_from_file_location("gpu_step", path)
+    gpu_step = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_step)
+    out = tmp_path / "gpu_step.json"
+    assert gpu_step.main(["--device", "cpu", "--toy", "--steps", "1", "--presets", "sdxl", "--precisions", "bf16",
+                          "--out", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["precision"] == "bf16" and row["latent_size"] == 16 and row["lora_params"] > 0
+    for name in ("dpo", "ncp-dpo"):
+        method = row["methods"][name]
+        assert method["seconds_per_step"] > 0 and method["step_peak_bytes"] > 0 and method["loss"] > 0
+    assert row["estimate"]["ncp_dpo_over_dpo_flops"] > 1 and row["ncp_dpo_over_dpo"] > 0

@@ -110,9 +110,9 @@ def _text_encoder(config: dict):
     return cls(CLIPTextConfig(**keys))
 
 
-def build_abstract_pipeline(configs: dict, random_unet: torch.dtype | None = None, seed: int = 0):
+def build_abstract_pipeline(configs: dict, random_unet: torch.dtype | None = None, seed: int = 0, device: str = "cpu"):
     """The pipeline the configs describe, with every parameter on the ``meta`` device (no memory); with
-    ``random_unet`` a dtype, its U-Net instead has random weights of that dtype on the CPU (real-shape checks)."""
+    ``random_unet`` a dtype, its U-Net instead has random weights of that dtype on ``device`` (real-shape checks)."""
     from diffusers import (
         AutoencoderKL,
         DDPMScheduler,
@@ -127,7 +127,7 @@ def build_abstract_pipeline(configs: dict, random_unet: torch.dtype | None = Non
         vae = AutoencoderKL.from_config(configs["vae"])
         encoders = [_text_encoder(configs[k]) for k in ("text_encoder", "text_encoder_2") if k in configs]
     if random_unet is not None:
-        unet = random_weights(unet, random_unet, seed)
+        unet = random_weights(unet, random_unet, seed, device)
     for module in (unet, vae, *encoders):
         module.eval()
     if configs["pipeline"] == "StableDiffusionXLPipeline":
