@@ -21,6 +21,7 @@ class Condition:
     text_embeds: torch.Tensor | None = None  # SDXL pooled prompt embedding, (N, D2)
     time_ids: torch.Tensor | None = None  # SDXL micro-conditioning, (N, 6)
     guidance: torch.Tensor | None = None  # FLUX.1-dev's distilled guidance scale, (N,)
+    attention_mask: torch.Tensor | None = None  # the text tokens attended to (PixArt's T5 padding mask), (N, L)
 
     @property
     def batch_size(self) -> int:
@@ -33,11 +34,13 @@ class Condition:
             added = {"text_embeds": self.text_embeds, "time_ids": self.time_ids}
         if self.guidance is not None:  # only a guidance-distilled transformer has one
             added = {**(added or {}), "guidance": self.guidance}
+        if self.attention_mask is not None:  # only a text-masked transformer (PixArt) has one
+            added = {**(added or {}), "encoder_attention_mask": self.attention_mask}
         return {"encoder_hidden_states": self.encoder_hidden_states, "added_cond_kwargs": added}
 
     def map(self, fn) -> Condition:
         return Condition(*(None if v is None else fn(v) for v in (
-            self.encoder_hidden_states, self.text_embeds, self.time_ids, self.guidance)))
+            self.encoder_hidden_states, self.text_embeds, self.time_ids, self.guidance, self.attention_mask)))
 
     def repeat(self, n: int) -> Condition:
         """The same condition for ``n`` stacked copies of the batch (winners, losers, ...)."""
@@ -46,7 +49,7 @@ class Condition:
     @staticmethod
     def cat(conditions: Sequence[Condition]) -> Condition:
         fields_ = []
-        for name in ("encoder_hidden_states", "text_embeds", "time_ids", "guidance"):
+        for name in ("encoder_hidden_states", "text_embeds", "time_ids", "guidance", "attention_mask"):
             values = [getattr(c, name) for c in conditions]
             if any(v is None for v in values) and not all(v is None for v in values):
                 raise ValueError(f"cannot concatenate conditions where only some have {name}")
@@ -71,6 +74,7 @@ class PreferenceBatch:
     prompts: list[str] | None = None
     prompt_embeds: torch.Tensor | None = None
     pooled_prompt_embeds: torch.Tensor | None = None
+    prompt_attention_mask: torch.Tensor | None = None  # PixArt: which T5 tokens are the prompt's, (B, L)
     time_ids_w: torch.Tensor | None = None
     time_ids_l: torch.Tensor | None = None
     ids: list = field(default_factory=list)  # row/pair ids, for error reports

@@ -25,7 +25,7 @@ perturbation ``d`` and keeps its precision in half precision, where the differen
 passes drowns in rounding. The encoder does not own weights or switch adapters: the caller passes the
 frozen U-Net (for LoRA, the policy U-Net inside its adapters-disabled context).
 
-For a transformer (SD3's MMDiT, FLUX.1), ``f`` is its first part: the patch embedding (with positions; FLUX:
+For a transformer (SD3's MMDiT, FLUX.1, PixArt-Sigma's DiT), ``f`` is its first part: the patch embedding (with positions; FLUX:
 rotary ids), the timestep, guidance and pooled-text conditioning, the caption projection and the first ``K``
 blocks (FLUX: double-stream, then single-stream) (``blocks``: a fraction
 of the depth, a block count, or a list of block indices). Only the image tokens are compared (the text
@@ -292,7 +292,29 @@ def _flux_tokens(model, sample, timestep, encoder_hidden_states, added_cond_kwar
     return [found[i].transpose(1, 2) for i in indices]
 
 
-TOKEN_PATHS = {"SD3Transformer2DModel": _sd3_tokens, "FluxTransformer2DModel": _flux_tokens}
+def _pixart_tokens(model, sample, timestep, encoder_hidden_states, added_cond_kwargs, indices) -> list[torch.Tensor]:
+    """``PixArtTransformer2DModel.forward`` up to block ``max(indices)``: the image tokens after each chosen block
+    (its blocks cross-attend to the masked T5 tokens: there is no text stream to leave out)."""
+    from ncppo.models.transformers_backbone import PIXART_NO_SIZE
+
+    mask = (added_cond_kwargs or {}).get("encoder_attention_mask")
+    hidden = sample.to(model.dtype)
+    if mask is not None and mask.ndim == 2:  # the forward's own conversion to an additive bias
+        mask = ((1 - mask.to(hidden.dtype)) * -10000.0).unsqueeze(1)
+    n = hidden.shape[0]
+    hidden = model.pos_embed(hidden)
+    emb, _ = model.adaln_single(timestep, dict(PIXART_NO_SIZE), batch_size=n, hidden_dtype=hidden.dtype)
+    context = model.caption_projection(encoder_hidden_states.to(model.dtype)).view(n, -1, hidden.shape[-1])
+    found = {}
+    for i, block in enumerate(model.transformer_blocks[: max(indices) + 1]):
+        hidden = block(hidden, attention_mask=None, encoder_hidden_states=context, encoder_attention_mask=mask,
+                       timestep=emb, cross_attention_kwargs=None, class_labels=None)
+        found[i] = hidden
+    return [found[i].transpose(1, 2) for i in indices]
+
+
+TOKEN_PATHS = {"SD3Transformer2DModel": _sd3_tokens, "FluxTransformer2DModel": _flux_tokens,
+               "PixArtTransformer2DModel": _pixart_tokens}
 
 
 def _down_path(unet, sample, timestep, encoder_hidden_states, added_cond_kwargs, names) -> list[torch.Tensor]:

@@ -172,25 +172,10 @@ def test_bad_encoder_depth_and_block_index_are_refused_before_training(model):
     make_objective("dpo", encoder_blocks=9).validate(model)  # noise-space objectives have no encoder
 
 
-def test_ncppo_train_runs_each_objective_on_the_tiny_sd3(tiny_dir, tmp_path):
-    import json
+def test_ncppo_train_runs_each_objective(tiny_dir, tmp_path):
+    from .transformer_helpers import train_each_objective
 
-    from ncppo.training import Trainer, load_config
-
-    from .data_helpers import write_dataset
-
-    spec = [(f"a {c} shape {k}", f"w{k}{c}", f"l{k}{c}", k % 2) for k in range(3) for c in ("red", "blue")]
-    data = write_dataset(tmp_path / "pairs", spec, rows_per_shard=5)
-    for name in OBJECTIVE_NAMES:
-        run = tmp_path / f"run-{name}"
-        cfg = load_config(None, [f"output_dir={run}", f"model.pretrained={tiny_dir}", "model.lora_rank=4",
-                                 f"data.source={data}", "data.resolution=32", "batch_size=2", "max_steps=2",
-                                 "optim.learning_rate=1e-3", "optim.scale_lr=false", f"objective.name={name}"])
-        assert Trainer(cfg).train().steps == 2
-        losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-        assert len(losses) == 2 and all(math.isfinite(v) for v in losses), name
-        if name.endswith("dpo"):
-            assert losses[0] == pytest.approx(math.log(2), abs=1e-6)  # the first step: policy = reference
+    for run in train_each_objective(tiny_dir, tmp_path).values():
         fresh = PreferenceModel.from_pretrained(tiny_dir, finetune="none")
         fresh.pipeline.load_lora_weights(run / "lora")  # the run's LoRA, in the pipeline's own loader
         assert any("lora" in n for n, _ in fresh.unet.named_parameters())

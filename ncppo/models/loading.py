@@ -13,7 +13,7 @@ from ncppo.errors import NcppoError
 
 SUPPORTED_PIPELINES = {"StableDiffusionPipeline": "sd15", "StableDiffusionXLPipeline": "sdxl",
                        "PixelTextToImagePipeline": "pixel", "StableDiffusion3Pipeline": "sd3",
-                       "FluxPipeline": "flux"}
+                       "FluxPipeline": "flux", "PixArtSigmaPipeline": "pixart"}
 # the project's own pipeline classes, which diffusers' generic loader cannot resolve by name
 _OWN_PIPELINES = {"PixelTextToImagePipeline": ("ncppo.models.pixel_pipeline", "PixelTextToImagePipeline")}
 
@@ -23,7 +23,7 @@ class ModelLoadError(NcppoError, RuntimeError):
 
 
 def pipeline_kind(pipeline) -> str:
-    """The kind (``'sd15'``, ``'sdxl'``, ``'pixel'``, ``'sd3'``, ``'flux'``) of a loaded pipeline; an error naming the
+    """The kind (``'sd15'``, ``'sdxl'``, ``'pixel'``, ``'sd3'``, ``'flux'``, ``'pixart'``) of a loaded pipeline; an error naming the
     supported classes for anything else."""
     name = type(pipeline).__name__
     if name not in SUPPORTED_PIPELINES:

@@ -67,6 +67,9 @@ class PreferenceModel:
         self.backbone = BACKBONES[self.kind]
         self.unet = self.backbone.denoiser(pipeline)  # the denoiser: a U-Net or (SD3, FLUX) a transformer
         self.guidance = training_guidance(self.kind, self.unet, guidance)
+        if getattr(self.unet, "use_additional_conditions", False):
+            raise UsageError("PixArt transformers with resolution conditions (PixArt-alpha at 1024 px) are not supported "
+                             "yet; PixArt-Sigma's (use_additional_conditions false) are")
         self.policy = self.unet  # what runs the policy forward: see use_policy (a DDP-wrapped U-Net)
         self.finetune = finetune
         weighting = {} if timestep_weighting is None else {"weighting": timestep_weighting}
@@ -82,7 +85,7 @@ class PreferenceModel:
             # MMDiT: each attention projection's text-stream twin is adapted too
             self.lora = replace(self.lora, target_modules=self.backbone.lora_targets(self.lora.target_modules))
             self.unet.requires_grad_(False)
-            self.unet.add_adapter(self.lora.peft_config())
+            self.backbone.add_lora(self.unet, self.lora.peft_config())
             self._adapter_layers = [m for m in self.unet.modules() if isinstance(m, BaseTunerLayer)]
             self._checkpointable = [m for m in self.unet.modules() if hasattr(m, "gradient_checkpointing")]
         elif finetune == "full":
@@ -205,26 +208,34 @@ class PreferenceModel:
     # -- encoding raw inputs ---------------------------------------------------------------------
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Prompt embeddings (and SDXL's or SD3's pooled embeddings) with the pipeline's own ``encode_prompt``."""
+        """Prompt embeddings (and SDXL's, SD3's or FLUX's pooled embeddings) with the pipeline's own ``encode_prompt``."""
+        return self._encode_text(prompts)[:2]
+
+    def _encode_text(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """``(embeds, pooled, attention_mask)``: the mask only for a model that attends to masked text (PixArt)."""
         if any(not isinstance(p, str) for p in prompts):
             raise ValueError("prompts must be strings")
+        if self.kind == "pixart":
+            embeds, mask, _, _ = self.pipeline.encode_prompt(prompts, do_classifier_free_guidance=False,
+                                                             device=self.device)
+            return embeds, None, mask
         if self.kind == "sd3":
             embeds, _, pooled, _ = self.pipeline.encode_prompt(
                 prompts, None, None, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
             )
-            return embeds, pooled
+            return embeds, pooled, None
         if self.kind == "flux":
             embeds, pooled, _ = self.pipeline.encode_prompt(prompts, None, device=self.device, num_images_per_prompt=1)
-            return embeds, pooled
+            return embeds, pooled, None
         if self.kind == "sdxl":
             embeds, _, pooled, _ = self.pipeline.encode_prompt(
                 prompts, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
             )
-            return embeds, pooled
+            return embeds, pooled, None
         embeds, _ = self.pipeline.encode_prompt(
             prompts, self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
         )
-        return embeds, None
+        return embeds, None, None
 
     @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor, generator: torch.Generator | None = None,
@@ -269,11 +280,15 @@ class PreferenceModel:
         if lw.shape != ll.shape:
             raise ValueError(f"winner latents {tuple(lw.shape)} and loser latents {tuple(ll.shape)} differ in shape")
 
-        embeds, pooled = batch.prompt_embeds, batch.pooled_prompt_embeds
+        embeds, pooled, mask = batch.prompt_embeds, batch.pooled_prompt_embeds, batch.prompt_attention_mask
         if embeds is None:
             if batch.prompts is None:
                 raise ValueError("the batch has neither prompt_embeds nor prompts")
-            embeds, pooled = self.encode_prompts(list(batch.prompts))
+            embeds, pooled, mask = self._encode_text(list(batch.prompts))
+        if self.backbone.needs_mask and (mask is None or mask.shape != embeds.shape[:2]):
+            raise ValueError(f"a {self.kind} model attends to masked T5 tokens: prompt_embeds {tuple(embeds.shape)} need a "
+                             f"prompt_attention_mask of shape {tuple(embeds.shape[:2])} (the latent cache does not "
+                             "store one yet: give prompts)")
         if embeds.ndim != 3 or embeds.shape[0] != lw.shape[0]:
             raise ValueError(f"prompt_embeds must be (B={lw.shape[0]}, L, D); got {tuple(embeds.shape)}")
         cross_dim = self.unet.config[self.backbone.text_width_key]
@@ -287,6 +302,8 @@ class PreferenceModel:
         elif self.backbone.needs_pooled:
             guidance = None if self.guidance is None else torch.full((lw.shape[0],), self.guidance)
             cond_w = cond_l = Condition(embeds, pooled, guidance=guidance)
+        elif self.backbone.needs_mask:
+            cond_w = cond_l = Condition(embeds, attention_mask=mask)
         else:
             cond_w = cond_l = Condition(embeds)
         device = self.device
@@ -320,6 +337,11 @@ class PreferenceModel:
             layers = {k.replace(".lora_A.", ".lora.down.").replace(".lora_B.", ".lora.up."): v for k, v in layers.items()}
         # a transformer's loader reads peft's own lora_A/lora_B keys (as diffusers' SD3 LoRA scripts save them)
         metadata = self.unet.peft_config["default"].to_dict()
+        if not hasattr(type(self.pipeline), "save_lora_weights"):  # PixArt: diffusers has no LoRA loader for it
+            from ncppo.models.transformers_backbone import write_peft_lora
+
+            write_peft_lora(folder, layers, metadata)
+            return
         type(self.pipeline).save_lora_weights(folder, **self.backbone.lora_save_kwargs(layers, metadata))
 
     def save_unet(self, out_dir) -> None:

@@ -25,7 +25,7 @@ SD_SCHEDULER_CONFIG = dict(
     steps_offset=1,
 )
 
-TINY_KINDS = ("sd15", "sdxl", "pixel", "sd3", "flux", "flux-schnell")
+TINY_KINDS = ("sd15", "sdxl", "pixel", "sd3", "flux", "flux-schnell", "pixart")
 
 _COLOURS = ["red", "green", "blue", "yellow", "orange", "purple", "pink", "brown", "black", "white", "grey", "cyan", "magenta", "gold", "silver"]
 _SHAPES = ["circle", "square", "triangle", "star", "ring", "cross", "heart", "diamond", "stripe", "dot", "blob", "line"]
@@ -172,22 +172,28 @@ def build_tiny_pipeline(
     """A tiny ``StableDiffusionPipeline`` (``kind='sd15'``), ``StableDiffusionXLPipeline`` (``'sdxl'``),
     VAE-less :class:`~ncppo.models.pixel_pipeline.PixelTextToImagePipeline` (``'pixel'``) or
     ``StableDiffusion3Pipeline`` (``'sd3'``: MMDiT, flow matching; ``prediction_type`` does not apply) or
-    ``FluxPipeline`` (``'flux'``: with FLUX.1-dev's guidance embedding; ``'flux-schnell'``: without).
+    ``FluxPipeline`` (``'flux'``: with FLUX.1-dev's guidance embedding; ``'flux-schnell'``: without) or
+    ``PixArtSigmaPipeline`` (``'pixart'``: a DiT with DDPM and learned variance).
 
     The default VAE downsamples by 2 (SD's by 8), so a 32x32 image has 16x16 latents; give four
     ``vae_block_out_channels`` (e.g. (32, 64, 128, 128)) for SD's factor of 8.
     """
     from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    if kind in ("sd3", "flux", "flux-schnell") and prediction_type != "epsilon":
-        raise UsageError(f"prediction_type {prediction_type!r} does not apply to {kind}: a flow model predicts the "
-                         "velocity")
+    if kind in ("sd3", "flux", "flux-schnell", "pixart") and prediction_type != "epsilon":
+        raise UsageError(f"prediction_type {prediction_type!r} does not apply to {kind}: its prediction is "
+                         "fixed (flow: the velocity; PixArt: epsilon and its variance)")
     if kind == "sd3":  # an MMDiT with flow matching: its own builder (ncppo.models.transformers_tiny)
         from ncppo.models.transformers_tiny import build_tiny_sd3
 
 
         return build_tiny_sd3(image_size=image_size, seed=seed, tokenizer_corpus=tokenizer_corpus,
                               vae_block_out_channels=vae_block_out_channels)
+    if kind == "pixart":  # a DiT without flow matching (DDPM, learned variance)
+        from ncppo.models.transformers_tiny import build_tiny_pixart
+
+        return build_tiny_pixart(image_size=image_size, seed=seed, tokenizer_corpus=tokenizer_corpus,
+                                 vae_block_out_channels=vae_block_out_channels)
     if kind in ("flux", "flux-schnell"):  # FLUX.1-dev-like (guidance embedding) or -schnell-like (none)
         from ncppo.models.transformers_tiny import build_tiny_flux
 

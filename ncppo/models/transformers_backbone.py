@@ -1,5 +1,6 @@
 """What differs between the denoisers ncppo trains, in one table: U-Nets (SD1.5, SDXL, pixel), the SD3-class
-MMDiT and the FLUX.1-class transformer (2x2-packed latent tokens, rotary position ids, guidance embedding). :class:`~ncppo.models.preference_model.PreferenceModel` reads it; the training
+MMDiT, the FLUX.1-class transformer (2x2-packed latent tokens, rotary position ids, guidance embedding) and
+PixArt-Sigma's DiT (DDPM with learned variance, cross-attention to masked T5 tokens). :class:`~ncppo.models.preference_model.PreferenceModel` reads it; the training
 step, the objectives and the trainer never see it.
 """
 
@@ -25,6 +26,7 @@ class Backbone:
     text_width_key: str  # the config key of the prompt embeddings' width
     needs_pooled: bool  # the condition carries a pooled text embedding (Condition.text_embeds)
     context_twins: bool = False  # MMDiT: LoRA targets gain their text-stream twins
+    needs_mask: bool = False  # the text condition carries its padding mask (PixArt's T5 tokens)
 
     def denoiser(self, pipeline):
         return getattr(pipeline, self.attribute)
@@ -42,10 +44,26 @@ class Backbone:
         """The raw model output at ``x`` (in the denoiser's dtype) and the network's ``timestep``."""
         if self.family == "unet":
             return denoiser(x, timestep, **condition.unet_kwargs(), return_dict=False)[0]
+        if self.family == "pixart":
+            out = denoiser(x, encoder_hidden_states=condition.encoder_hidden_states, timestep=timestep,
+                           added_cond_kwargs=dict(PIXART_NO_SIZE), encoder_attention_mask=condition.attention_mask,
+                           return_dict=False)[0]
+            return out[:, : x.shape[1]]  # learned variance: the first half is the noise prediction
         if self.family == "sd3":
             return denoiser(hidden_states=x, timestep=timestep, encoder_hidden_states=condition.encoder_hidden_states,
                             pooled_projections=condition.text_embeds, return_dict=False)[0]
         return flux_forward(denoiser, x, timestep, condition)
+
+    def add_lora(self, denoiser, config) -> None:
+        """LoRA adapters from a peft ``LoraConfig``: diffusers' ``add_adapter`` where the model has it; else (PixArt,
+        whose diffusers class has no adapter mixin) peft's own injection, with the config where diffusers keeps it."""
+        if hasattr(denoiser, "add_adapter"):
+            denoiser.add_adapter(config)
+            return
+        from peft import inject_adapter_in_model
+
+        inject_adapter_in_model(config, denoiser, adapter_name="default")
+        denoiser.peft_config = {"default": config}
 
     def lora_save_kwargs(self, layers: dict, metadata: dict) -> dict:
         """Keywords for ``Pipeline.save_lora_weights`` (``unet_lora_layers`` or ``transformer_lora_layers``)."""
@@ -58,8 +76,12 @@ BACKBONES = {
     "pixel": UNET,
     "sdxl": Backbone("unet", "unet", "cross_attention_dim", needs_pooled=True),
     "sd3": Backbone("transformer", "sd3", "joint_attention_dim", needs_pooled=True, context_twins=True),
+    "pixart": Backbone("transformer", "pixart", "caption_channels", needs_pooled=False, needs_mask=True),
     "flux": Backbone("transformer", "flux", "joint_attention_dim", needs_pooled=True, context_twins=True),
 }
+
+
+PIXART_NO_SIZE = {"resolution": None, "aspect_ratio": None}  # PixArt-Sigma: no resolution conditions
 
 
 # -- FLUX.1: the transformer sees 2x2 patches of the latents as tokens, with (0, row, column) position ids ---------
@@ -98,3 +120,46 @@ def flux_inputs(x: torch.Tensor, timestep: torch.Tensor, condition: Condition) -
 def flux_forward(denoiser, x: torch.Tensor, timestep: torch.Tensor, condition: Condition) -> torch.Tensor:
     out = denoiser(hidden_states=pack_latents(x), **flux_inputs(x, timestep, condition), return_dict=False)[0]
     return unpack_latents(out, *x.shape[-2:])
+
+
+# -- a LoRA for a pipeline diffusers has no LoRA loader for (PixArt-Sigma in diffusers 0.42) ---------------------
+def write_peft_lora(folder, layers: dict, metadata: dict) -> None:
+    """``pytorch_lora_weights.safetensors`` with peft's keys under ``transformer.`` and the LoRA config in the
+    header (``lora_adapter_metadata``, as diffusers writes it); :func:`load_peft_lora` reads it back."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from ncppo.models.lora_export import LORA_FILE
+
+    tensors = {f"transformer.{k}": v.detach().to("cpu").contiguous() for k, v in layers.items()}
+    header = {"format": "pt", "lora_adapter_metadata": json.dumps(metadata, default=sorted)}
+    save_file(tensors, str(Path(folder) / LORA_FILE), metadata=header)
+
+
+def load_peft_lora(pipeline, lora) -> None:
+    """Add the LoRA that :func:`write_peft_lora` wrote (a folder or its file) to ``pipeline.transformer`` with peft."""
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from ncppo.models.lora_export import LORA_FILE
+
+    file = Path(lora) / LORA_FILE if Path(lora).is_dir() else Path(lora)
+    with safe_open(str(file), "pt") as handle:
+        header = dict(handle.metadata() or {})
+    state = {k.removeprefix("transformer."): v for k, v in load_file(str(file)).items()}
+    if "lora_adapter_metadata" not in header:
+        raise ValueError(f"{file}: no lora_adapter_metadata in its header; not a LoRA ncppo wrote for this pipeline")
+    saved = json.loads(header["lora_adapter_metadata"])
+    names = {f.name for f in dataclasses.fields(LoraConfig) if f.init}
+    config = LoraConfig(**{k: v for k, v in saved.items() if k in names and k != "peft_type"})
+    transformer = pipeline.transformer
+    inject_adapter_in_model(config, transformer, adapter_name="default")
+    set_peft_model_state_dict(transformer, state, adapter_name="default")
+    transformer.peft_config = {"default": config}

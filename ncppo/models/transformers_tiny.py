@@ -119,3 +119,36 @@ def build_tiny_flux(*, seed: int = 0, guidance_embeds: bool = True, tokenizer_co
         tokenizer_2=t5_tokenizer,
         transformer=tiny_flux_transformer(4, guidance_embeds=guidance_embeds, seed=seed),
     )
+
+
+PIXART_SCHEDULER = dict(beta_start=0.0001, beta_end=0.02, beta_schedule="linear", prediction_type="epsilon")
+
+
+def tiny_pixart_transformer(sample_size: int = 16, in_channels: int = 4, num_layers: int = 4, seed: int = 0):
+    """A ``PixArtTransformer2DModel`` as PixArt-Sigma: adaLN-single, cross-attention to T5 tokens, learned variance
+    (``out_channels = 2 in_channels``), no resolution conditions."""
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(seed)
+    return PixArtTransformer2DModel(
+        sample_size=sample_size, num_layers=num_layers, patch_size=2, attention_head_dim=8, num_attention_heads=2,
+        in_channels=in_channels, out_channels=2 * in_channels, cross_attention_dim=16, caption_channels=32,
+        norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6, use_additional_conditions=False,
+    ).eval()
+
+
+def build_tiny_pixart(*, image_size: int = 32, seed: int = 0, tokenizer_corpus: Iterable[str] | None = None,
+                      vae_block_out_channels: Sequence[int] = (16, 32)):
+    """A tiny ``PixArtSigmaPipeline``: T5 (width 32, its tokenizer trained here), DDPM's linear schedule under
+    PixArt's DPM-Solver, a DiT predicting epsilon and its variance."""
+    from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline
+
+    from ncppo.models.tiny import _vae
+
+    tokenizer = train_t5_tokenizer(list(tokenizer_corpus) if tokenizer_corpus is not None else None)
+    latent_size = image_size // 2 ** (len(vae_block_out_channels) - 1)
+    return PixArtSigmaPipeline(
+        tokenizer=tokenizer, text_encoder=tiny_t5_encoder(len(tokenizer), 32, seed + 4),
+        vae=_vae(4, seed + 1, vae_block_out_channels), transformer=tiny_pixart_transformer(latent_size, 4, seed=seed),
+        scheduler=DPMSolverMultistepScheduler(**PIXART_SCHEDULER),
+    )
