@@ -71,7 +71,11 @@ def _synchronize(device: str) -> None:
 
 
 def bench(preset: str, precision: str, *, device: str, resolution: int, batch_pairs: int, steps: int,
-          gradient_checkpointing: bool, toy: bool) -> dict:
+          gradient_checkpointing: bool, toy: bool, warmup: int = 1, check=None) -> dict:
+    """One row: each method's seconds per step and peak memory, and the estimate's figures. On the CPU the
+    timed steps are the profiled ones (torch's CPU memory profiler; its overhead is in the time; forward and
+    backward, no optimiser update).
+    ``check(model, batch)`` runs on the built model first and its result is stored as ``row["check"]``."""
     pipe = _pipeline(preset, precision, device, toy)
     model = PreferenceModel(pipe, lora=LoraSettings(rank=8 if toy else 64))
     model.set_frozen_dtype(HALF.get(precision))
@@ -89,26 +93,30 @@ def bench(preset: str, precision: str, *, device: str, resolution: int, batch_pa
            "latent_size": size, "batch_pairs": batch_pairs, "gradient_checkpointing": gradient_checkpointing,
            "unet_params": sum(p.numel() for n, p in model.unet.named_parameters() if "lora" not in n),
            "lora_params": sum(p.numel() for p in model.trainable_parameters()), "methods": {}}
+    if check is not None:
+        row["check"] = check(model, batch)
     for name in METHODS:
         objective = make_objective(name)
         step = functools.partial(_step, model, objective, batch, optimizer, autocast)
-        step()  # warm-up: kernels, allocator, peft
+        for _ in range(warmup):  # kernels, allocator, peft
+            step()
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
-        seconds = []
-        for _ in range(steps):
-            _synchronize(device)
-            start = time.perf_counter()
-            loss = step()
-            _synchronize(device)
-            seconds.append(time.perf_counter() - start)
-        if device.startswith("cuda"):
+            seconds = []
+            for _ in range(steps):
+                _synchronize(device)
+                start = time.perf_counter()
+                loss = step()
+                _synchronize(device)
+                seconds.append(time.perf_counter() - start)
             peak, step_peak = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_allocated() - before
-        else:  # torch's CPU memory profiler on one more step (forward and backward)
+        else:
             with autocast:
-                step_peak = measured_step(model, objective, batch)["peak_bytes"]
+                measured = [measured_step(model, objective, batch) for _ in range(steps)]
+            seconds, step_peak = [m["cpu_seconds"] for m in measured], max(m["peak_bytes"] for m in measured)
             peak = step_peak + sum(p.numel() * p.element_size() for p in model.unet.parameters())
+            loss = measured[-1]["loss"]
         row["methods"][name] = {"seconds_per_step": statistics.median(seconds), "seconds": seconds,
                                 "peak_bytes": peak, "step_peak_bytes": step_peak, "loss": loss}
     m = row["methods"]

@@ -18,6 +18,7 @@ from ncppo.perception import FEATURE_CHOICES, NoiseConditionedEncoder, feature_n
 from ncppo.planning.abstract import abstract_execution
 from ncppo.planning.architectures import read_configs
 from ncppo.planning.estimate import AbstractRun
+from ncppo.planning.measure import hooked_levels
 
 
 @pytest.fixture(scope="module", params=["sd15", "sdxl"])
@@ -26,27 +27,13 @@ def real(request):
                        resolution=64)
 
 
-def _hooked_forward(unet, sample, t, condition):
-    """Outputs of ``conv_in``, every down block and the mid block in a full U-Net forward."""
-    found = {}
-    modules = {"conv_in": unet.conv_in, "mid": unet.mid_block} | {f"down_{i}": b for i, b in enumerate(unet.down_blocks)}
-    hooks = [m.register_forward_hook(lambda _m, _a, out, k=k: found.__setitem__(k, out[0] if isinstance(out, tuple) else out))
-             for k, m in modules.items()]
-    try:
-        unet(sample, t, **condition.unet_kwargs())
-    finally:
-        for h in hooks:
-            h.remove()
-    return found
-
-
 def test_encoder_levels_have_the_shapes_of_the_full_forward(real):
     model = real.model
     with abstract_execution(real.mode, real.half), torch.no_grad():
         pairs = model.encode_batch(real.batch())
         x, t = pairs.latents_w, torch.full((1,), 500)
         with model.frozen_unet() as unet:
-            full = _hooked_forward(unet, x.to(unet.dtype), t, pairs.condition_w)
+            full = hooked_levels(unet, x.to(unet.dtype), t, pairs.condition_w)
             for features in FEATURE_CHOICES:
                 feats = NoiseConditionedEncoder(features)(unet, x, t, **pairs.condition_w.unet_kwargs())
                 names = feature_names(features, len(unet.down_blocks))

@@ -62,13 +62,17 @@ class _FakeFixes(TorchDispatchMode):
 
 class LiveBytes(TorchDispatchMode):
     """The peak, over the ops run under it, of the bytes of the tensor storages they made that are still
-    alive (a storage counts once, however many views; freed when its last reference goes)."""
+    alive (a storage counts once, however many views; freed when its last reference goes). The storages of
+    ``existing`` tensors (weights, inputs) are never counted, also when an op returns a view of one."""
 
-    def __init__(self):
+    def __init__(self, existing=()):
         super().__init__()
         self.current = 0
         self.peak = 0
         self._refs: dict[int, weakref.ref] = {}
+        for t in existing:
+            storage = t.untyped_storage()
+            self._refs[id(storage)] = weakref.ref(storage)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))

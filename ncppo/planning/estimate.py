@@ -88,9 +88,9 @@ class AbstractRun:
         unet = self.model.unet
         unet.enable_gradient_checkpointing() if gradient_checkpointing else unet.disable_gradient_checkpointing()
         phases = PhaseFlops(self.unets)
-        live = LiveBytes()
         with abstract_execution(self.mode, self.half):
             batch = self.batch()
+            live = LiveBytes([*self._tensors(), *(v for v in vars(batch).values() if isinstance(v, torch.Tensor))])
             with phases.counter, live:
                 out = training_step(self.model, objective, batch)
                 phases.switch("backward")
@@ -99,6 +99,12 @@ class AbstractRun:
             for p in self.model.trainable_parameters():
                 p.grad = None
         return StepCount(phases.close(), live.peak)
+
+    def _tensors(self):
+        for module in self.unets + self.model._frozen_components():
+            yield from module.parameters()
+            yield from module.buffers()
+        yield from (self.model.schedule.betas, self.model.schedule.alphas_cumprod)
 
     def encoding_flops(self) -> int:
         """FLOPs of encoding a raw batch (VAE posterior of winners and losers, the text encoders on the prompts)."""

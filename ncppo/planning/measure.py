@@ -9,7 +9,7 @@ import torch
 
 
 def measured_step(model, objective, batch, *, generator_seed: int = 0) -> dict:
-    """``{"cpu_seconds", "peak_bytes"}`` of one forward and backward of the real step (the trained gradients
+    """``{"cpu_seconds", "peak_bytes", "gradient_bytes", "loss"}`` of one forward and backward of the real step (the trained gradients
     cleared before and after). ``peak_bytes`` is the highest running sum of the profiler's allocation and
     free records during the step: memory the step allocated and still held, as the estimate's activations."""
     from torch.profiler import ProfilerActivity, profile
@@ -25,6 +25,7 @@ def measured_step(model, objective, batch, *, generator_seed: int = 0) -> dict:
         out = training_step(model, objective, batch, generator=generator)
         out.loss.backward()
         seconds = time.process_time() - start
+        loss = float(out.loss.detach())
         del out
     grads = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
     for p in params:
@@ -34,7 +35,7 @@ def measured_step(model, objective, batch, *, generator_seed: int = 0) -> dict:
     for _, delta in records:
         current += delta
         peak = max(peak, current)
-    return {"cpu_seconds": seconds, "peak_bytes": peak, "gradient_bytes": grads}
+    return {"cpu_seconds": seconds, "peak_bytes": peak, "gradient_bytes": grads, "loss": loss}
 
 
 def timed_step(model, objective, batch, *, generator_seed: int = 0) -> float:
@@ -49,3 +50,21 @@ def timed_step(model, objective, batch, *, generator_seed: int = 0) -> float:
     for p in model.trainable_parameters():
         p.grad = None
     return seconds
+
+
+def hooked_levels(unet, sample, timestep, condition) -> dict:
+    """``conv_in``'s, every down block's and the mid block's outputs in one full U-Net forward (forward
+    hooks): what the perceptual encoder's levels must equal."""
+    found = {}
+    modules = {"conv_in": unet.conv_in, "mid": unet.mid_block} | {f"down_{i}": b for i, b in enumerate(unet.down_blocks)}
+
+    def keep(name):
+        return lambda _module, _args, out: found.__setitem__(name, out[0] if isinstance(out, tuple) else out)
+
+    hooks = [m.register_forward_hook(keep(name)) for name, m in modules.items()]
+    try:
+        unet(sample, timestep, **condition.unet_kwargs())
+    finally:
+        for h in hooks:
+            h.remove()
+    return found
