@@ -3,7 +3,9 @@
 The policy is the pipeline's U-Net with LoRA adapters (peft) or fully trainable. The reference
 ``eps_ref`` and the perceptual encoder ``f`` both use the *frozen pretrained* U-Net: with LoRA that is
 the same U-Net with its adapters disabled (no second copy in memory); with a full fine-tune, a frozen
-copy made before training.
+copy made before training. "U-Net" (``model.unet``) names the denoiser: for SD3, FLUX and PixArt it is the
+pipeline's transformer; what differs per family is in :mod:`ncppo.models.transformers_backbone`, and the
+process (DDPM or flow matching) is ``model.schedule``.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from ncppo.errors import UsageError
 from ncppo.flow import process_for
 from ncppo.io import atomic_directory
 from ncppo.models.loading import load_pipeline, pipeline_kind
-from ncppo.models.transformers_backbone import BACKBONES
+from ncppo.models.transformers_backbone import BACKBONES, encode_text, training_guidance
 
 FINETUNE_MODES = ("lora", "full", "none")  # none: frozen, for encoding and sampling
 
@@ -53,7 +55,7 @@ class PreferenceModel:
     """Wraps a SD1.5-/SDXL-/SD3-/FLUX-class pipeline for training; see the module docstring.
 
     ``guidance`` is the distilled guidance scale a FLUX.1-dev-class transformer is conditioned on while training
-    (default :data:`FLUX_TRAINING_GUIDANCE`); a model without a guidance embedding refuses one.
+    (default ``transformers_backbone.FLUX_TRAINING_GUIDANCE``); a model without a guidance embedding refuses one.
     ``timestep_weighting`` chooses a flow model's training sigmas (:data:`ncppo.flow.WEIGHTINGS`; default
     ``logit_normal``, SD3's); DDPM models draw ``t`` uniformly, as Diffusion-DPO, and refuse the option.
     """
@@ -215,27 +217,7 @@ class PreferenceModel:
         """``(embeds, pooled, attention_mask)``: the mask only for a model that attends to masked text (PixArt)."""
         if any(not isinstance(p, str) for p in prompts):
             raise ValueError("prompts must be strings")
-        if self.kind == "pixart":
-            embeds, mask, _, _ = self.pipeline.encode_prompt(prompts, do_classifier_free_guidance=False,
-                                                             device=self.device)
-            return embeds, None, mask
-        if self.kind == "sd3":
-            embeds, _, pooled, _ = self.pipeline.encode_prompt(
-                prompts, None, None, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
-            )
-            return embeds, pooled, None
-        if self.kind == "flux":
-            embeds, pooled, _ = self.pipeline.encode_prompt(prompts, None, device=self.device, num_images_per_prompt=1)
-            return embeds, pooled, None
-        if self.kind == "sdxl":
-            embeds, _, pooled, _ = self.pipeline.encode_prompt(
-                prompts, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
-            )
-            return embeds, pooled, None
-        embeds, _ = self.pipeline.encode_prompt(
-            prompts, self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
-        )
-        return embeds, None, None
+        return encode_text(self.kind, self.pipeline, prompts, self.device)
 
     @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor, generator: torch.Generator | None = None,
@@ -348,21 +330,6 @@ class PreferenceModel:
         """Save the fully fine-tuned U-Net in diffusers' format (``UNet2DConditionModel.from_pretrained``)."""
         with atomic_directory(out_dir) as tmp:
             self.unet.save_pretrained(tmp, safe_serialization=True)
-
-
-FLUX_TRAINING_GUIDANCE = 3.5  # diffusers' FLUX.1-dev LoRA scripts' --guidance_scale default
-
-
-def training_guidance(kind: str, denoiser, guidance: float | None) -> float | None:
-    """The guidance value a model trains with: FLUX.1-dev-class models need one, all others refuse one."""
-    embeds = kind == "flux" and bool(denoiser.config.get("guidance_embeds", False))
-    if embeds:
-        return FLUX_TRAINING_GUIDANCE if guidance is None else float(guidance)
-    if guidance is not None:
-        what = "this FLUX model has no guidance embedding (a schnell-like model)" if kind == "flux" else \
-            f"a {kind} model has no guidance embedding"
-        raise UsageError(f"guidance {guidance!r} was given but {what}; leave guidance unset")
-    return None
 
 
 def _time_ids(given: torch.Tensor | None, default: torch.Tensor, side: str) -> torch.Tensor:

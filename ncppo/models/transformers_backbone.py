@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from ncppo.batch import Condition
+from ncppo.errors import UsageError
 
 # MMDiT's joint attention has a text-stream twin of each image-stream projection: a LoRA "on the attention
 # projections" adapts both (as diffusers' SD3 LoRA scripts do).
@@ -68,6 +69,44 @@ class Backbone:
     def lora_save_kwargs(self, layers: dict, metadata: dict) -> dict:
         """Keywords for ``Pipeline.save_lora_weights`` (``unet_lora_layers`` or ``transformer_lora_layers``)."""
         return {f"{self.attribute}_lora_layers": layers, f"{self.attribute}_lora_adapter_metadata": metadata}
+
+
+def encode_text(kind: str, pipeline, prompts: list[str], device):
+    """``(embeds, pooled, attention_mask)`` from the pipeline's own ``encode_prompt`` (no classifier-free copy):
+    pooled for SDXL, SD3 and FLUX, the T5 padding mask for PixArt, None where a model has none."""
+    if kind == "pixart":
+        embeds, mask, _, _ = pipeline.encode_prompt(prompts, do_classifier_free_guidance=False, device=device)
+        return embeds, None, mask
+    if kind == "sd3":
+        embeds, _, pooled, _ = pipeline.encode_prompt(
+            prompts, None, None, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
+        return embeds, pooled, None
+    if kind == "flux":
+        embeds, pooled, _ = pipeline.encode_prompt(prompts, None, device=device, num_images_per_prompt=1)
+        return embeds, pooled, None
+    if kind == "sdxl":
+        embeds, _, pooled, _ = pipeline.encode_prompt(
+            prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
+        return embeds, pooled, None
+    embeds, _ = pipeline.encode_prompt(prompts, device, num_images_per_prompt=1, do_classifier_free_guidance=False)
+    return embeds, None, None
+
+
+FLUX_TRAINING_GUIDANCE = 3.5  # diffusers' FLUX.1-dev LoRA scripts' --guidance_scale default
+
+
+def training_guidance(kind: str, denoiser, guidance: float | None) -> float | None:
+    """The guidance value a model trains with: FLUX.1-dev-class models need one, all others refuse one."""
+    embeds = kind == "flux" and bool(denoiser.config.get("guidance_embeds", False))
+    if embeds:
+        return FLUX_TRAINING_GUIDANCE if guidance is None else float(guidance)
+    if guidance is not None:
+        what = "this FLUX model has no guidance embedding (a schnell-like model)" if kind == "flux" else \
+            f"a {kind} model has no guidance embedding"
+        raise UsageError(f"guidance {guidance!r} was given but {what}; leave guidance unset")
+    return None
 
 
 UNET = Backbone("unet", "unet", "cross_attention_dim", needs_pooled=False)
