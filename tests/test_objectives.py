@@ -293,3 +293,24 @@ def test_flow_ncp_encodes_the_euler_step_to_the_next_lower_sigma(flow_model):
     with torch.no_grad():
         got, _ = PerceptualSpace(scale="noise").losses(model, nb, v_theta)
     torch.testing.assert_close(got, expected, rtol=2e-3, atol=0)
+
+
+@pytest.mark.parametrize("encoder_timestep", ["t-5", "uniform"])
+def test_flow_ncp_with_a_larger_step_or_a_uniform_encoder_time(flow_model, encoder_timestep):
+    from ncppo.step import training_step
+
+    from .conftest import random_pairs
+
+    objective = make_objective("ncp-dpo", encoder_timestep=encoder_timestep)
+    out = training_step(flow_model, objective, random_pairs(), generator=torch.Generator().manual_seed(2))
+    assert out.loss.item() == pytest.approx(math.log(2), abs=1e-6)
+    nb = _flow_batch(flow_model, seed=6)
+    v_theta = nb.target + 0.1 * torch.randn_like(nb.x_t)
+    with torch.no_grad():
+        got, _ = objective.space.losses(flow_model, nb, v_theta)
+    assert torch.isfinite(got).all() and (got > 0).all()
+    if encoder_timestep == "t-5":  # the Euler step from sigma(t) to sigma(t-5), on the gain's scale
+        schedule = flow_model.schedule
+        s, s5 = schedule.sigma(nb.t, nb.x_t), schedule.sigma((nb.t - 5).clamp(min=-1), nb.x_t)
+        one, _ = PerceptualSpace(scale="paper", encoder_timestep="t-5").losses(flow_model, nb, v_theta)
+        torch.testing.assert_close(got, one / (s - s5).flatten().pow(2), rtol=1e-5, atol=0)
