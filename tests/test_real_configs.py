@@ -141,3 +141,18 @@ def test_full_fine_tune_step_with_fsdp2_on_two_cpu_processes(tmp_path):
     for r in ranks:
         assert r["local_numel"] < 0.6 * r["numel"]  # each process holds about half of the trained U-Net
         assert not r["reference_changed"] and not r["reference_sharded"]
+
+
+def test_shipped_fsdp_config_wraps_blocks_the_real_unets_have():
+    import yaml
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from ncppo.planning.architectures import build_abstract_pipeline
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "fsdp.yaml"
+    config = load_config_from_file(str(path))
+    assert str(config.distributed_type) in ("FSDP", "DistributedType.FSDP") and config.fsdp_config["fsdp_version"] == 2
+    wrapped = set(yaml.safe_load(path.read_text())["fsdp_config"]["fsdp_transformer_layer_cls_to_wrap"].split(","))
+    for preset in ("sd15", "sdxl"):
+        classes = {type(m).__name__ for m in build_abstract_pipeline(read_configs(preset)).unet.modules()}
+        assert wrapped <= classes, (preset, wrapped - classes)
