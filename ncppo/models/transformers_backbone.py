@@ -1,7 +1,8 @@
 """What differs between the denoisers ncppo trains, in one table: U-Nets (SD1.5, SDXL, pixel), the SD3-class
 MMDiT, the FLUX.1-class transformer (2x2-packed latent tokens, rotary position ids, guidance embedding) and
-PixArt-Sigma's DiT (DDPM with learned variance, cross-attention to masked T5 tokens). :class:`~ncppo.models.preference_model.PreferenceModel` reads it; the training
-step, the objectives and the trainer never see it.
+PixArt-Sigma's DiT (DDPM with learned variance, cross-attention to masked T5 tokens).
+:class:`~ncppo.models.preference_model.PreferenceModel` reads it; the training step, the objectives and the
+trainer never see it.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ class Backbone:
     """One denoiser family: where the pipeline keeps it and how it is called, adapted and saved."""
 
     attribute: str  # the pipeline's component: "unet" or "transformer"
-    family: str  # how it is called: "unet", "sd3" or "flux"
+    family: str  # how it is called: "unet", "sd3", "flux" or "pixart"
     text_width_key: str  # the config key of the prompt embeddings' width
     needs_pooled: bool  # the condition carries a pooled text embedding (Condition.text_embeds)
     context_twins: bool = False  # MMDiT: LoRA targets gain their text-stream twins
@@ -42,7 +43,8 @@ class Backbone:
         return tuple(targets) + tuple(MMDIT_CONTEXT_TWINS[t] for t in targets if t in MMDIT_CONTEXT_TWINS)
 
     def forward(self, denoiser, x, timestep, condition: Condition):
-        """The raw model output at ``x`` (in the denoiser's dtype) and the network's ``timestep``."""
+        """The model output at ``x`` (in the denoiser's dtype) and the network's ``timestep``, in the latents' layout
+        (FLUX's tokens unpacked, PixArt's variance half dropped)."""
         if self.family == "unet":
             return denoiser(x, timestep, **condition.unet_kwargs(), return_dict=False)[0]
         if self.family == "pixart":
