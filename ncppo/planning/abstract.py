@@ -23,24 +23,10 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-from torch.utils.flop_counter import (
-    FlopCounterMode,
-    register_flop_formula,
-    sdpa_backward_flop_count,
-    sdpa_flop_count,
-)
+
+from ncppo.flops import FlopCounterMode  # also registers the CPU flash-attention formulas
 
 _aten = torch.ops.aten
-
-
-@register_flop_formula(_aten._scaled_dot_product_flash_attention_for_cpu, get_raw=True)
-def _cpu_flash_flops(query, key, value, *args, out_val=None, **kwargs) -> int:
-    return sdpa_flop_count(query.shape, key.shape, value.shape)
-
-
-@register_flop_formula(_aten._scaled_dot_product_flash_attention_for_cpu_backward, get_raw=True)
-def _cpu_flash_backward_flops(grad_out, query, key, value, *args, out_val=None, **kwargs) -> int:
-    return sdpa_backward_flop_count(grad_out.shape, query.shape, key.shape, value.shape)
 
 
 class _FakeFixes(TorchDispatchMode):

@@ -16,8 +16,7 @@ REFERENCE_METHOD = "dpo"
 
 def training_step_flops(model, objective, batch, seed: int = 0) -> int:
     """FLOPs of one training step of ``objective`` on ``batch`` (forward and backward), as torch counts them."""
-    from torch.utils.flop_counter import FlopCounterMode
-
+    from ncppo.flops import FlopCounterMode  # with CPU flash attention counted
     from ncppo.step import training_step
 
     counter = FlopCounterMode(display=False)
