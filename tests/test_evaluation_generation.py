@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from ncppo.evaluation import GenerationSpec, generate_samples, make_reward
 from ncppo.models.loading import load_pipeline
@@ -63,3 +64,26 @@ def test_rewards_register_by_name_or_module_path():
     finally:
         _FACTORIES.pop("test-constant")
         _FACTORIES.pop("test-lazy")
+
+
+def test_a_lora_for_another_base_model_and_a_sampler_for_another_family_are_one_line_errors(tiny_pipeline_dirs, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from ncppo.evaluation.sampling import load_sampling_pipeline
+    from ncppo.models.preference_model import LoraSettings, PreferenceModel
+    from ncppo.models.tiny import save_tiny_pipeline
+
+    PreferenceModel.from_pretrained(tiny_pipeline_dirs["sd15"], lora=LoraSettings(rank=2)).save_lora(tmp_path / "lora")
+    load_sampling_pipeline(tiny_pipeline_dirs["sd15"], lora=tmp_path / "lora", device="cpu")  # its own model: fine
+    weights = load_file(tmp_path / "lora" / "pytorch_lora_weights.safetensors")
+    key = next(k for k in weights if k.endswith(("attn2.to_k.lora_A.weight", "attn2.to_k.lora.down.weight")))
+    other = {**weights, key: torch.zeros(weights[key].shape[0], weights[key].shape[1] + 8)}  # another text width
+    (tmp_path / "other").mkdir()
+    save_file(other, tmp_path / "other" / "pytorch_lora_weights.safetensors")
+    with pytest.raises(ValueError) as err:  # peft would load the rest with a warning, or list every mismatch
+        load_sampling_pipeline(tiny_pipeline_dirs["sd15"], lora=tmp_path / "other", device="cpu")
+    message = str(err.value)
+    assert "\n" not in message and "not a LoRA for" in message and "1 have other shapes" in message
+    sd3 = save_tiny_pipeline(tmp_path / "sd3", "sd3")
+    with pytest.raises(ValueError, match="is a flow-matching model .*leave --scheduler out"):
+        load_sampling_pipeline(sd3, scheduler="ddim", device="cpu")

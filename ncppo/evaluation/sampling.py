@@ -36,12 +36,16 @@ def load_sampling_pipeline(model: str | Path, lora: str | Path | None = None, sc
         lora = find_lora(lora)
     pipe = load_pipeline(model, torch_dtype={"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype])
     if scheduler:
+        if "FlowMatch" in type(pipe.scheduler).__name__:  # the DDPM-family samplers would give wrong images
+            raise UsageError(f"--scheduler {scheduler}: {model} is a flow-matching model ({type(pipe.scheduler).__name__}); "
+                             "the --scheduler choices are DDPM-family samplers (leave --scheduler out)")
         pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
     if lora:
+        _check_lora_fits(pipe, Path(lora), model)
         try:
             pipe.load_lora_weights(str(lora))
         except (ValueError, OSError, KeyError, RuntimeError) as err:  # diffusers/peft on a folder that is no LoRA of it
-            raise ModelLoadError(f"--lora {lora}: not a diffusers-format LoRA for {model} ({err})") from err
+            raise ModelLoadError(f"--lora {lora}: not a diffusers-format LoRA for {model} ({_first_lines(err)})") from err
     return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
@@ -78,3 +82,42 @@ def curves_from_files(run_dirs: list[str | Path], prompt_file: str | Path, rewar
     prompts = load_prompts(prompt_file, limit=limit)
     return run_curves(run_dirs, prompts, spec_for(prompts, **spec_options), make_reward(reward, weights), out_dir,
                       weights, progress=progress)
+
+
+def _first_lines(err: Exception) -> str:
+    """One line for a loader's error: torch lists every mismatched weight of a LoRA for another base model."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    mismatched = [line for line in lines if line.startswith("size mismatch")]
+    if mismatched:
+        return f"{len(mismatched)} weight(s) have other shapes than this model's, e.g. {mismatched[0]}"
+    return lines[0] if lines else type(err).__name__
+
+
+def _check_lora_fits(pipe, lora: Path, model) -> None:
+    """Refuse a diffusers-format U-Net LoRA whose layers this model lacks or has in other shapes (peft would
+    load the rest with only a warning: a LoRA for another base model would silently do half its job)."""
+    from safetensors import safe_open
+
+    file = lora if lora.is_file() else lora / "pytorch_lora_weights.safetensors"
+    denoiser = getattr(pipe, "unet", None)
+    if denoiser is None or not file.is_file():
+        return
+    modules = dict(denoiser.named_modules())
+    missing, mismatched = [], []
+    with safe_open(str(file), "pt") as f:
+        for key in f.keys():  # noqa: SIM118 (a safetensors handle is not iterable)
+            down = ".lora_A." if ".lora_A." in key else ".lora.down."  # peft's or diffusers' own key names
+            if not key.startswith("unet.") or down not in key:
+                continue  # kohya keys, text-encoder LoRAs: diffusers' own loader checks those
+            name = key[len("unet."):].split(down)[0]
+            module = modules.get(name)
+            shape = f.get_slice(key).get_shape()
+            if module is None or not hasattr(module, "weight"):
+                missing.append(name)
+            elif shape[1] != module.weight.shape[1] * (1 if module.weight.dim() == 2 else
+                                                        module.weight.shape[2] * module.weight.shape[3]):
+                mismatched.append(name)
+    if missing or mismatched:
+        example = (missing or mismatched)[0]
+        raise UsageError(f"--lora {lora}: not a LoRA for {model}: {len(missing)} of its layers are not in this model "
+                         f"and {len(mismatched)} have other shapes (e.g. {example}); was it trained on another base model?")
