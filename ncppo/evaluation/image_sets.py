@@ -100,6 +100,7 @@ def _valid_png(path: Path) -> bool:
 def _save_png(array: np.ndarray, path: Path) -> None:
     from PIL import Image
 
+    # not io.atomic_file: its sweep of the folder for stale files would make a set of n images O(n^2)
     tmp = path.with_name(f".tmp-{path.name}")
     Image.fromarray(array).save(tmp, format="PNG")
     os.replace(tmp, path)

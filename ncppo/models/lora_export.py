@@ -16,14 +16,13 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import uuid
 from pathlib import Path
 
 import torch
 
 from ncppo.errors import UsageError
+from ncppo.io import atomic_file
 from ncppo.models.loading import ModelLoadError
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
@@ -121,13 +120,8 @@ def export_kohya(lora: str | Path, out_file: str | Path, metadata: dict[str, str
         return None
     kohya = to_kohya(state_dict, adapter)
     out_file = Path(out_file)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_file.with_name(f".tmp-{out_file.name}-{uuid.uuid4().hex[:8]}")
-    try:
+    with atomic_file(out_file) as tmp:
         save_file(kohya, str(tmp), metadata={"format": "pt", **(metadata or {})})
-        os.replace(tmp, out_file)
-    finally:
-        tmp.unlink(missing_ok=True)
     return out_file
 
 
