@@ -95,11 +95,11 @@ def mean_curves(results: list[dict]) -> dict[str, list[dict]]:
 
 def markdown(summary: dict) -> str:
     lines = ["# Toy reproduction (Table 1, Fig 4, Table 2 at toy scale)", "",
-             f"Command: `{summary['command']}`; {len(summary['seeds'])} seeds; every run trained for the FLOPs of "
+             f"Command: `{summary['command']}`; {len(summary['seeds'])} seed(s); every run trained for the FLOPs of "
              f"{summary['budget_dpo_steps']} DPO steps (steps per method: {summary['steps']}); "
              f"{summary['wall_minutes']:.0f} min wall in all; {summary['machine']}.", "",
              f"Win rates of B over A by the oracle reward on the held-out **test** split ({summary['test_prompts']} "
-             f"captions x {summary['images_per_prompt']} images x {len(summary['seeds'])} seeds), ties half; pooled "
+             f"captions x {summary['images_per_prompt']} images x {len(summary['seeds'])} seed(s)), ties half; pooled "
              "over seeds with 95% bootstrap intervals over (seed, prompt).", "",
              "Base model (mean oracle reward and components, over the seeds' evaluations):", "",
              "| split | mean | object colour | background | shape | quality |", "|---|---|---|---|---|---|",

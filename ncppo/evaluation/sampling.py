@@ -114,8 +114,7 @@ def _check_lora_fits(pipe, lora: Path, model) -> None:
             shape = f.get_slice(key).get_shape()
             if module is None or not hasattr(module, "weight"):
                 missing.append(name)
-            elif shape[1] != module.weight.shape[1] * (1 if module.weight.dim() == 2 else
-                                                        module.weight.shape[2] * module.weight.shape[3]):
+            elif shape[1] != module.weight.shape[1]:  # lora_A/down is (rank, in[, kh, kw]) for linear and conv alike
                 mismatched.append(name)
     if missing or mismatched:
         example = (missing or mismatched)[0]

@@ -43,6 +43,12 @@ def _run_rows(layout: ToyLayout, config: ToyConfig) -> list[list[str]]:
     return rows
 
 
+def _comparison_row(row: dict) -> list[str]:
+    win = WinRate.from_dict(row)
+    return [f"{row['b']} vs {row['a']}", row["kind"], str(win), win.counts, f"{row['mean_a']:.4f} -> {row['mean_b']:.4f}",
+            _verdict(row)]
+
+
 def _model_row(label: str, record: dict, *extra: str) -> list[str]:
     c = record["components"]
     return [label, *extra, f"{record['mean']:.4f}", *[f"{c[k]:.3f}" for k in COMPONENTS]]
@@ -132,8 +138,7 @@ def write_report(layout: ToyLayout, config: ToyConfig) -> None:
               "percentile bootstraps over prompts."),
         ("table", ["model", "mean reward", *COMPONENTS], [_model_row(name, m) for name, m in models.items()]),
         ("table", ["B vs A", "kind", "win rate of B [95% CI]", "W/T/L", "mean A -> B", "verdict"],
-         [[f"{row['b']} vs {row['a']}", row["kind"], str(WinRate.from_dict(row)), str(WinRate.from_dict(row).counts),
-           f"{row['mean_a']:.4f} -> {row['mean_b']:.4f}", _verdict(row)] for row in comparisons]),
+         [_comparison_row(row) for row in comparisons]),
     ]
     ttq = [r for r in comparisons if "time_to_quality" in r]
     if ttq:
