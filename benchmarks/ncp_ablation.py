@@ -11,12 +11,17 @@ Protocol (fixed before any number was seen):
   seed 2002, neither used by the pair generator.
 - Grid: baselines ``dpo``, ``cpo``, ``sft`` (beta 5000) and, for each, ``ncp-X`` under the settings
   ``paper`` (the paper's exact loss, beta 5000) and ``conditioned`` (``scale: noise`` plus ``beta: auto``;
-  SFT has no beta) x features ``last``, ``mid``, ``all``.
+  SFT has no beta) x features ``last``, ``mid``, ``all``; learning rates ``LEARNING_RATES``. The base
+  model is strong (oracle 0.73), so a learning rate that suits a weak one can only damage it: every
+  method gets its own learning rate, chosen on validation.
 - Budget: equal compute, not wall time: each run gets ``round(dpo_steps * FLOPs(DPO step) / FLOPs(its
   step))`` steps, FLOPs counted once per config by ``torch.utils.flop_counter`` on a real batch. Wall time
   is recorded beside it.
-- Selection (training seed 0, validation captions and seeds): for each X, the NCP setting x features with
-  the highest validation oracle reward. Verdict (training seeds 1, 2, 3, which the selection never saw;
+- Selection (training seed 0, validation captions and seeds), in two stages to stay within a session:
+  (1) each baseline and each NCP setting at features ``last`` at every learning rate; its best learning
+  rate is kept; (2) the NCP settings' other features at their setting's learning rate. For each X, the
+  baseline's best learning rate, and the NCP setting x features x learning rate with the highest
+  validation oracle reward. Verdict (training seeds 1, 2, 3, which the selection never saw;
   test captions and seeds, 1 image per caption): X, the selected NCP-X and, for DPO, the paper-exact
   and the well-conditioned NCP-DPO (features ``last``, reported whether selected or not); win rates of NCP-X over X pooled over seeds with 95% bootstrap intervals over
   (seed, caption) units; NCP-DPO's time to quality (the share of its compute at which it reaches DPO's
@@ -50,6 +55,7 @@ SETTINGS = {"paper": {"scale": "paper"}, "conditioned": {"scale": "noise", "beta
 FEATURES = ("last", "mid", "all")
 SPLIT_SEEDS = {"validation": 1001, "test": 2002}
 PAPER_AT_TEST = ("dpo",)
+LEARNING_RATES = (2e-5, 6e-5, 2e-4)  # 2e-4 was the toy world's default before the strong base model
 TEST_IMAGES = 2  # images per test caption (x 3 training seeds x 56 captions = 336 paired units)
 
 
@@ -91,7 +97,11 @@ def build_world(work: Path, quick: bool = False):
     return world
 
 
-def train_values(world, objective: dict, seed: int, steps: int, run_dir: Path) -> dict:
+def label(name: str, lr: float) -> str:
+    return f"{name}@{lr:g}"
+
+
+def train_values(world, objective: dict, seed: int, steps: int, run_dir: Path, lr: float) -> dict:
     from ncppo.toy.training import train_values as toy_values
 
     cfg = world.config.train
@@ -99,6 +109,7 @@ def train_values(world, objective: dict, seed: int, steps: int, run_dir: Path) -
                         world.config.pretrain.image_size, steps)
     values.update(seed=seed, checkpoint_every_steps=max(1, steps // 2), keep_last_checkpoints=4,
                   overwrite_output_dir=True)
+    values["optim"]["learning_rate"] = lr
     values["objective"] = {"beta": cfg.beta_noise, **objective}
     if objective["name"].endswith("sft"):
         values["objective"].pop("beta")
@@ -153,24 +164,25 @@ def diagnostics(run_dir: Path) -> dict:
 
 
 def train_and_validate(world, work: Path, name: str, objective: dict, seed: int, steps: int, flops: int,
-                       validate: bool = True) -> dict:
+                       lr: float, validate: bool = True) -> dict:
     from ncppo.training import Trainer, load_config
 
-    folder = work / "runs" / name.replace("/", "-") / f"seed-{seed}"
+    folder = work / "runs" / f"{name.replace('/', '-')}-lr{lr:g}" / f"seed-{seed}"
     result_path = folder / "result.json"
     if result_path.is_file():
         return json.loads(result_path.read_text())
     run_dir = folder / "run"
     start = time.perf_counter()
-    result = Trainer(load_config(None, **train_values(world, objective, seed, steps, run_dir))).train()
+    result = Trainer(load_config(None, **train_values(world, objective, seed, steps, run_dir, lr))).train()
     train_wall = time.perf_counter() - start
-    record = {"name": name, "seed": seed, "objective": objective, "steps": result.steps, "flops_per_step": flops,
+    record = {"name": name, "lr": lr, "seed": seed, "objective": objective, "steps": result.steps,
+              "flops_per_step": flops,
               "train_wall_seconds": train_wall, "train_seconds": result.train_seconds,
               "validation": evaluate(run_dir, world, spec("validation", 1)) if validate else None,
               "diagnostics": diagnostics(run_dir),
               "run_dir": str(run_dir)}
     atomic_write_text(result_path, json.dumps(record))
-    print(f"[ablation] {name} seed {seed}: {result.steps} steps, {train_wall:.0f} s, "
+    print(f"[ablation] {label(name, lr)} seed {seed}: {result.steps} steps, {train_wall:.0f} s, "
           + (f"validation reward {record['validation']['mean']:.4f}" if validate else "(test seed)"), flush=True)
     return record
 
@@ -219,7 +231,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--selection-seed", type=int, default=0)
     parser.add_argument("--test-seeds", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--dpo-steps", type=int, default=40, help="the budget, as steps of noise-space DPO")
+    parser.add_argument("--dpo-steps", type=int, default=None,
+                        help="the budget, as steps of noise-space DPO (default: the toy world's train.budget_dpo_steps)")
     parser.add_argument("--work", default="outputs/ncp_ablation")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "ncp_ablation.json"))
     parser.add_argument("--quick", action="store_true", help="the quick toy world (a smoke test of this script)")
@@ -237,14 +250,36 @@ def main(argv=None) -> int:
         if name not in flops:
             flops[name] = step_flops(world, objective)
             atomic_write_text(flops_path, json.dumps(flops, indent=1))
+    if args.dpo_steps is None:
+        args.dpo_steps = world.config.train.budget_dpo_steps
     steps = {name: max(1, round(args.dpo_steps * flops["dpo"] / flops[name])) for name in runs}
-    print(f"[ablation] selection: {len(runs)} configs at training seed {args.selection_seed}; steps at equal "
-          "compute: " + ", ".join(f"{n}={s}" for n, s in steps.items()), flush=True)
-    selection = {name: train_and_validate(world, work, name, objective, args.selection_seed, steps[name], flops[name])
-                 for name, objective in runs.items()}
-    validation = {name: r["validation"]["mean"] for name, r in selection.items()}
-    selected = {x: max((n for n in runs if n.startswith(f"ncp-{x}/")), key=lambda n: validation[n]) for x in BASELINES}
-    print(f"[ablation] selected on validation: {selected}", flush=True)
+    first_stage = [n for n in runs if "/" not in n or n.endswith("/last")]
+    print(f"[ablation] selection stage 1: {len(first_stage)} configs x learning rates {LEARNING_RATES} at training "
+          f"seed {args.selection_seed}; steps at equal compute: " + ", ".join(f"{n}={s}" for n, s in steps.items()),
+          flush=True)
+    selection = {}
+    for name in first_stage:
+        for lr in LEARNING_RATES:
+            selection[label(name, lr)] = train_and_validate(world, work, name, runs[name], args.selection_seed,
+                                                            steps[name], flops[name], lr)
+    validation = {key: r["validation"]["mean"] for key, r in selection.items()}
+
+    def best_lr(name: str) -> float:
+        return max(LEARNING_RATES, key=lambda lr: validation[label(name, lr)])
+
+    setting_lr = {n: best_lr(n) for n in first_stage}
+    for name in runs:
+        if name not in first_stage:  # stage 2: the other features at their setting's learning rate
+            lr = setting_lr[name.rsplit("/", 1)[0] + "/last"]
+            selection[label(name, lr)] = train_and_validate(world, work, name, runs[name], args.selection_seed,
+                                                            steps[name], flops[name], lr)
+    validation = {key: r["validation"]["mean"] for key, r in selection.items()}
+    chosen = {x: (x, setting_lr[x]) for x in BASELINES}
+    for x in BASELINES:
+        key = max((k for k in selection if k.startswith(f"ncp-{x}/")), key=lambda k: validation[k])
+        chosen[f"ncp-{x}"] = (selection[key]["name"], selection[key]["lr"])
+    selected = {x: label(*chosen[f"ncp-{x}"]) for x in BASELINES}
+    print(f"[ablation] selected on validation: {chosen}", flush=True)
 
     base_path = work / "base.json"
     if not base_path.is_file():
@@ -253,39 +288,44 @@ def main(argv=None) -> int:
     base = json.loads(base_path.read_text())
     verdicts, tested = [], {}
     for x in BASELINES:
-        # the paper-exact NCP-X at test for DPO (the paper's headline method); for CPO and SFT the selection
-        # table compares the settings on validation
-        contenders = list(dict.fromkeys([x, selected[x]] + ([f"ncp-{x}/paper/last", f"ncp-{x}/conditioned/last"]
-                                                            if x in PAPER_AT_TEST else [])))
-        for name in contenders:
-            if name not in tested:
-                tested[name] = []
+        # the paper-exact and the well-conditioned NCP-X (features last, each at its own selected learning rate)
+        # at test for DPO (the paper's headline method); for CPO and SFT the selection table compares them
+        contenders = [chosen[x], chosen[f"ncp-{x}"]]
+        if x in PAPER_AT_TEST:
+            contenders += [(f"ncp-{x}/{s}/last", setting_lr[f"ncp-{x}/{s}/last"]) for s in SETTINGS]
+        for name, lr in dict.fromkeys(contenders):
+            key = label(name, lr)
+            if key not in tested:
+                tested[key] = []
                 for seed in args.test_seeds:
-                    record = train_and_validate(world, work, name, runs[name], seed, steps[name], flops[name],
+                    record = train_and_validate(world, work, name, runs[name], seed, steps[name], flops[name], lr,
                                                 validate=False)
-                    tested[name].append({**test_record(world, work, record, half=name.startswith("ncp-dpo")),
-                                         "seed": seed, "record": record})
-        for label, ncp_name in (("selected", selected[x]), ("paper", f"ncp-{x}/paper/last"),
-                                ("conditioned (not selected)", f"ncp-{x}/conditioned/last")):
-            if ncp_name not in tested or any(v["x"] == x and v["ncp"] == ncp_name for v in verdicts):
+                    tested[key].append({**test_record(world, work, record, half=name.startswith("ncp-dpo")),
+                                        "seed": seed, "record": record})
+        x_key = label(*chosen[x])
+        for which, ncp_key in (("selected", selected[x]),
+                               *((f"{s} (features last)", label(f"ncp-{x}/{s}/last", setting_lr[f"ncp-{x}/{s}/last"]))
+                                 for s in SETTINGS)):
+            if ncp_key not in tested or any(v["x"] == x_key and v["ncp"] == ncp_key for v in verdicts):
                 continue
-            tests_x, tests_n = tested[x], tested[ncp_name]
+            tests_x, tests_n = tested[x_key], tested[ncp_key]
             win = pooled_win(tests_x, tests_n)
             vs_base = pooled_win([{"final": base["test"], "seed": t["seed"]} for t in tests_x], tests_n)
             x_vs_base = pooled_win([{"final": base["test"], "seed": t["seed"]} for t in tests_x], tests_x)
             ttq = [time_to_quality(base["test"]["mean"], n, t["final"]["mean"]) for t, n in zip(tests_x, tests_n)]
-            verdicts.append({"x": x, "ncp": ncp_name, "which": label, "win_rate": win.to_dict(),
+            verdicts.append({"family": x, "x": x_key, "ncp": ncp_key, "which": which, "win_rate": win.to_dict(),
                              "ncp_vs_base": vs_base.to_dict(), "x_vs_base": x_vs_base.to_dict(),
                              "test_mean_x": statistics.mean(t["final"]["mean"] for t in tests_x),
                              "test_mean_ncp": statistics.mean(t["final"]["mean"] for t in tests_n),
                              "time_to_quality_per_seed": ttq})
-    summary = lambda r: {k: r[k] for k in ("seed", "steps", "train_wall_seconds", "diagnostics")} | {  # noqa: E731
+    summary = lambda r: {k: r[k] for k in ("name", "lr", "seed", "steps", "train_wall_seconds", "diagnostics")} | {  # noqa: E731
         "validation_mean": r["validation"]["mean"] if r["validation"] else None}
     record = {"command": "python benchmarks/ncp_ablation.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "protocol": __doc__.split("Resumable")[0].strip(), "selection_seed": args.selection_seed,
               "test_seeds": args.test_seeds, "dpo_steps": args.dpo_steps, "steps": steps,
               "flops_per_step": {n: flops[n] for n in runs}, "base": {s: base[s]["mean"] for s in base},
-              "validation_mean": validation, "selected": selected, "verdicts": verdicts,
+              "learning_rates": LEARNING_RATES, "validation_mean": validation, "selected": selected,
+              "chosen": {k: {"name": n, "lr": lr} for k, (n, lr) in chosen.items()}, "verdicts": verdicts,
               "selection_runs": {n: summary(r) for n, r in selection.items()},
               "test_runs": {n: [summary(t["record"]) | {"test_mean": t["final"]["mean"]} for t in ts]
                             for n, ts in tested.items()},
@@ -300,15 +340,16 @@ def markdown(r: dict) -> str:
     lines = ["# NCP ablation on the toy world", "", f"Command: `{r['command']}`", "",
              f"Base model oracle reward: validation {r['base']['validation']:.4f}, test {r['base']['test']:.4f}.", "",
              f"## Selection: validation captions and seeds, training seed {r['selection_seed']}", "",
-             "| run | steps (equal compute) | validation reward | arg RMS (median) | PL/L t0..t3 (median) | eps-dominated |",
-             "|---|---|---|---|---|---|"]
+             "| run | lr | steps (equal compute) | validation reward | arg RMS (median) | PL/L t0..t3 (median) | "
+             "eps-dominated |", "|---|---|---|---|---|---|---|"]
     for name, rec in r["selection_runs"].items():
         def med(key, d=rec["diagnostics"]):
             return d.get(key, {}).get("median")
         pl = " / ".join(f"{med(f'pl_over_l_t{q}'):.2g}" if med(f"pl_over_l_t{q}") is not None else "-" for q in range(4))
         arg = f"{med('argument_rms'):.3g}" if med("argument_rms") is not None else "-"
         eps = f"{med('eps_dominated_frac'):.2f}" if med("eps_dominated_frac") is not None else "-"
-        lines.append(f"| {name} | {r['steps'][name]} | {r['validation_mean'][name]:.4f} | {arg} | {pl} | {eps} |")
+        lines.append(f"| {rec['name']} | {rec['lr']:g} | {r['steps'][rec['name']]} | {r['validation_mean'][name]:.4f} | "
+                     f"{arg} | {pl} | {eps} |")
     lines += ["", f"Selected: {r['selected']}", "",
               f"## Verdict: test captions and seeds, training seeds {r['test_seeds']} (pooled)", "",
               "| X | NCP-X | which | win rate of NCP-X over X [95% CI] | X vs base | NCP-X vs base | test reward X -> NCP-X | "
@@ -316,7 +357,7 @@ def markdown(r: dict) -> str:
     for v in r["verdicts"]:
         w, b = v["win_rate"], v["ncp_vs_base"]
         times = ["never" if t is None else f"{t:.2f}" for t in v["time_to_quality_per_seed"]]
-        ttq = ", ".join(times) if v["x"] == "dpo" else "-"
+        ttq = ", ".join(times) if v["family"] == "dpo" else "-"
         xb = v["x_vs_base"]
         lines.append(f"| {v['x']} | {v['ncp']} | {v['which']} | {100 * w['rate']:.1f}% "
                      f"[{100 * w['low']:.1f}, {100 * w['high']:.1f}] | {100 * xb['rate']:.1f}% | {100 * b['rate']:.1f}% | "
