@@ -19,8 +19,11 @@ REWARD_COLOURS = ("#8da0cb", "#fc8d62", "#66c2a5", "#e78ac3", "#a6d854", "#ffd92
 
 
 def model_style(index: int) -> dict:
-    """The colour and marker of the ``index``-th model of a figure (the same in every figure of a report)."""
-    return {"color": COLOURS[index % len(COLOURS)], "marker": MARKERS[index % len(MARKERS)]}
+    """The colour and marker of the ``index``-th model of a figure (the same in every figure of a report).
+    Past the tenth model the marker shifts by one per round of colours, so the first 100 pairs are distinct
+    (the toy reproduction draws 14 runs)."""
+    return {"color": COLOURS[index % len(COLOURS)],
+            "marker": MARKERS[(index + index // len(COLOURS)) % len(MARKERS)]}
 
 
 def _pyplot():

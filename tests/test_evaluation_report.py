@@ -146,3 +146,6 @@ def test_each_model_has_its_own_colour_and_marker():
 
     styles = [model_style(i) for i in range(10)]
     assert len({s["color"] for s in styles}) == 10 and len({s["marker"] for s in styles}) == 10
+    # beyond one round of colours no model repeats another's pair (the reproduction draws 14 runs)
+    pairs = [(s["color"], s["marker"]) for s in map(model_style, range(100))]
+    assert len(set(pairs)) == 100
