@@ -121,8 +121,48 @@ def test_every_config_key_is_described_with_its_default():
 def test_choices_match_the_modules_that_own_them():
     # the table stays a literal so that `ncppo train --help` loads without torch; the owners decide
     from ncppo.data.schema import TIE_POLICIES
+    from ncppo.flow import WEIGHTINGS
     from ncppo.models.preference_model import FINETUNE_MODES
     from ncppo.training.config import _CHOICES
 
     assert _CHOICES["data.tie_policy"] == TIE_POLICIES
+    assert tuple(sorted(_CHOICES["model.timestep_weighting"])) == tuple(sorted(WEIGHTINGS))
     assert _CHOICES["model.finetune"] == tuple(m for m in FINETUNE_MODES if m != "none")  # none: not trainable
+
+
+def test_transformer_options_are_config_keys():
+    cfg = load_config(None, [*BASE, "model.guidance=2", "model.timestep_weighting=uniform",
+                             "objective.encoder_blocks=[0, 2]"])
+    assert cfg.model.guidance == 2.0 and isinstance(cfg.model.guidance, float)
+    assert cfg.model.timestep_weighting == "uniform"
+    assert cfg.objective.options()["encoder_blocks"] == (0, 2)
+    from ncppo.training.setup import build_objective
+
+    assert build_objective(cfg.objective).space.encoder.blocks == (0, 2)
+    count = load_config(None, [*BASE, "objective.encoder_blocks=3"]).objective.encoder_blocks
+    assert count == 3 and isinstance(count, int)  # a count, not the fraction 3.0
+    fraction = load_config(None, [*BASE, "objective.encoder_blocks=0.25"]).objective.encoder_blocks
+    assert fraction == 0.25 and isinstance(fraction, float)
+    default = load_config(None, BASE)
+    assert (default.model.guidance, default.model.timestep_weighting, default.objective.encoder_blocks) == (None,) * 3
+    with pytest.raises(ConfigError, match=r"objective: encoder blocks as a fraction of the depth must lie in \(0, 1\]"):
+        load_config(None, [*BASE, "objective.encoder_blocks=1.5"])
+    with pytest.raises(ConfigError, match="objective: encoder depth must be >= 1 block, got 0"):
+        load_config(None, [*BASE, "objective.encoder_blocks=0"])
+    with pytest.raises(ConfigError, match=r"objective.encoder_blocks: expected int \| float \| list \| null, got 'half'"):
+        load_config(None, [*BASE, "objective.encoder_blocks=half"])
+    with pytest.raises(ConfigError, match="model.timestep_weighting: 'logit-normal' is not one of uniform, "
+                                          "logit_normal; did you mean 'logit_normal'"):
+        load_config(None, [*BASE, "model.timestep_weighting=logit-normal"])
+    with pytest.raises(ConfigError, match="model.guidance: must be a finite number >= 0 or null, got -1.0"):
+        load_config(None, [*BASE, "model.guidance=-1"])
+
+
+def test_the_transformer_keys_are_described():
+    from ncppo.training.reference import describe_options
+
+    text = describe_options()
+    assert "  model.guidance (float | null, default: null)\n      the guidance scale a FLUX.1-dev-class" in text
+    assert ("  model.timestep_weighting (str | null, default: null)  one of: uniform, logit_normal\n"
+            "      a flow model's") in text
+    assert "  objective.encoder_blocks (int | float | list of int | null, default: null)\n      a transformer's" in text

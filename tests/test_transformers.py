@@ -227,3 +227,66 @@ def test_timestep_weighting_is_a_flow_models_option(tiny_dir, tiny_pipeline_dirs
         PreferenceModel(load_pipeline(tiny_dir), finetune="none", timestep_weighting="mode")
     with pytest.raises(UsageError, match="flow-matching models only"):
         PreferenceModel(load_pipeline(tiny_pipeline_dirs["sd15"]), finetune="none", timestep_weighting="uniform")
+
+
+def test_config_keys_reach_the_model_and_the_objective(tiny_dir):
+    from ncppo.training.config import load_config
+    from ncppo.training.setup import build_model, build_objective, prepare_model
+
+    flux = tiny_dir.name == "flux"
+    cfg = load_config(None, [f"model.pretrained={tiny_dir}", "data.source=/d", "model.lora_rank=4",
+                             "model.timestep_weighting=uniform", "objective.encoder_blocks=[0, 2]",
+                             *(["model.guidance=2"] if flux else [])])
+    model = build_model(cfg.model)
+    prepare_model(model, cfg, torch.device("cpu"))
+    assert model.schedule.weighting == "uniform" and model.lora.rank == 4
+    guidance = noised_random_pairs(model).condition.guidance
+    assert (guidance.tolist() == [2.0] * 4) if flux else guidance is None
+    assert build_objective(cfg.objective).space.encoder.levels(model.unet) == ["block_0", "block_2"]
+
+
+def test_bad_transformer_options_stop_the_trainer_before_training(tiny_dir, tmp_path):
+    from ncppo.cli import main
+    from ncppo.training import Trainer, load_config
+    from ncppo.training.config import ConfigError
+
+    from .data_helpers import write_dataset
+
+    data = write_dataset(tmp_path / "pairs", [(f"a red shape {k}", f"w{k}", f"l{k}", 1) for k in range(2)])
+    model_dir = tiny_dir
+    bad = {"objective.encoder_blocks=9": "objective: encoder depth 9 exceeds this transformer's 4 blocks",
+           "objective.encoder_blocks=[1, 7]": r"objective: unknown encoder block index 7: this transformer has 4 "
+                                              r"blocks, indices 0 to 3",
+           "objective.features=mid": "objective: perceptual features 'mid' are a U-Net's"}
+    if tiny_dir.name == "flux":  # FLUX.1-schnell-like: no guidance embedding
+        model_dir = tmp_path / "schnell"
+        assert main(["tiny-model", str(model_dir), "--kind", "flux-schnell"]) == 0
+        bad["model.guidance=3.5"] = r"model.guidance: guidance 3.5 was given but this FLUX model has no guidance " \
+                                    r"embedding \(a schnell-like model\)"
+    else:
+        bad["model.guidance=3.5"] = "model.guidance: guidance 3.5 was given but a sd3 model has no guidance embedding"
+    for k, (key, message) in enumerate(bad.items()):
+        run = tmp_path / f"run-{k}"
+        with pytest.raises(ConfigError, match=message):
+            Trainer(load_config(None, [f"output_dir={run}", f"model.pretrained={model_dir}", f"data.source={data}",
+                                       "model.lora_rank=4", "data.resolution=32", "max_steps=1", key]))
+        assert not (run / "metrics.jsonl").exists() and not (run / "lora").exists(), key
+
+
+def test_transformer_keys_on_a_unet_are_refused(tiny_pipeline_dirs):
+    from ncppo.training.config import ConfigError, load_config
+    from ncppo.training.setup import build_model, prepare_model
+
+    base = [f"model.pretrained={tiny_pipeline_dirs['sd15']}", "data.source=/d", "model.lora_rank=4"]
+    for key, message in {"model.guidance=3.5": "model.guidance: guidance 3.5 was given but a sd15 model has no "
+                                               "guidance embedding",
+                         "model.timestep_weighting=uniform": r"model.timestep_weighting: flow timestep options "
+                                                             r"\['weighting'\] apply to flow-matching models only"}.items():
+        with pytest.raises(ConfigError, match=message):
+            build_model(load_config(None, [*base, key]).model)
+    cfg = load_config(None, [*base, "objective.encoder_blocks=0.5"])
+    with pytest.raises(ConfigError, match="objective.encoder_blocks: 0.5 sets a transformer's encoder depth; this "
+                                          "sd15 model is a U-Net"):
+        prepare_model(build_model(cfg.model), cfg, torch.device("cpu"))
+    cfg = load_config(None, [*base, "objective.name=dpo", "objective.encoder_blocks=0.5"])
+    prepare_model(build_model(cfg.model), cfg, torch.device("cpu"))  # noise space: no encoder to set

@@ -23,13 +23,18 @@ class ModelConfig:
     """The model to train (section ``model``).
 
     Parameters:
-        pretrained: the diffusers pipeline folder to train (SD1.5- or SDXL-class), or a hub id when online.
+        pretrained: the diffusers pipeline folder to train (SD1.5, SDXL, SD3, FLUX.1, PixArt-Sigma), or a hub id.
         finetune: ``lora`` (peft adapters on the U-Net; the frozen base is the reference) or ``full`` (the
             whole U-Net, with a frozen copy as the reference).
         lora_rank: the LoRA rank (the paper: 64).
         lora_alpha: the LoRA alpha; the adapters are scaled by ``alpha / rank`` (``null``: alpha = rank).
         lora_targets: the U-Net modules that get adapters (peft ``target_modules``; one name or a
-            comma-separated string is read as a list).
+            comma-separated string is read as a list). On an MMDiT (SD3, FLUX) each attention projection's
+            text-stream twin (``add_q_proj``...) is adapted too.
+        guidance: the guidance scale a FLUX.1-dev-class transformer (with a guidance embedding) trains with
+            (``null``: 3.5, diffusers' FLUX.1-dev LoRA scripts'); other models refuse a value.
+        timestep_weighting: a flow model's (SD3, FLUX) training sigmas: ``logit_normal`` (SD3's) or ``uniform``
+            (``null``: logit_normal); DDPM models (SD1.5, SDXL, PixArt: ``t`` uniform) refuse a value.
     """
 
     pretrained: str = ""
@@ -37,6 +42,8 @@ class ModelConfig:
     lora_rank: int = 64
     lora_alpha: float | None = None
     lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    guidance: float | None = None
+    timestep_weighting: str | None = None
 
 
 @dataclass
@@ -86,6 +93,9 @@ class ObjectiveConfig:
             form ``J_f(x*) (x - x*)`` as a JVP: keeps its signal in half precision), or ``auto`` (exact in
             float32, linear in half precision).
         encoder_dtype: ``model`` (the encoder runs in the training precision) or ``fp32``.
+        encoder_blocks: a transformer's encoder depth (SD3, FLUX, PixArt): a fraction in (0, 1] of its blocks,
+            a block count, or a list of block indices (FLUX: double-stream blocks first); ``null``: half. A
+            U-Net (encoder: its down path) refuses a value; checked against the model before training.
         calibration_batches: batches measured for ``beta: auto``.
     """
 
@@ -99,14 +109,16 @@ class ObjectiveConfig:
     scale: str = "noise"
     distance: str = "auto"
     encoder_dtype: str = "model"
+    encoder_blocks: int | float | list[int] | None = None  # int first: a count is not read as the fraction 3.0
     calibration_batches: int = 4
 
     def options(self) -> dict:
         """Keyword arguments of :func:`ncppo.objectives.make_objective`."""
         values = dataclasses.asdict(self)
         values.pop("calibration_batches")
-        if values["level_weights"] is not None:
-            values["level_weights"] = tuple(values["level_weights"])
+        for key in ("level_weights", "encoder_blocks"):
+            if isinstance(values[key], list):
+                values[key] = tuple(values[key])
         return values
 
 
@@ -279,12 +291,13 @@ CHANGEABLE_ON_RESUME = frozenset({
 RESUME_CHOICES = (True, False, "force")
 
 # literals so that `ncppo train --help` loads without torch; tests/test_training_config.py checks them against
-# their owners (ncppo.models.preference_model.FINETUNE_MODES, ncppo.data.schema.TIE_POLICIES)
+# their owners (ncppo.models.preference_model.FINETUNE_MODES, ncppo.data.schema.TIE_POLICIES, ncppo.flow.WEIGHTINGS)
 _CHOICES = {
     "model.finetune": ("lora", "full"),
     "data.tie_policy": ("drop", "keep", "error"),
     "optim.optimizer": ("adamw", "adamw8bit"),
     "mixed_precision": ("no", "fp16", "bf16"),
+    "model.timestep_weighting": ("uniform", "logit_normal"),  # ncppo.flow.WEIGHTINGS; null: the model's default
 }
 _REPORTERS = ("jsonl", "csv", "tensorboard", "wandb")
 # YAML 1.1 reads a bare no/off/false (yes/on/true) as a boolean: what the word meant for these string keys
@@ -390,7 +403,9 @@ def validate(config: TrainConfig) -> None:
     d = config.to_dict()
     for key, choices in _CHOICES.items():
         section, _, leaf = key.rpartition(".")
-        check_choice(d[section][leaf] if section else d[leaf], choices, key)
+        value = d[section][leaf] if section else d[leaf]
+        if value is not None:  # null: a key that defaults to the model's own choice (its type check refused others)
+            check_choice(value, choices, key)
     for reporter in config.report_to:
         if reporter not in _REPORTERS:
             raise ConfigError(f"report_to: {reporter!r} is not one of {', '.join(_REPORTERS)}")
@@ -412,6 +427,8 @@ def validate(config: TrainConfig) -> None:
     fraction = config.max_skipped_step_fraction
     if fraction is not None and not 0.0 <= fraction <= 1.0:
         raise ConfigError(f"max_skipped_step_fraction: must be in [0, 1] or null, got {fraction}")
+    if config.model.guidance is not None and not 0.0 <= config.model.guidance < float("inf"):
+        raise ConfigError(f"model.guidance: must be a finite number >= 0 or null, got {config.model.guidance}")
     if not 0.0 <= config.data.prompt_dropout < 1.0:
         raise ConfigError(f"data.prompt_dropout: must be in [0, 1), got {config.data.prompt_dropout}")
     from ncppo.objectives import make_objective

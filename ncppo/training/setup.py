@@ -60,17 +60,36 @@ def build_accelerator(config, trackers: list):
 
 
 def build_model(model_config):
-    """The :class:`~ncppo.models.preference_model.PreferenceModel` of a config's ``model`` section."""
+    """The :class:`~ncppo.models.preference_model.PreferenceModel` of a config's ``model`` section; a ``guidance`` or
+    ``timestep_weighting`` the model cannot use is a :class:`ConfigError` naming the key."""
+    from ncppo.errors import UsageError
+    from ncppo.flow import process_for
+    from ncppo.models.loading import load_pipeline, pipeline_kind
     from ncppo.models.preference_model import LoraSettings, PreferenceModel
+    from ncppo.models.transformers_backbone import BACKBONES, training_guidance
 
     check_local_path("model.pretrained", model_config.pretrained)
     lora = LoraSettings(model_config.lora_rank, model_config.lora_alpha, tuple(model_config.lora_targets))
-    return PreferenceModel.from_pretrained(model_config.pretrained, finetune=model_config.finetune, lora=lora)
+    pipeline = load_pipeline(model_config.pretrained)
+    kind = pipeline_kind(pipeline)
+    checks = {"guidance": lambda v: training_guidance(kind, BACKBONES[kind].denoiser(pipeline), v),
+              "timestep_weighting": lambda v: process_for(pipeline.scheduler, weighting=v)}
+    options = {"guidance": model_config.guidance, "timestep_weighting": model_config.timestep_weighting}
+    for key, value in options.items():  # PreferenceModel checks them too, but could not name the config key
+        if value is not None:
+            try:
+                checks[key](value)
+            except UsageError as err:
+                raise ConfigError(f"model.{key}: {err}") from err
+    return PreferenceModel(pipeline, finetune=model_config.finetune, lora=lora, **options)
 
 
-def prepare_model(model, config, device: torch.device) -> None:
-    """Precision, device and training mode: on GPU the frozen weights go to the half precision of
+def prepare_model(model, config, device: torch.device, objective=None) -> None:
+    """Check the objective (``objective``, default the config's) against the model (:func:`check_objective`), then
+    precision, device and training mode: on GPU the frozen weights go to the half precision of
     ``mixed_precision`` (on CPU half kernels are slow: they stay float32), the trained ones stay float32."""
+    check_objective(model, objective if objective is not None else build_objective(config.objective),
+                    config.objective.encoder_blocks)
     if device.type != "cpu":
         model.set_frozen_dtype(HALF.get(config.mixed_precision))
     model.to(device)
@@ -83,6 +102,21 @@ def build_objective(objective_config):
     from ncppo.objectives import make_objective
 
     return make_objective(**objective_config.options())
+
+
+def check_objective(model, objective, encoder_blocks=None) -> None:
+    """``objective.validate(model)`` before training (a transformer's encoder depth and block indices against its
+    blocks, the feature levels against the model) as a :class:`ConfigError`; ``encoder_blocks`` (the config's
+    value) on a U-Net, which would ignore it, is refused."""
+    from ncppo.errors import UsageError
+
+    try:
+        objective.validate(model)
+    except UsageError as err:
+        raise ConfigError(f"objective: {err} (model {model.kind})") from err
+    if encoder_blocks is not None and objective.space.needs_frozen_unet and model.backbone.family == "unet":
+        raise ConfigError(f"objective.encoder_blocks: {encoder_blocks!r} sets a transformer's encoder depth; this "
+                          f"{model.kind} model is a U-Net, whose encoder is its down path (see objective.features)")
 
 
 def build_data(data_config, model=None):
