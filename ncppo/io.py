@@ -251,6 +251,19 @@ def output_owner(folder: str | Path) -> str | None:
         return None
 
 
+def unmarked_output(folder: str | Path, record: str, keys: Iterable[str], allowed: Callable[[str], bool]) -> bool:
+    """Whether ``folder`` is an output written before outputs were marked: it holds no marker, ``record`` is a
+    JSON object with ``keys``, and every name in it passes ``allowed`` (the command's own files)."""
+    folder = Path(folder)
+    try:
+        data = json.loads((folder / record).read_text())
+        names = {p.name for p in folder.iterdir()}
+    except (OSError, ValueError):
+        return False
+    return (OUTPUT_MARKER not in names and isinstance(data, dict) and set(keys) <= set(data)
+            and all(allowed(n) for n in names))
+
+
 def mark_output_dir(folder: str | Path, command: str) -> None:
     """Record that ``folder`` is an output of ``command`` (write it inside the scratch folder)."""
     atomic_write_text(Path(folder) / OUTPUT_MARKER, json.dumps({"command": command}))

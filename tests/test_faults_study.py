@@ -432,3 +432,31 @@ def test_a_bad_gold_file_is_named_by_line_and_field(tmp_path, capsys, line, mess
     assert main(args) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and not (tmp_path / "s").exists()
+
+
+# -- `study results --out`: the output-folder rule of every command that writes a folder ---------------------
+def test_results_never_overwrite_a_foreign_folder_or_the_study(tmp_path, capsys):
+    store, token = _study(tmp_path)
+    a = store.next_assignment(token)
+    store.submit(token, a.id, "c1", ANSWER)
+    store.close()
+    study = tmp_path / "study"
+    paper = tmp_path / "paper"
+    paper.mkdir()
+    (paper / "results.json").write_text("my own results")
+    assert main(["study", "results", str(study), "--out", str(paper)]) == 2
+    assert "no ncppo command wrote" in capsys.readouterr().err
+    assert sorted(p.name for p in paper.iterdir()) == ["results.json"] and (paper / "results.json").read_text() == "my own results"
+    before = sorted(p.name for p in study.iterdir())
+    assert main(["study", "results", str(study), "--out", str(study)]) == 2  # would replace the study itself
+    assert "contains the input" in capsys.readouterr().err and sorted(p.name for p in study.iterdir()) == before
+    assert len(open_study(study).votes()) == 1
+    for _ in range(2):  # its own output (the default STUDY/results) is replaced, whole
+        assert main(["study", "results", str(study)]) == 0
+    assert sorted(p.name for p in (study / "results").iterdir()) == [".ncppo-output.json", "results.json", "results.png",
+                                                                      "votes.csv", "votes.parquet"]
+    (study / "results" / ".ncppo-output.json").unlink()  # written before outputs were marked: still its own
+    assert main(["study", "results", str(study)]) == 0
+    assert main(["study", "results", str(study), "--out", str(paper), "--overwrite"]) == 0
+    assert json.loads((paper / "results.json").read_text())["votes"] == 1
+    assert not list(tmp_path.glob(".[tno][mel][pdw]-*")) and not list(study.glob(".[tno][mel][pdw]-*"))

@@ -24,7 +24,7 @@ from ncppo.data.images import inspect_image
 from ncppo.data.pairs import PreferencePairs, _as_bytes, row_label
 from ncppo.data.schema import IMAGE_COLUMNS, DataError, SkipReport
 from ncppo.data.sources import open_source
-from ncppo.io import OUTPUT_MARKER, atomic_directory, guard_output_dir, mark_output_dir
+from ncppo.io import atomic_directory, guard_output_dir, mark_output_dir, unmarked_output
 
 COMMAND = "data filter"
 
@@ -104,13 +104,8 @@ def write_selection(pairs: PreferencePairs, selection: Selection, out_dir: str |
 
 def _earlier_filter_output(out: Path) -> bool:
     """An output of ``data filter`` from before outputs were marked: ``stats.json`` of a filter and parquet parts."""
-    try:
-        stats = json.loads((out / "stats.json").read_text())
-        names = {p.name for p in out.iterdir()}
-    except (OSError, ValueError):
-        return False
-    return (OUTPUT_MARKER not in names and isinstance(stats, dict) and {"rule", "before", "after"} <= set(stats)
-            and all(n == "stats.json" or (n.startswith("part-") and n.endswith(".parquet")) for n in names))
+    return unmarked_output(out, "stats.json", ("rule", "before", "after"),
+                           lambda n: n == "stats.json" or (n.startswith("part-") and n.endswith(".parquet")))
 
 
 def filter_dataset(source, out_dir, *, min_wins: int = 2, pairs: str = "latest", variant: str | None = None,

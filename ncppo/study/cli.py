@@ -40,7 +40,7 @@ def _results(args) -> int:
     from ncppo.study.results import model_names, write_results
 
     out = Path(args.out or Path(args.study) / "results")
-    result = write_results(open_study(args.study), out)
+    result = write_results(open_study(args.study), out, overwrite=args.overwrite)
     a, b = model_names(result)
     print(f"A = {a}, B = {b}: {result['items_complete']} of {result['items']} items complete ({result['votes']} votes)")
     for q, e in result["questions"].items():
@@ -112,6 +112,8 @@ def add_study_commands(sub) -> None:
     results = s.add_parser("results", help="majority votes, win rates with intervals, agreement, chart, exports")
     results.add_argument("study")
     results.add_argument("--out", help="default: STUDY/results")
+    results.add_argument("--overwrite", action="store_true",
+                         help="replace an existing --out folder that is not an earlier `study results` output")
     results.set_defaults(func=_results)
     simulate = s.add_parser("simulate", help="fill the votes from a reward (offline runs of the whole study)")
     simulate.add_argument("study")

@@ -1,6 +1,10 @@
 """``ncppo study results``: majority votes, win rates of B over A with bootstrap intervals (the paper's
 Fig 5), agreement between annotators, checks of the annotators, a bar chart and vote exports.
 
+The output folder (``STUDY/results`` by default) is written whole and atomically and follows
+:func:`ncppo.io.guard_output_dir`: an earlier results folder is replaced, any other non-empty folder, a file,
+or a folder holding the study itself is refused (``overwrite`` replaces the first).
+
 Per item and question, the majority of its votes decides (A, B or tie; no majority is a tie). Only
 items with all their votes count; gold items never count towards A and B. Agreement: the share of items
 where every annotator agreed, and Fleiss' kappa over the three answer categories.
@@ -22,10 +26,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ncppo.io import atomic_write_text
+from ncppo.io import atomic_directory, guard_output_dir, mark_output_dir, unmarked_output
 from ncppo.study.store import QUESTION_TEXT, QUESTIONS
 
 CATEGORIES = ("B", "tie", "A")
+COMMAND = "study results"
+RESULT_FILES = ("results.json", "results.png", "votes.csv", "votes.parquet")
 
 
 def majority(answers: list[str]) -> str:
@@ -200,10 +206,22 @@ def export_votes(store, folder: str | Path) -> list[Path]:
     return [folder / "votes.csv", folder / "votes.parquet"]
 
 
-def write_results(store, folder: str | Path) -> dict:
-    folder = Path(folder)
+def _earlier_results(folder: Path) -> bool:
+    """A results folder from before outputs were marked: a study's ``results.json`` and only this command's files."""
+    return unmarked_output(folder, "results.json", ("questions", "position_bias", "items_complete"),
+                           lambda n: n in RESULT_FILES or n in (".tmp-votes.csv", ".tmp-votes.parquet"))
+
+
+def write_results(store, folder: str | Path, overwrite: bool = False) -> dict:
+    """Results of ``store`` into ``folder`` (see the module docstring): ``results.json``, ``results.png`` and the
+    votes as CSV and parquet, put in place together."""
+    study = store.path.parent
+    target = guard_output_dir(folder, COMMAND, inputs=[store.path, study / "images"],
+                              overwrite=overwrite or _earlier_results(Path(folder)))
     result = study_results(store)
-    atomic_write_text(folder / "results.json", json.dumps(result, indent=2))
-    save_results_chart(result, folder / "results.png")
-    export_votes(store, folder)
+    with atomic_directory(target) as tmp:
+        (tmp / "results.json").write_text(json.dumps(result, indent=2))
+        save_results_chart(result, tmp / "results.png")
+        export_votes(store, tmp)
+        mark_output_dir(tmp, COMMAND)
     return result
