@@ -194,20 +194,18 @@ def export_votes(store, folder: str | Path) -> list[Path]:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     columns = list(votes[0]) if votes else ["id", "item_id", "annotator_name", "q1", "q2", "q3"]
-    tmp = folder / ".tmp-votes.csv"
-    with open(tmp, "w", newline="") as f:
+    with open(folder / "votes.csv", "w", newline="") as f:  # in write_results' scratch folder: no temporary of its own
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(votes)
-    tmp.replace(folder / "votes.csv")
     table = pa.Table.from_pylist(votes) if votes else pa.table({c: pa.array([], pa.string()) for c in columns})
-    pq.write_table(table, folder / ".tmp-votes.parquet")
-    (folder / ".tmp-votes.parquet").replace(folder / "votes.parquet")
+    pq.write_table(table, folder / "votes.parquet")
     return [folder / "votes.csv", folder / "votes.parquet"]
 
 
 def _earlier_results(folder: Path) -> bool:
-    """A results folder from before outputs were marked: a study's ``results.json`` and only this command's files."""
+    """A results folder from before outputs were marked: a study's ``results.json`` and only this command's files
+    (with the temporaries an older, killed export left)."""
     return unmarked_output(folder, "results.json", ("questions", "position_bias", "items_complete"),
                            lambda n: n in RESULT_FILES or n in (".tmp-votes.csv", ".tmp-votes.parquet"))
 
