@@ -180,3 +180,27 @@ def test_gains_are_the_exact_ratio_of_input_differences(schedule):
     renoise = lambda e: add_noise(schedule, predicted_x0(schedule, x_t, e, t), z, t_new)  # noqa: E731
     torch.testing.assert_close(renoise(e_a) - renoise(e_b), -renoise_gain(schedule, t, t_new, x_t) * (e_a - e_b),
                                rtol=1e-4, atol=1e-9)
+
+
+def test_x0_hat_is_clamped_only_when_the_scheduler_config_asks(schedule):
+    """A freshly built scheduler config (no clip_sample key) never clamps x0_hat; clip_sample: true does."""
+    x_t, eps = torch.full((1, 1, 2, 2), 3.0), torch.zeros(1, 1, 2, 2)
+    t = torch.tensor([10])
+    free = NoiseSchedule.from_scheduler_config({k: v for k, v in SD_SCHEDULER_CONFIG.items() if k != "clip_sample"})
+    assert predicted_x0(free, x_t, eps, t).min().item() > 3.0  # x_t / sqrt(abar_t): outside [-1, 1], kept
+    clipped = NoiseSchedule.from_scheduler_config({**SD_SCHEDULER_CONFIG, "clip_sample": True})
+    assert predicted_x0(clipped, x_t, eps, t).max().item() == 1.0
+
+
+@pytest.mark.parametrize("k", [2, 5])
+def test_t_minus_k_is_on_t_minus_1s_scale_unlike_renoising(schedule, k):
+    """The k-step posterior moves the encoder input k times as far as one reverse step (gain k c_t), while
+    re-noising x0_hat to t-k with the shared eps moves it ~100 times as far (PL 1e4 times larger)."""
+    from ncppo.diffusion import posterior_gain, renoise_gain
+
+    t = torch.arange(k, 1000)
+    like = torch.zeros(len(t), 1)
+    one_step = posterior_gain(schedule, t, t - 1, like).flatten()
+    ratio = posterior_gain(schedule, t, t - k, like).flatten() / one_step
+    assert 0.95 * k < ratio.min().item() and ratio.max().item() < 1.01 * k
+    assert (renoise_gain(schedule, t, t - k, like).flatten() / one_step).median().item() > 50

@@ -177,14 +177,15 @@ def test_auto_distance_is_exact_in_float32_and_linear_in_half_precision():
     assert make_objective("ncp-dpo", distance="exact").space._distance(unet16, x) == "exact"
 
 
-def test_calibration_refuses_a_zero_loss_naming_the_batch(monkeypatch):
+@pytest.mark.parametrize("value, word", [(0.0, "zero"), (math.nan, "non-finite"), (math.inf, "non-finite")])
+def test_calibration_refuses_a_zero_or_nonfinite_loss_naming_the_batch(monkeypatch, value, word):
     import contextlib
 
     from ncppo.calibration import calibrate_beta
     from ncppo.errors import StateError
 
     objective = make_objective("ncp-dpo", beta="auto")
-    monkeypatch.setattr(type(objective.space), "losses", lambda self, model, batch, eps, ref=None: (eps[:, 0, 0, 0] * 0, None))
+    monkeypatch.setattr(type(objective.space), "losses", lambda self, model, batch, eps, ref=None: (eps[:, 0, 0, 0] * 0 + value, None))
 
     class Model:  # the least a model must offer calibrate_beta
         def __init__(self):
@@ -200,7 +201,7 @@ def test_calibration_refuses_a_zero_loss_naming_the_batch(monkeypatch):
 
     pairs = EncodedPairs(torch.randn(2, 1, 2, 2), torch.randn(2, 1, 2, 2), Condition(torch.zeros(2, 1, 1)),
                          Condition(torch.zeros(2, 1, 1)), ids=["row 7", "row 9"])
-    with pytest.raises(StateError, match=r"calibration batch 0 \(pair ids \['row 7', 'row 9'\]\).*zero"):
+    with pytest.raises(StateError, match=rf"calibration batch 0 \(pair ids \['row 7', 'row 9'\]\) gives a {word} ncp-dpo loss"):
         calibrate_beta(Model(), objective, [pairs], [torch.Generator().manual_seed(0)])
 
 
@@ -314,3 +315,78 @@ def test_flow_ncp_with_a_larger_step_or_a_uniform_encoder_time(flow_model, encod
         s, s5 = schedule.sigma(nb.t, nb.x_t), schedule.sigma((nb.t - 5).clamp(min=-1), nb.x_t)
         one, _ = PerceptualSpace(scale="paper", encoder_timestep="t-5").losses(flow_model, nb, v_theta)
         torch.testing.assert_close(got, one / (s - s5).flatten().pow(2), rtol=1e-5, atol=0)
+
+
+# -- 14.2/14.3 on the tiny SD1.5-/SDXL-class models: what the default scale promises, and t-k's inputs ------------
+@pytest.fixture
+def sd_model(pipeline):
+    from ncppo.models.preference_model import LoraSettings, PreferenceModel
+
+    from .conftest import perturb_lora
+
+    model = PreferenceModel(pipeline, lora=LoraSettings(rank=4))
+    perturb_lora(model.unet, scale=0.05)  # a policy away from its reference, as after some training
+    return model
+
+
+def test_with_the_default_scale_ncp_dpos_reference_matters(sd_model):
+    """NCP-DPO and NCP-CPO (lambda 0) differ only in the reference's term inside the sigmoid. At the paper's
+    scale that term is ~1e-5, so their gradients agree to 1e-3 (the reference drops out); at the default
+    scale the argument is on noise-space DPO's scale and the reference changes the gradient."""
+    from .conftest import random_pairs
+    from .test_step import _lora_grad as _lora_gradient
+
+    batch = random_pairs(batch_size=4)
+    gap, rms = {}, {}
+    for scale in ("paper", None):  # None: the default
+        options = {} if scale is None else {"scale": scale}
+        dpo, g_dpo = _lora_gradient(sd_model, make_objective("ncp-dpo", **options), batch)
+        _, g_cpo = _lora_gradient(sd_model, make_objective("ncp-cpo", cpo_lambda=0.0, **options), batch)
+        gap[scale] = ((g_dpo - g_cpo).norm() / g_dpo.norm()).item()
+        rms[scale] = dpo.metrics["argument_rms"].item()
+    noise_rms = _lora_gradient(sd_model, make_objective("dpo"), batch)[0].metrics["argument_rms"].item()
+    assert gap["paper"] < 1e-2 and rms["paper"] < 1e-3
+    assert gap[None] > 0.05 and 0.1 < rms[None] / noise_rms < 10
+
+
+def test_with_the_default_scale_ncp_sft_updates_are_not_eps_dominated(pipeline):
+    """After a few AdamW steps (eps 1e-8) the paper's NCP-SFT has most LoRA entries below eps (its gradient
+    RMS is ~1e-8); the default scale's has none."""
+    import copy
+
+    from ncppo.models.preference_model import LoraSettings, PreferenceModel
+    from ncppo.step import training_step
+    from ncppo.training.diagnostics import EPS_DOMINATED, eps_dominated_frac
+
+    from .conftest import perturb_lora, random_pairs
+
+    frac = {}
+    for scale in ("paper", None):
+        model = PreferenceModel(copy.deepcopy(pipeline), lora=LoraSettings(rank=4))
+        perturb_lora(model.unet, scale=0.05)
+        optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4, eps=1e-8)
+        objective = make_objective("ncp-sft", **({} if scale is None else {"scale": scale}))
+        for step in range(3):
+            optimizer.zero_grad()
+            training_step(model, objective, random_pairs(seed=step), generator=torch.Generator().manual_seed(step)
+                          ).loss.backward()
+            optimizer.step()
+        frac[scale] = eps_dominated_frac(optimizer)
+    assert frac["paper"] > EPS_DOMINATED > 0.05 > frac[None]
+
+
+@pytest.mark.parametrize("k", [1, 5])
+def test_t_minus_k_encodes_the_exact_posterior_with_the_shared_noise(sd_model, k):
+    from ncppo.diffusion import posterior_gain, posterior_sample
+
+    from .conftest import noised_random_pairs
+
+    nb = noised_random_pairs(sd_model, seed=2)
+    t_enc, to_input, gain = make_objective("ncp-dpo", encoder_timestep=f"t-{k}").space._encoder_inputs(sd_model, nb)
+    s = (nb.t - k).clamp(min=-1)
+    assert torch.equal(t_enc, s.clamp(min=0))
+    torch.testing.assert_close(gain, posterior_gain(sd_model.schedule, nb.t, s, nb.x_t))
+    eps_other = torch.randn(nb.eps.shape, generator=torch.Generator().manual_seed(3))
+    for prediction in (nb.eps, eps_other):
+        torch.testing.assert_close(to_input(prediction),
+                                   posterior_sample(sd_model.schedule, nb.x_t, prediction, nb.t, s, nb.z))
