@@ -286,58 +286,76 @@ def main(argv=None) -> int:
         atomic_write_text(base_path, json.dumps({split: evaluate(None, world, spec(split, 1 if split == "validation" else TEST_IMAGES))
                                                  for split in SPLIT_SEEDS}))
     base = json.loads(base_path.read_text())
-    verdicts, tested = [], {}
-    for x in BASELINES:
-        # the paper-exact and the well-conditioned NCP-X (features last, each at its own selected learning rate)
-        # at test for DPO (the paper's headline method); for CPO and SFT the selection table compares them
-        contenders = [chosen[x], chosen[f"ncp-{x}"]]
-        if x in PAPER_AT_TEST:
-            contenders += [(f"ncp-{x}/{s}/last", setting_lr[f"ncp-{x}/{s}/last"]) for s in SETTINGS]
-        for name, lr in dict.fromkeys(contenders):
-            key = label(name, lr)
-            if key not in tested:
-                tested[key] = []
-                for seed in args.test_seeds:
-                    record = train_and_validate(world, work, name, runs[name], seed, steps[name], flops[name], lr,
-                                                validate=False)
-                    tested[key].append({**test_record(world, work, record, half=name.startswith("ncp-dpo")),
-                                        "seed": seed, "record": record})
-        x_key = label(*chosen[x])
-        for which, ncp_key in (("selected", selected[x]),
-                               *((f"{s} (features last)", label(f"ncp-{x}/{s}/last", setting_lr[f"ncp-{x}/{s}/last"]))
-                                 for s in SETTINGS)):
-            if ncp_key not in tested or any(v["x"] == x_key and v["ncp"] == ncp_key for v in verdicts):
-                continue
-            tests_x, tests_n = tested[x_key], tested[ncp_key]
-            win = pooled_win(tests_x, tests_n)
-            vs_base = pooled_win([{"final": base["test"], "seed": t["seed"]} for t in tests_x], tests_n)
-            x_vs_base = pooled_win([{"final": base["test"], "seed": t["seed"]} for t in tests_x], tests_x)
-            ttq = [time_to_quality(base["test"]["mean"], n, t["final"]["mean"]) for t, n in zip(tests_x, tests_n)]
-            verdicts.append({"family": x, "x": x_key, "ncp": ncp_key, "which": which, "win_rate": win.to_dict(),
-                             "ncp_vs_base": vs_base.to_dict(), "x_vs_base": x_vs_base.to_dict(),
+    tested: dict[str, list] = {}
+
+    def run_tests(name: str, lr: float) -> None:
+        key = label(name, lr)
+        if key not in tested:
+            tested[key] = []
+            for seed in args.test_seeds:
+                record = train_and_validate(world, work, name, runs[name], seed, steps[name], flops[name], lr,
+                                            validate=False)
+                tested[key].append({**test_record(world, work, record, half=name.startswith("ncp-dpo")),
+                                    "seed": seed, "record": record})
+
+    def verdict_rows() -> list[dict]:
+        rows = []
+        for x in BASELINES:
+            x_key = label(*chosen[x])
+            candidates = [("selected", selected[x])] + [
+                (f"{s} (features last)", label(f"ncp-{x}/{s}/last", setting_lr[f"ncp-{x}/{s}/last"])) for s in SETTINGS]
+            for which, ncp_key in candidates:
+                if x_key not in tested or ncp_key not in tested or any(r["ncp"] == ncp_key for r in rows):
+                    continue
+                tests_x, tests_n = tested[x_key], tested[ncp_key]
+                on_base = [{"final": base["test"], "seed": t["seed"]} for t in tests_x]
+                ttq = [time_to_quality(base["test"]["mean"], n, t["final"]["mean"]) for t, n in zip(tests_x, tests_n)]
+                rows.append({"family": x, "x": x_key, "ncp": ncp_key, "which": which,
+                             "win_rate": pooled_win(tests_x, tests_n).to_dict(),
+                             "ncp_vs_base": pooled_win(on_base, tests_n).to_dict(),
+                             "x_vs_base": pooled_win(on_base, tests_x).to_dict(),
                              "test_mean_x": statistics.mean(t["final"]["mean"] for t in tests_x),
                              "test_mean_ncp": statistics.mean(t["final"]["mean"] for t in tests_n),
                              "time_to_quality_per_seed": ttq})
-    summary = lambda r: {k: r[k] for k in ("name", "lr", "seed", "steps", "train_wall_seconds", "diagnostics")} | {  # noqa: E731
-        "validation_mean": r["validation"]["mean"] if r["validation"] else None}
-    record = {"command": "python benchmarks/ncp_ablation.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "protocol": __doc__.split("Resumable")[0].strip(), "selection_seed": args.selection_seed,
-              "test_seeds": args.test_seeds, "dpo_steps": args.dpo_steps, "steps": steps,
-              "flops_per_step": {n: flops[n] for n in runs}, "base": {s: base[s]["mean"] for s in base},
-              "learning_rates": LEARNING_RATES, "validation_mean": validation, "selected": selected,
-              "chosen": {k: {"name": n, "lr": lr} for k, (n, lr) in chosen.items()}, "verdicts": verdicts,
-              "selection_runs": {n: summary(r) for n, r in selection.items()},
-              "test_runs": {n: [summary(t["record"]) | {"test_mean": t["final"]["mean"]} for t in ts]
-                            for n, ts in tested.items()},
-              "wall_seconds_this_invocation": time.perf_counter() - start}
-    atomic_write_text(args.out, json.dumps(record, indent=1))
-    atomic_write_text(Path(args.out).with_suffix(".md"), markdown(record))
+        return rows
+
+    def write(complete: bool) -> None:
+        summary = lambda r: {k: r[k] for k in ("name", "lr", "seed", "steps", "train_wall_seconds", "diagnostics")} | {  # noqa: E731
+            "validation_mean": r["validation"]["mean"] if r["validation"] else None}
+        record = {"command": "python benchmarks/ncp_ablation.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                  "complete": complete,
+                  "protocol": __doc__.split("Resumable")[0].strip(), "selection_seed": args.selection_seed,
+                  "test_seeds": args.test_seeds, "dpo_steps": args.dpo_steps, "steps": steps,
+                  "flops_per_step": {n: flops[n] for n in runs}, "base": {s: base[s]["mean"] for s in base},
+                  "learning_rates": LEARNING_RATES, "validation_mean": validation, "selected": selected,
+                  "chosen": {k: {"name": n, "lr": lr} for k, (n, lr) in chosen.items()}, "verdicts": verdict_rows(),
+                  "selection_runs": {n: summary(r) for n, r in selection.items()},
+                  "test_runs": {n: [summary(t["record"]) | {"test_mean": t["final"]["mean"]} for t in ts]
+                                for n, ts in tested.items()},
+                  "wall_seconds_this_invocation": time.perf_counter() - start}
+        atomic_write_text(args.out, json.dumps(record, indent=1))
+        atomic_write_text(Path(args.out).with_suffix(".md"), markdown(record))
+
+    # each family's selected pair first (results are written after each, so an interrupted run has its
+    # verdicts so far), then the paper-exact and well-conditioned NCP-DPO at features last (the paper's
+    # headline method; for CPO and SFT the selection table compares the settings on validation)
+    for x in BASELINES:
+        run_tests(*chosen[x])
+        run_tests(*chosen[f"ncp-{x}"])
+        write(complete=False)
+    for x in PAPER_AT_TEST:
+        for setting in SETTINGS:
+            run_tests(f"ncp-{x}/{setting}/last", setting_lr[f"ncp-{x}/{setting}/last"])
+            write(complete=False)
+    write(complete=True)
     print(f"wrote {args.out}")
     return 0
 
 
 def markdown(r: dict) -> str:
     lines = ["# NCP ablation on the toy world", "", f"Command: `{r['command']}`", "",
+             *([] if r.get("complete", True) else ["**Incomplete**: the run stopped before every test run was done; "
+                                                   "the verdicts below are those finished so far.", ""]),
              f"Base model oracle reward: validation {r['base']['validation']:.4f}, test {r['base']['test']:.4f}.", "",
              f"## Selection: validation captions and seeds, training seed {r['selection_seed']}", "",
              "| run | lr | steps (equal compute) | validation reward | arg RMS (median) | PL/L t0..t3 (median) | "
