@@ -94,3 +94,13 @@ def test_a_runs_log_and_summary_carry_the_ncp_diagnostics(tmp_path, tiny_pipelin
     logged_bins = {k for r in rows for k in r if k.startswith("pl_over_l_t")}
     assert logged_bins and logged_bins <= set(summary)
     assert summary["grad_norm_clipped"]["mean"] == 1.0
+
+
+def test_beta_auto_is_logged_with_the_value_written_to_the_resolved_config(tmp_path, tiny_pipeline_dirs, dataset, capsys):
+    import yaml
+
+    cfg = _config(tmp_path, tiny_pipeline_dirs["sd15"], dataset, "objective.name=ncp-dpo", "objective.beta=auto",
+                  "objective.calibration_batches=1", "max_steps=1", "checkpoint_every_steps=null")
+    Trainer(cfg).train()
+    beta = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["resolved"]["beta"]
+    assert f"beta: auto -> {beta:.6g} (noise MSE / ncp-dpo loss = " in capsys.readouterr().out

@@ -146,7 +146,7 @@ def test_argument_diagnostics():
 
 def test_objective_options_are_checked_with_their_choices():
     for option, bad, words in [("scale", "loud", "paper, noise"), ("distance", "cosine", "exact, linear"),
-                               ("encoder_dtype", "fp8", "model, fp32"), ("level_norm", "batch", "none"),
+                               ("encoder_dtype", "fp8", "model, fp32"), ("level_norm", "batch", "none.*channels.*target"),
                                ("encoder_timestep", "t+1", "t-k")]:
         with pytest.raises(ValueError, match=words):
             make_objective("ncp-dpo", **{option: bad})
