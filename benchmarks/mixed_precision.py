@@ -54,6 +54,7 @@ H100_TFLOPS = {"bf16": 989.0, "tf32": 494.0, "fp32": 67.0}
 
 
 def _pairs(model, batch_pairs: int, size: int, seed: int) -> EncodedPairs:
+    """Random latents and conditions, drawn on the CPU (the same on every device) and moved to the model's."""
     g = torch.Generator().manual_seed(seed)
     channels = model.unet.config.in_channels
     lat = lambda: torch.randn(batch_pairs, channels, size, size, generator=g)  # noqa: E731
@@ -64,7 +65,9 @@ def _pairs(model, batch_pairs: int, size: int, seed: int) -> EncodedPairs:
         cond = Condition(embeds, pooled, time_ids)
     else:
         cond = Condition(embeds)
-    return EncodedPairs(lat(), lat(), cond, cond)
+    device = model.unet.device
+    cond = cond.map(lambda v: v.to(device))
+    return EncodedPairs(lat().to(device), lat().to(device), cond, cond)
 
 
 def _model(pipe, precision: str | None, device: str) -> PreferenceModel:
@@ -104,6 +107,8 @@ def _gradient(model, objective, pairs, seed: int, precision: str | None, device:
         with autocast:
             out = training_step(model, objective, pairs, generator=torch.Generator().manual_seed(seed))
         (out.loss * loss_scale).backward()
+        if torch.cuda.is_available() and device != "cpu":
+            torch.cuda.synchronize()  # kernels run asynchronously: time the work, not its launch
         seconds = time.perf_counter() - start
         grad = torch.cat([p.grad.flatten().double() for p in params]) / loss_scale
         if bool(torch.isfinite(grad).all()) or loss_scale <= 1.0:
