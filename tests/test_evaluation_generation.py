@@ -87,3 +87,48 @@ def test_a_lora_for_another_base_model_and_a_sampler_for_another_family_are_one_
     sd3 = save_tiny_pipeline(tmp_path / "sd3", "sd3")
     with pytest.raises(ValueError, match="is a flow-matching model .*leave --scheduler out"):
         load_sampling_pipeline(sd3, scheduler="ddim", device="cpu")
+
+
+def test_ncppo_generate_samples_a_pixart_lora_as_the_trained_model_does(tmp_path):
+    """PixArt-Sigma has no diffusers LoRA loader: ``generate --lora`` loads ncppo's peft LoRA, and its images are
+    the in-memory LoRA model's, not the base model's."""
+    from PIL import Image
+
+    from ncppo.cli import main
+    from ncppo.evaluation.sampling import sampling_pipeline
+    from ncppo.models.preference_model import LoraSettings, PreferenceModel
+
+    from .conftest import perturb_lora
+
+    pixart = tmp_path / "pixart"
+    assert main(["tiny-model", str(pixart), "--kind", "pixart"]) == 0
+    trained = PreferenceModel.from_pretrained(pixart, lora=LoraSettings(rank=4))
+    perturb_lora(trained.unet, scale=0.3)
+    trained.save_lora(tmp_path / "lora")
+    (tmp_path / "prompts.txt").write_text("a red circle\na blue square\n")
+    common = ["--model", str(pixart), "--prompts", str(tmp_path / "prompts.txt"), "--steps", "2", "--height", "32",
+              "--width", "32"]
+    assert main(["generate", *common, "--out", str(tmp_path / "base")]) == 0
+    assert main(["generate", *common, "--lora", str(tmp_path / "lora"), "--out", str(tmp_path / "lora-set")]) == 0
+
+    def read(folder):
+        return np.stack([np.asarray(Image.open(p)) for p in sorted((folder / "images").glob("*.png"))])
+
+    base, loaded = read(tmp_path / "base"), read(tmp_path / "lora-set")
+    spec = GenerationSpec(("a red circle", "a blue square"), num_inference_steps=2, height=32, width=32)
+    with torch.no_grad():
+        in_memory = generate_samples(sampling_pipeline(trained.pipeline), spec, progress=False).images
+    assert base.shape == loaded.shape == (2, 32, 32, 3)
+    np.testing.assert_array_equal(loaded, in_memory)
+    assert np.abs(loaded.astype(int) - base.astype(int)).mean() > 1  # the LoRA changes the images
+    from safetensors.torch import load_file, save_file
+
+    from ncppo.evaluation.sampling import load_sampling_pipeline
+
+    weights = load_file(tmp_path / "lora" / "pytorch_lora_weights.safetensors")
+    key = next(k for k in weights if k.startswith("transformer.") and k.endswith("attn2.to_k.lora_A.weight"))
+    (tmp_path / "other").mkdir()
+    save_file({**weights, key: torch.zeros(weights[key].shape[0], weights[key].shape[1] + 8)},
+              tmp_path / "other" / "pytorch_lora_weights.safetensors")
+    with pytest.raises(ValueError, match="not a LoRA for .*0 of its layers are not in this model and 1 have other"):
+        load_sampling_pipeline(pixart, lora=tmp_path / "other", device="cpu")  # a transformer's LoRA is checked too

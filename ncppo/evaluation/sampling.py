@@ -17,8 +17,9 @@ DTYPES = ("fp32", "fp16", "bf16")
 def load_sampling_pipeline(model: str | Path, lora: str | Path | None = None, scheduler: str | None = None,
                            dtype: str = "fp32", device: str | None = None):
     """A text-to-image pipeline ready to sample: ``model`` (a diffusers folder) in ``dtype``, its scheduler
-    swapped for one of :data:`SCHEDULERS` (``None``: its own), a diffusers-format LoRA folder loaded, on
-    ``device`` (default: CUDA when there is one)."""
+    swapped for one of :data:`SCHEDULERS` (``None``: its own), a diffusers-format LoRA folder loaded (PixArt-Sigma,
+    which diffusers has no LoRA loader for: the peft LoRA ncppo writes, by ``load_peft_lora``), on ``device``
+    (default: CUDA when there is one), through :func:`sampling_pipeline`."""
     import diffusers
     import torch
 
@@ -43,10 +44,41 @@ def load_sampling_pipeline(model: str | Path, lora: str | Path | None = None, sc
     if lora:
         _check_lora_fits(pipe, Path(lora), model)
         try:
-            pipe.load_lora_weights(str(lora))
+            if hasattr(pipe, "load_lora_weights"):
+                pipe.load_lora_weights(str(lora))
+            else:  # PixArt-Sigma
+                from ncppo.models.transformers_backbone import load_peft_lora
+
+                load_peft_lora(pipe, lora)
         except (ValueError, OSError, KeyError, RuntimeError) as err:  # diffusers/peft on a folder that is no LoRA of it
             raise ModelLoadError(f"--lora {lora}: not a diffusers-format LoRA for {model} ({_first_lines(err)})") from err
-    return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return sampling_pipeline(pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu")))
+
+
+# PixArt's pipeline moves the asked size to its aspect-ratio table's nearest entry (and refuses transformers of other
+# sample sizes, e.g. the tiny one) and cleans captions with an optional package; ncppo samples the spec as it is.
+CALL_OPTIONS = {"PixArtSigmaPipeline": {"use_resolution_binning": False, "clean_caption": False}}
+
+
+class _WithCallOptions:
+    """A pipeline whose calls get fixed keyword arguments (a caller's own win); every attribute is the pipeline's."""
+
+    def __init__(self, pipe, options: dict):
+        self.pipeline, self.call_options = pipe, options
+
+    def __call__(self, *args, **kwargs):
+        return self.pipeline(*args, **{**self.call_options, **kwargs})
+
+    def __getattr__(self, name):  # only for names the wrapper lacks (never "pipeline" itself: no recursion)
+        if name in ("pipeline", "call_options"):
+            raise AttributeError(name)
+        return getattr(self.pipeline, name)
+
+
+def sampling_pipeline(pipe):
+    """``pipe`` as ``ncppo generate`` calls it: with :data:`CALL_OPTIONS` for its class (else ``pipe`` itself)."""
+    options = CALL_OPTIONS.get(type(pipe).__name__)
+    return _WithCallOptions(pipe, options) if options else pipe
 
 
 def spec_for(prompts, **options) -> GenerationSpec:
@@ -65,9 +97,11 @@ def generate_from_files(model: str | Path, prompt_file: str | Path, out_dir: str
     prompts = load_prompts(prompt_file, limit=limit)
     spec = spec_for(prompts, **spec_options)
     pipe = load_sampling_pipeline(model, lora, scheduler, dtype)
+    settings = {"scheduler": scheduler or "default", "dtype": dtype}
+    if isinstance(pipe, _WithCallOptions):  # recorded: two sets compare only when made alike
+        settings["call_options"] = pipe.call_options
     return generate_image_set(pipe, prompts, out_dir, spec, model=str(model), lora=str(lora or ""),
-                              settings={"scheduler": scheduler or "default", "dtype": dtype}, overwrite=overwrite,
-                              progress=progress)
+                              settings=settings, overwrite=overwrite, progress=progress)
 
 
 def curves_from_files(run_dirs: list[str | Path], prompt_file: str | Path, reward: str, out_dir: str | Path, *,
@@ -94,22 +128,24 @@ def _first_lines(err: Exception) -> str:
 
 
 def _check_lora_fits(pipe, lora: Path, model) -> None:
-    """Refuse a diffusers-format U-Net LoRA whose layers this model lacks or has in other shapes (peft would
+    """Refuse a diffusers-format U-Net (or transformer) LoRA whose layers this model lacks or has in other shapes (peft would
     load the rest with only a warning: a LoRA for another base model would silently do half its job)."""
     from safetensors import safe_open
 
     file = lora if lora.is_file() else lora / "pytorch_lora_weights.safetensors"
-    denoiser = getattr(pipe, "unet", None)
+    attribute = "unet" if getattr(pipe, "unet", None) is not None else "transformer"
+    denoiser = getattr(pipe, attribute, None)
     if denoiser is None or not file.is_file():
         return
+    prefix = f"{attribute}."
     modules = dict(denoiser.named_modules())
     missing, mismatched = [], []
     with safe_open(str(file), "pt") as f:
         for key in f.keys():  # noqa: SIM118 (a safetensors handle is not iterable)
             down = ".lora_A." if ".lora_A." in key else ".lora.down."  # peft's or diffusers' own key names
-            if not key.startswith("unet.") or down not in key:
+            if not key.startswith(prefix) or down not in key:
                 continue  # kohya keys, text-encoder LoRAs: diffusers' own loader checks those
-            name = key[len("unet."):].split(down)[0]
+            name = key[len(prefix):].split(down)[0]
             module = modules.get(name)
             shape = f.get_slice(key).get_shape()
             if module is None or not hasattr(module, "weight"):
