@@ -390,3 +390,19 @@ def test_t_minus_k_encodes_the_exact_posterior_with_the_shared_noise(sd_model, k
     for prediction in (nb.eps, eps_other):
         torch.testing.assert_close(to_input(prediction),
                                    posterior_sample(sd_model.schedule, nb.x_t, prediction, nb.t, s, nb.z))
+
+
+def test_every_objective_option_is_a_config_key_with_the_same_default():
+    """Issue 14.3: every option of make_objective is settable from YAML (objective: ...), defaulting alike."""
+    import dataclasses
+    import inspect
+
+    from ncppo.training.config import ObjectiveConfig
+
+    params = inspect.signature(make_objective).parameters
+    fields = {f.name: f.default for f in dataclasses.fields(ObjectiveConfig)}
+    for name, param in params.items():
+        assert name in fields, f"make_objective's {name!r} cannot be set from a config"
+        if param.default is not inspect.Parameter.empty:
+            assert fields[name] == param.default, name
+    assert set(ObjectiveConfig().options()) == set(params)
