@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import json
 import math
 import os
@@ -27,10 +28,47 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from ncppo.errors import OutputDirError, StateError
+from ncppo.errors import NcppoError, OutputDirError, StateError
 
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
+
+
+class DiskFullError(NcppoError, OSError):
+    """No space left on the device while writing an output; the message names it and what is kept."""
+
+    def __init__(self, path: str | Path, hint: str = ""):
+        super().__init__(f"no space left on device while writing {path}{hint}")
+        self.errno = errno.ENOSPC
+        self.filename = str(path)
+
+    def __str__(self) -> str:  # the message, not OSError's "[Errno 28] ..." form
+        return str(self.args[0])
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """ENOSPC/EDQUOT, also where a library says so only in its message (safetensors' ``SafetensorError``)."""
+    if isinstance(err, NcppoError):
+        return False
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return "No space left on device" in str(err) or "Disk quota exceeded" in str(err)
+
+
+@contextlib.contextmanager
+def disk_full_is_one_line(target: str | Path, kept: str) -> Iterator[None]:
+    """A full disk inside the block becomes a :class:`DiskFullError` naming ``target``, what is ``kept`` and
+    what to do (the command line prints it as one line, not a traceback)."""
+    try:
+        yield
+    except Exception as err:
+        if not is_disk_full(err):
+            raise
+        try:
+            free = f" ({shutil.disk_usage(Path(target).parent).free / 2**20:.0f} MiB free there)"
+        except OSError:
+            free = ""
+        raise DiskFullError(target, f"{free}; {kept}: free some space and run the same command again") from err
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -127,7 +165,8 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
     scratch = target.parent / f".tmp-{target.name}-{token}"
     scratch.mkdir()
     try:
-        yield scratch
+        with disk_full_is_one_line(target, f"{target} is as it was"):
+            yield scratch
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise

@@ -472,3 +472,63 @@ def test_no_leftover_is_read_as_data(tmp_path):
     assert len(PreferencePairs(src)) == len(SPEC)
     assert os.path.isdir(src / ".new-part-0123abcd-1")
     assert len(PreferencePairs(src / ".new-part-0123abcd-1")) == len(SPEC)  # named as a source itself: read
+
+
+# -- 12.11: a full disk while writing a dataset or a cache: one line, and what was there is kept -------------
+# the errors are the ones pyarrow and safetensors raise on a full tmpfs (never point them at /dev/full: pyarrow
+# removes a path it failed to write, safetensors renames its file onto the path)
+PYARROW_FULL = OSError(28, "Error writing bytes to file. Detail: [errno 28] No space left on device")
+SAFETENSORS_FULL = "Error while serializing: I/O error: No space left on device (os error 28)"
+
+
+def _error_line(err: str) -> str:
+    assert "Traceback" not in err, err[-3000:]
+    (line,) = [line for line in err.splitlines() if line.startswith("ncppo: error:")]
+    return line
+
+
+def test_a_full_disk_during_filter_keeps_the_old_output(tmp_path, monkeypatch, capsys):
+    import ncppo.data.writer as writer
+
+    src = write_dataset(tmp_path / "src", SPEC)
+    out = tmp_path / "out"
+    filter_dataset(src, out, min_wins=1, progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    monkeypatch.setattr(writer.pq, "write_table", lambda *a, **k: (_ for _ in ()).throw(PYARROW_FULL))
+    assert main(["data", "filter", str(src), str(out), "--min-wins", "2"]) == 2
+    line = _error_line(capsys.readouterr().err)
+    assert line.startswith(f"ncppo: error: no space left on device while writing {out} (") and " MiB free there); " in line
+    assert line.endswith(f"{out} is as it was: free some space and run the same command again")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]  # no scratch folder left
+
+
+def test_a_full_disk_during_cache_keeps_the_finished_shards_and_a_rerun_resumes(built_cache, monkeypatch, capsys):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    folder, args = built_cache
+    (folder / "index.json").unlink()
+    for k in (1, 2):
+        (folder / f"shard-0000{k}.safetensors").unlink()
+    kept = (folder / "shard-00000.safetensors").stat().st_mtime_ns
+    real = safetensors.torch.save_file
+    calls = []
+
+    def full_on_the_second(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) == 2:
+            raise SafetensorError(SAFETENSORS_FULL)
+        return real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_on_the_second)
+    assert main(args) == 2
+    line = _error_line(capsys.readouterr().err)
+    assert line.startswith(f"ncppo: error: no space left on device while writing {folder / 'shard-00002.safetensors'} (")
+    assert line.endswith("the shards written before it are kept and a rerun resumes from them: free some space and "
+                         "run the same command again")
+    assert sorted(p.name for p in folder.glob("*shard-*.safetensors")) == ["shard-00000.safetensors",
+                                                                            "shard-00001.safetensors"]
+    monkeypatch.undo()
+    assert main(args) == 0 and json.loads((folder / "index.json").read_text())["cached_pairs"] == 6
+    assert (folder / "shard-00000.safetensors").stat().st_mtime_ns == kept

@@ -38,6 +38,7 @@ from ncppo.io import (
     _alive,
     atomic_write_text,
     clear_output_dir,
+    disk_full_is_one_line,
     guard_output_dir,
     mark_output_dir,
 )
@@ -163,7 +164,6 @@ def build_cache(model, pairs, out_dir: str | os.PathLike, *, resolution: int, ba
     header; their digest with ``verify``) and damaged ones rebuilt.
     """
     from accelerate import PartialState
-    from safetensors.torch import save_file
 
     if dtype not in DTYPES:
         raise UsageError(f"unknown cache dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
@@ -230,14 +230,27 @@ def build_cache(model, pairs, out_dir: str | os.PathLike, *, resolution: int, ba
         metadata = {"format": CACHE_FORMAT, "skipped": str(skipped),
                     "captions": json.dumps([pairs.meta.caption[int(i)].as_py() for i in tensors.get(
                         "pair_index", torch.zeros(0, dtype=torch.long)).tolist()])}
-        tmp = out_dir / f".tmp-shard-{k:05d}-{os.getpid()}.safetensors"
-        save_file({k2: v.contiguous() for k2, v in tensors.items()}, str(tmp), metadata=metadata)
-        _write_check(out_dir, k, tmp, pairs.first_image_digests(indices))  # before the rename: a whole shard has one
-        os.replace(tmp, _shard_path(out_dir, k))
+        _write_shard(out_dir, k, {k2: v.contiguous() for k2, v in tensors.items()}, metadata,
+                     pairs.first_image_digests(indices))
     state.wait_for_everyone()
     if not state.is_main_process:
         return None
     return _write_index(out_dir, num_shards, config)
+
+
+def _write_shard(out_dir: Path, k: int, tensors: dict, metadata: dict, first_image_digests: dict) -> None:
+    """Shard ``k`` through a temporary file; a full disk is one line (finished shards stay: a rerun resumes)."""
+    from safetensors.torch import save_file
+
+    final, tmp = _shard_path(out_dir, k), out_dir / f".tmp-shard-{k:05d}-{os.getpid()}.safetensors"
+    with disk_full_is_one_line(final, "the shards written before it are kept and a rerun resumes from them"):
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+            _write_check(out_dir, k, tmp, first_image_digests)  # before the rename: a whole shard has one
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    os.replace(tmp, final)
 
 
 @torch.no_grad()
