@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from ncppo.errors import NcppoError, StateError
-from ncppo.io import atomic_directory, recover_atomic
+from ncppo.io import DiskFullError, atomic_directory, recover_atomic
 
 PREFIX = "step-"
 TRAINABLE, STATE = "trainable.safetensors", "state.json"
@@ -40,18 +40,6 @@ TRASH = ".trash-"
 _NAME = re.compile(rf"^{PREFIX}(\d+)$")
 _ATOMIC_LEFTOVER = re.compile(rf"^\.(?:tmp|new|old)-({PREFIX}\d+)-")
 _NEARLY_FULL = 64 * 2**20  # bytes free below which a failed write is taken for a full disk
-
-
-class DiskFullError(NcppoError, OSError):
-    """No space left on the device while writing a file of the run; the message names the file."""
-
-    def __init__(self, path: str | Path, hint: str = ""):
-        super().__init__(f"no space left on device while writing {path}{hint}")
-        self.errno = errno.ENOSPC
-        self.filename = str(path)
-
-    def __str__(self) -> str:  # the message, not OSError's "[Errno 28] ..." form
-        return str(self.args[0])
 
 
 def is_complete(path: Path) -> bool:
