@@ -141,3 +141,47 @@ def test_two_processes_split_the_shards_and_match_one(tmp_path, tiny_pipeline_di
         assert a.keys() == b.keys()
         for key in a:
             torch.testing.assert_close(a[key], b[key])
+
+
+@pytest.fixture(scope="module")
+def pixart_dir(tmp_path_factory):
+    from ncppo.models.tiny import save_tiny_pipeline
+
+    return save_tiny_pipeline(tmp_path_factory.mktemp("pixart") / "pixart", "pixart")
+
+
+def test_a_pixart_cache_keeps_the_t5_mask_and_trains_as_raw_pairs(tmp_path, pixart_dir, monkeypatch):
+    from .conftest import perturb_lora
+
+    model = PreferenceModel.from_pretrained(pixart_dir, lora=LoraSettings(rank=2))
+    pairs = PreferencePairs(write_dataset(tmp_path / "src", SPEC))
+    build_cache(model, pairs, tmp_path / "c", resolution=32, batch_size=3, pairs_per_shard=4, progress=False)
+    cached = list(LatentCache(tmp_path / "c").batches(4, shuffle=False))
+    raw = pairs.collate(list(range(7)), 32)
+    latents = model.encode_images(raw.pixel_values_w, sample=False)
+    fresh = model.encode_batch(PreferenceBatch(latents_w=latents, latents_l=latents, prompts=raw.prompts)).condition_w
+    mask = torch.cat([b.prompt_attention_mask for b in cached])
+    assert mask.dtype == fresh.attention_mask.dtype and torch.equal(mask, fresh.attention_mask)
+    assert (mask.sum(1) > 0).all() and (mask.sum(1) < mask.shape[1]).all()  # the prompt's tokens, then padding
+    torch.testing.assert_close(torch.cat([b.prompt_embeds for b in cached]), fresh.encoder_hidden_states)
+
+    perturb_lora(model.unet, scale=0.05)
+    first = cached[0]
+    part = pairs.collate([0, 1, 2, 3], 32)
+    from_raw = PreferenceBatch(latents_w=model.encode_images(part.pixel_values_w, sample=False),
+                               latents_l=model.encode_images(part.pixel_values_l, sample=False), prompts=part.prompts)
+    objective = make_objective("ncp-dpo")
+
+    def loss(batch):
+        return training_step(model, objective, batch, generator=torch.Generator().manual_seed(0)).metrics["loss_w_policy"]
+
+    torch.testing.assert_close(loss(first), loss(from_raw), rtol=1e-5, atol=1e-9)
+    unmasked = loss(first.replace(prompt_attention_mask=torch.ones_like(first.prompt_attention_mask)))
+    assert abs(unmasked - loss(first)) > 1e-6  # the mask is what the step attends with
+
+    real_encode = cache_module._encode  # a cache from before the mask was stored is refused by name
+    monkeypatch.setattr(cache_module, "_encode", lambda *a: {k: v for k, v in real_encode(*a).items()
+                                                             if k != "prompt_attention_mask"})
+    build_cache(model, pairs, tmp_path / "old", resolution=32, progress=False)
+    with pytest.raises(DataError, match="a PixArt cache built before ncppo stored the T5 padding mask.*--overwrite"):
+        next(LatentCache(tmp_path / "old").batches(2, shuffle=False))

@@ -3,7 +3,7 @@
 Layout of a cache folder::
 
     config.json                 what it was built from (model, resolution, dtype, pair fingerprint)
-    shard-00000.safetensors     latents_w, latents_l, prompt_embeds, [pooled_prompt_embeds],
+    shard-00000.safetensors     latents_w, latents_l, prompt_embeds, [pooled_prompt_embeds], [prompt_attention_mask],
     shard-00001.safetensors     time_ids_w, time_ids_l, pair_index; metadata: captions, skipped pairs
     shard-00000.check.json      the shard's size and blake2b digest (and the digests of the images whose
                                 uid first occurs in it, so a resumed build decides uid conflicts alike)
@@ -15,7 +15,8 @@ rerun skips them (resume). A rerun also checks the finished shards (size and saf
 the digest with ``verify=True`` / ``--verify``) and rebuilds damaged ones. Readers check sizes when the
 cache is opened and each shard's digest when it is loaded. Shards are spread over processes
 (``accelerate launch``): shard ``k`` goes to rank ``k % world_size``. Latents are the VAE posterior mean
-(deterministic), scaled by ``scaling_factor``; SDXL ``time_ids`` carry each image's real original size and crop.
+(deterministic), scaled by ``scaling_factor``; SDXL ``time_ids`` carry each image's real original size and crop;
+PixArt's ``prompt_attention_mask`` is the T5 padding mask (its integer dtype kept).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ CACHE_FORMAT = "ncppo-latent-cache/1"
 COMMAND = "data cache"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 RERUN = "rerun `ncppo data cache` with the same arguments to rebuild it"
+UNCAST = ("pair_index", "prompt_attention_mask")  # integer tensors: handed out as stored, not in the cache's dtype
 
 
 def file_digest(path: Path) -> str:
@@ -255,17 +257,18 @@ def _write_shard(out_dir: Path, k: int, tensors: dict, metadata: dict, first_ima
 
 @torch.no_grad()
 def _encode(model, batch: PreferenceBatch, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    embeds, pooled = model.encode_prompts(batch.prompts)
-    out = {
-        "latents_w": model.encode_images(batch.pixel_values_w, sample=False),
-        "latents_l": model.encode_images(batch.pixel_values_l, sample=False),
-        "prompt_embeds": embeds,
-        "time_ids_w": batch.time_ids_w,
-        "time_ids_l": batch.time_ids_l,
-    }
-    if pooled is not None:
-        out["pooled_prompt_embeds"] = pooled
+    latents_w = model.encode_images(batch.pixel_values_w, sample=False)
+    latents_l = model.encode_images(batch.pixel_values_l, sample=False)
+    # the text condition exactly as training encodes it: embeddings, pooled ones, PixArt's T5 padding mask
+    condition = model.encode_batch(PreferenceBatch(latents_w=latents_w, latents_l=latents_l,
+                                                   prompts=list(batch.prompts))).condition_w
+    out = {"latents_w": latents_w, "latents_l": latents_l, "prompt_embeds": condition.encoder_hidden_states,
+           "time_ids_w": batch.time_ids_w, "time_ids_l": batch.time_ids_l}
+    if condition.text_embeds is not None:
+        out["pooled_prompt_embeds"] = condition.text_embeds
     out = {k: v.detach().to("cpu", dtype) for k, v in out.items()}
+    if condition.attention_mask is not None:  # token flags: kept in the encoder's own integer dtype
+        out["prompt_attention_mask"] = condition.attention_mask.detach().to("cpu")
     out["pair_index"] = torch.tensor(batch.ids, dtype=torch.long)
     return out
 
@@ -351,7 +354,7 @@ class LatentCache:
             tensors = load(data)
         except Exception as err:  # safetensors raises its own error types
             raise StateError(f"{path}: not a readable shard ({type(err).__name__}: {err}); {RERUN}") from err
-        return {key: v if key == "pair_index" else v.to(self.dtype) for key, v in tensors.items()}
+        return {key: v if key in UNCAST else v.to(self.dtype) for key, v in tensors.items()}
 
     def plan(self, batch_size: int, *, shuffle: bool = True, seed: int = 0, drop_last: bool = False) -> list:
         """The epoch's batches as ``(shard, rows)`` without loading anything (resume skips cheaply)."""
@@ -373,10 +376,14 @@ class LatentCache:
         if getattr(self, "_loaded", (None,))[0] != shard:
             self._loaded = (shard, self.load_shard(shard))  # one shard in memory at a time
         t, sel = self._loaded[1], torch.as_tensor(np.asarray(rows), dtype=torch.long)
+        if self.index.get("model_kind") == "pixart" and "prompt_attention_mask" not in t and len(sel):
+            raise DataError(f"{self.path}: a PixArt cache built before ncppo stored the T5 padding mask (PixArt "
+                            "attends to the prompt's tokens only); rebuild it: `ncppo data cache ... --overwrite`")
+        optional = {key: t[key][sel] if key in t else None for key in ("pooled_prompt_embeds", "prompt_attention_mask")}
         return PreferenceBatch(
             latents_w=t["latents_w"][sel], latents_l=t["latents_l"][sel], prompt_embeds=t["prompt_embeds"][sel],
-            pooled_prompt_embeds=t["pooled_prompt_embeds"][sel] if "pooled_prompt_embeds" in t else None,
             time_ids_w=t["time_ids_w"][sel], time_ids_l=t["time_ids_l"][sel], ids=t["pair_index"][sel].tolist(),
+            **optional,
         )
 
     def batches(self, batch_size: int, *, shuffle: bool = True, seed: int = 0,
