@@ -62,9 +62,9 @@ class PreferenceBatch:
     """``B`` pairs ``(c, x^w, x^l)``: winner and loser images for the same prompt.
 
     Give either ``latents_w``/``latents_l`` (already scaled by the VAE's ``scaling_factor``) or
-    ``pixel_values_w``/``pixel_values_l`` (in [-1, 1]); and either ``prompt_embeds`` (plus for SDXL
-    ``pooled_prompt_embeds``) or ``prompts``. SDXL ``time_ids_w``/``time_ids_l`` default to the
-    image size with no crop.
+    ``pixel_values_w``/``pixel_values_l`` (in [-1, 1]); and either ``prompt_embeds`` (plus for SDXL, SD3 and FLUX
+    ``pooled_prompt_embeds``, for PixArt ``prompt_attention_mask``) or ``prompts``. SDXL ``time_ids_w``/``time_ids_l``
+    default to the image size with no crop.
     """
 
     latents_w: torch.Tensor | None = None
