@@ -10,7 +10,7 @@ def _tiny_model(args) -> int:
     from ncppo.models.tiny import save_tiny_pipeline
 
     path = save_tiny_pipeline(args.out_dir, args.kind, image_size=args.image_size,
-                              prediction_type=args.prediction_type, seed=args.seed)
+                              prediction_type=args.prediction_type, seed=args.seed, overwrite=args.overwrite)
     print(f"saved a tiny {args.kind} pipeline to {path}")
     return 0
 
@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--image-size", type=int, default=32)
     tiny.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default="epsilon")
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--overwrite", action="store_true", help="replace an existing folder that is not a tiny model")
     tiny.set_defaults(func=_tiny_model)
 
     train = sub.add_parser("train", help="train with a YAML config and key=value overrides", formatter_class=_KeysHelp,

@@ -12,6 +12,18 @@ def test_tiny_model_command_and_load_error(tmp_path, capsys):
     assert type(load_pipeline(tmp_path / "m")).__name__ == "StableDiffusionXLPipeline"
 
 
+def test_tiny_model_never_replaces_a_foreign_folder(tmp_path, capsys):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "thesis.tex").write_text("years of work")
+    assert main(["tiny-model", str(tmp_path / "m")]) == 2
+    assert "a folder that no ncppo command wrote" in capsys.readouterr().err
+    assert (tmp_path / "m" / "thesis.tex").read_text() == "years of work"
+    assert main(["tiny-model", str(tmp_path / "m"), "--overwrite"]) == 0
+    assert not (tmp_path / "m" / "thesis.tex").exists() and (tmp_path / "m" / "model_index.json").is_file()
+    assert main(["tiny-model", str(tmp_path / "m"), "--kind", "sdxl"]) == 0  # its own earlier output: replaced
+    assert (tmp_path / "m" / "text_encoder_2").is_dir()
+
+
 def test_objectives_listing(capsys):
     assert main(["objectives"]) == 0
     listed = capsys.readouterr().out

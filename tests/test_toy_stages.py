@@ -151,3 +151,12 @@ def test_a_damaged_stage_record_is_named(tmp_path):
     (tmp_path / "stages.json").write_text("[1")
     with pytest.raises(StateError, match="stages.json is damaged"):
         ToyWorld(tmp_path, QUICK_CONFIG).run(stages=("pretrain",))
+
+
+def test_a_foreign_folder_is_never_used_as_a_toy_world(tmp_path):
+    from ncppo.errors import OutputDirError
+
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(OutputDirError, match="no ncppo command wrote"):
+        ToyWorld(tmp_path, QUICK_CONFIG).run(stages=("pretrain",))
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]

@@ -237,12 +237,15 @@ def build_tiny_pipeline(
     raise UsageError(f"unknown model kind {kind!r}; expected one of {', '.join(TINY_KINDS)}")
 
 
-def save_tiny_pipeline(out_dir: str | Path, kind: str = "sd15", **kwargs) -> Path:
-    """Build a tiny pipeline and save it in diffusers format (``model_index.json`` + component folders)."""
-    from ncppo.io import atomic_directory
+def save_tiny_pipeline(out_dir: str | Path, kind: str = "sd15", overwrite: bool = False, **kwargs) -> Path:
+    """Build a tiny pipeline and save it in diffusers format (``model_index.json`` + component folders).
+    An existing ``out_dir`` that is not an earlier tiny model is refused unless ``overwrite``."""
+    from ncppo.io import atomic_directory, guard_output_dir, mark_output_dir
 
-    out_dir = Path(out_dir)
+    given = Path(out_dir)
+    out_dir = guard_output_dir(given, "tiny-model", overwrite=overwrite)
     pipe = build_tiny_pipeline(kind, **kwargs)
     with atomic_directory(out_dir) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
-    return out_dir
+        mark_output_dir(tmp, "tiny-model")
+    return given

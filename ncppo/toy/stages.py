@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ncppo.errors import NcppoError, UsageError
-from ncppo.io import atomic_write_text, read_json_object
+from ncppo.io import atomic_write_text, guard_output_dir, mark_output_dir, read_json_object
 from ncppo.toy.config import ToyConfig
 from ncppo.toy.layout import ToyLayout, slug
 
@@ -185,7 +185,11 @@ class ToyWorld:
         unknown = [s for s in stages if s not in _BY_NAME]
         if unknown:
             raise UsageError(f"unknown toy stage(s) {unknown}; expected some of {', '.join(STAGES)}")
+        # a folder that already holds a toy world (its config file) is this command's; any other non-empty
+        # folder is refused, since the stages replace pairs/, eval/ and base_model there
+        guard_output_dir(self.out, "toy", overwrite=self.layout.config_file.is_file() or self.layout.stages_file.is_file())
         self.out.mkdir(parents=True, exist_ok=True)
+        mark_output_dir(self.out, "toy")
         atomic_write_text(self.layout.config_file, json.dumps(self.config.to_dict(), indent=2))
         for index, stage in enumerate(STAGE_TABLE):
             if stage.name not in stages:
