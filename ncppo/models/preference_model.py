@@ -171,12 +171,9 @@ class PreferenceModel:
             return
         if dtype != "fp32":
             raise UsageError(f"unknown encoder dtype {dtype!r}; expected 'model' or 'fp32'")
-        with torch.autocast(self.device.type, enabled=False):
-            if self.unet.dtype == torch.float32:
-                with self.frozen_unet() as unet:
-                    yield unet
-            else:
-                yield self._float32_encoder()
+        with torch.autocast(self.device.type, enabled=False), self.frozen_unet() as unet:
+            # the frozen U-Net's precision decides (a full fine-tune's reference is half while the policy is fp32)
+            yield unet if unet.dtype == torch.float32 else self._float32_encoder()
 
     def _float32_encoder(self) -> torch.nn.Module:
         """A float32 copy of the frozen U-Net without its up path (made once; the frozen weights never change)."""
@@ -326,10 +323,20 @@ class PreferenceModel:
             return
         type(self.pipeline).save_lora_weights(folder, **self.backbone.lora_save_kwargs(layers, metadata))
 
-    def save_unet(self, out_dir) -> None:
-        """Save the fully fine-tuned U-Net in diffusers' format (``UNet2DConditionModel.from_pretrained``)."""
+    def save_unet(self, out_dir, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Save the fully fine-tuned U-Net in diffusers' format (``UNet2DConditionModel.from_pretrained``).
+        ``state_dict``: its whole weights, gathered from a sharded U-Net (FSDP), whose own tensors are shards."""
         with atomic_directory(out_dir) as tmp:
-            self.unet.save_pretrained(tmp, safe_serialization=True)
+            if state_dict is None:
+                self.unet.save_pretrained(tmp, safe_serialization=True)
+                return
+            # FSDP2 changed the module's class to FSDP<Name> (diffusers would record that name): an empty
+            # model of the real class on the meta device takes the gathered tensors without copying them
+            cls = next(c for c in type(self.unet).__mro__ if c.__module__.startswith("diffusers."))
+            with torch.device("meta"):
+                plain = cls.from_config(self.unet.config)
+            plain.load_state_dict(state_dict, assign=True)
+            plain.save_pretrained(tmp, safe_serialization=True)
 
 
 def _time_ids(given: torch.Tensor | None, default: torch.Tensor, side: str) -> torch.Tensor:

@@ -31,6 +31,7 @@ import torch
 
 from ncppo.errors import NcppoError, StateError
 from ncppo.io import DiskFullError, atomic_directory, recover_atomic
+from ncppo.training.sharding import copy_into, full_tensor
 
 PREFIX = "step-"
 TRAINABLE, STATE = "trainable.safetensors", "state.json"
@@ -120,9 +121,14 @@ def register_hooks(accelerator, model, restore) -> None:
 
     def save_hook(models, weights, output_dir):
         weights.clear()  # not the frozen base: only what is trained
-        if accelerator.is_main_process:
+        main = accelerator.is_main_process
+        tensors = {}
+        for name, param in model.trainable_state().items():
+            whole = full_tensor(param.detach())  # under FSDP a gather every process joins
+            if main:
+                tensors[name] = whole.to("cpu").contiguous()
+        if main:
             folder = Path(output_dir)
-            tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.trainable_state().items()}
             save_file(tensors, str(folder / TRAINABLE))
             if model.lora is not None:
                 model.write_lora(folder)
@@ -195,6 +201,5 @@ def restore_trainable(path: Path, model, context: str = "", command: str = "trai
         name = mismatched[0]
         raise StateError(f"{command}: {path} holds {name} with shape {tuple(trainable[name].shape)}, "
                          f"this model's is {tuple(own[name].shape)}{context}")
-    with torch.no_grad():
-        for name, tensor in trainable.items():
-            own[name].copy_(tensor)
+    for name, tensor in trainable.items():
+        copy_into(own[name], tensor)  # under FSDP: this process's shard of it

@@ -22,14 +22,13 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 import yaml
 from tqdm.auto import tqdm
 
 from ncppo.configuration import flatten
 from ncppo.errors import NcppoError, StateError
 from ncppo.io import atomic_write_text, mark_output_dir
-from ncppo.training import report
+from ncppo.training import report, sharding
 from ncppo.training.card import model_card
 from ncppo.training.checkpoint import DiskFullError, register_hooks, restore_trainable, save_checkpoint
 from ncppo.training.config import config_record
@@ -113,6 +112,7 @@ class Trainer:
                 names = [name for name in cfg.report_to if name in ACCELERATE_TRACKERS]
                 check_tracker_packages(names)  # before anything is loaded or written
                 self.accelerator = acc = build_accelerator(cfg, names + list(trackers or []))
+                sharding.enable_fsdp_on_cpu(acc)  # an FSDP launch without GPUs would otherwise run DDP
                 set_seed(cfg.seed)  # the LoRA's initial A matrices (peft draws them from the global generator)
                 self.derived = Derived.of(cfg, acc.num_processes)
                 self.folder.open(acc.is_main_process, acc.wait_for_everyone)
@@ -120,6 +120,7 @@ class Trainer:
                     self._check_resume_settings()
                 self.objective = objective if objective is not None else build_objective(cfg.objective)
                 self.model = model if model is not None else build_model(cfg.model)
+                sharding.check_sharding(acc, self.model, cfg.validation_prompts)
                 prepare_model(self.model, cfg, acc.device)
                 self.data = data if data is not None else build_data(cfg.data)
                 if hasattr(self.data, "check_model"):
@@ -130,8 +131,10 @@ class Trainer:
                 self.params = self.model.trainable_parameters()
                 optimizer = build_optimizer(cfg.optim, self.params, self.derived.learning_rate)
                 self.scheduler = build_scheduler(cfg, optimizer)
+                sharding.configure_deepspeed(acc, cfg.batch_size, self.derived.gradient_accumulation_steps)
                 policy, self.optimizer = acc.prepare(self.model.unet, optimizer)
                 self.model.use_policy(policy)
+                self.params = self.model.trainable_parameters()  # FSDP replaced them by their shards (DTensors)
                 # the schedule is saved with the checkpoints but not prepared (a prepared scheduler steps once
                 # per process, which would change the schedule with the process count)
                 acc.register_for_checkpointing(self.scheduler)
@@ -374,8 +377,8 @@ class Trainer:
 
     def _finish(self, stopped_by: str) -> dict:
         acc, model = self.accelerator, self.model
-        checksum = torch.stack([p.detach().double().sum() for p in self.params]).sum().reshape(1).to(acc.device)
-        checksums = acc.gather(checksum).tolist()
+        checksums = acc.gather(sharding.checksum(self.params).reshape(1).to(acc.device)).tolist()
+        gathered = sharding.unet_state_dict(acc, model.policy) if model.lora is None else None  # a collective under FSDP
         acc.wait_for_everyone()
         summary = {}
         if acc.is_main_process:
@@ -383,7 +386,7 @@ class Trainer:
                 model.save_lora(self.out / "lora")
                 self.kohya_file = report.export_kohya(self)
             else:
-                model.save_unet(self.out / "unet")
+                model.save_unet(self.out / "unet", gathered)
             self._validate(final=True)
             summary = report.summary(self, stopped_by, checksums)
             atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2))
