@@ -151,3 +151,46 @@ def test_a_full_fine_tunes_fp32_encoder_is_float32_when_its_reference_is_half():
         assert not any(p.requires_grad for p in encoder.parameters())
     with model.perceptual_encoder("model") as encoder:
         assert encoder is model.reference_unet
+
+
+def _accelerator(kind: str, **state):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    return SimpleNamespace(distributed_type=DistributedType[kind], state=SimpleNamespace(**state))
+
+
+def test_sharded_runs_refuse_what_they_cannot_do():
+    from types import SimpleNamespace
+
+    from ncppo.errors import UsageError
+    from ncppo.training.sharding import check_sharding
+
+    lora, full = SimpleNamespace(lora=object()), SimpleNamespace(lora=None)
+    with pytest.raises(UsageError, match="FSDP with model.finetune: lora.*--multi_gpu"):
+        check_sharding(_accelerator("FSDP"), lora, [])
+    with pytest.raises(UsageError, match="DEEPSPEED with model.finetune: lora"):
+        check_sharding(_accelerator("DEEPSPEED"), lora, [])
+    with pytest.raises(UsageError, match="validation_prompts: .* not supported under FSDP"):
+        check_sharding(_accelerator("FSDP"), full, ["a red circle"])
+    check_sharding(_accelerator("FSDP"), full, [])
+    check_sharding(_accelerator("MULTI_CPU"), lora, ["a red circle"])
+
+
+def test_deepspeed_gets_its_micro_batch_before_prepare():
+    """Untested against DeepSpeed itself (not installed here): what the trainer writes into its config."""
+    from types import SimpleNamespace
+
+    from ncppo.errors import UsageError
+    from ncppo.training.sharding import configure_deepspeed
+
+    config = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto"}
+    configure_deepspeed(_accelerator("DEEPSPEED", deepspeed_plugin=SimpleNamespace(deepspeed_config=config)), 4, 1)
+    assert config == {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1}
+    own = {"train_micro_batch_size_per_gpu": 2}  # the user's DeepSpeed config wins
+    configure_deepspeed(_accelerator("DEEPSPEED", deepspeed_plugin=SimpleNamespace(deepspeed_config=own)), 4, 1)
+    assert own["train_micro_batch_size_per_gpu"] == 2
+    with pytest.raises(UsageError, match="gradient accumulation .*set batch_size"):
+        configure_deepspeed(_accelerator("DEEPSPEED", deepspeed_plugin=SimpleNamespace(deepspeed_config={})), 1, 4)
+    configure_deepspeed(_accelerator("FSDP"), 1, 4)  # not DeepSpeed: nothing to set
