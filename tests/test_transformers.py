@@ -290,3 +290,26 @@ def test_transformer_keys_on_a_unet_are_refused(tiny_pipeline_dirs):
         prepare_model(build_model(cfg.model), cfg, torch.device("cpu"))
     cfg = load_config(None, [*base, "objective.name=dpo", "objective.encoder_blocks=0.5"])
     prepare_model(build_model(cfg.model), cfg, torch.device("cpu"))  # noise space: no encoder to set
+
+
+def test_cache_round_trip_trains_as_raw_pairs(model, tmp_path):
+    from ncppo.batch import PreferenceBatch
+    from ncppo.data.cache import LatentCache, build_cache
+    from ncppo.data.pairs import PreferencePairs
+
+    from .data_helpers import write_dataset
+
+    pairs = PreferencePairs(write_dataset(tmp_path / "src", [(f"a red circle {k}", f"u{k}", f"v{k}", 1) for k in range(3)]))
+    build_cache(model, pairs, tmp_path / "c", resolution=32, progress=False)
+    cached = next(LatentCache(tmp_path / "c").batches(3, shuffle=False))
+    raw = pairs.collate([0, 1, 2], 32)
+    embeds, pooled = model.encode_prompts(raw.prompts)
+    torch.testing.assert_close(cached.prompt_embeds, embeds)
+    torch.testing.assert_close(cached.pooled_prompt_embeds, pooled)  # SD3 and FLUX condition on pooled text too
+    torch.testing.assert_close(cached.latents_w, model.encode_images(raw.pixel_values_w, sample=False), rtol=0, atol=1e-6)
+    from_raw = PreferenceBatch(latents_w=model.encode_images(raw.pixel_values_w, sample=False),
+                               latents_l=model.encode_images(raw.pixel_values_l, sample=False), prompts=raw.prompts)
+    perturb_lora(model.unet, scale=0.05)
+    losses = [training_step(model, make_objective("ncp-dpo"), b, generator=torch.Generator().manual_seed(0)).loss
+              for b in (cached, from_raw)]
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-9)
