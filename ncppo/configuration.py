@@ -112,7 +112,10 @@ def apply(obj, values: dict, prefix: str = "", adjust=None) -> None:
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise ConfigError(f"{full}: expected a mapping of {type(current).__name__} keys, got {value!r}")
-            apply(current, value, f"{full}.", adjust)
+            if current.__dataclass_params__.frozen:  # a library's own frozen options (e.g. ColumnMapping)
+                setattr(obj, key, updated(current, value, full))
+            else:
+                apply(current, value, f"{full}.", adjust)
         else:
             if adjust is not None:
                 value = adjust(full, value, hints[key])

@@ -104,11 +104,13 @@ def test_every_config_key_is_described_with_its_default():
     from ncppo.training.reference import config_options, describe_options
 
     options = {o["key"]: o for o in config_options()}
-    leaves = []
-    for f in dataclasses.fields(TrainConfig):
-        value = getattr(TrainConfig(), f.name)
-        leaves += [f"{f.name}.{g.name}" for g in dataclasses.fields(value)] if dataclasses.is_dataclass(value) else [f.name]
-    assert sorted(options) == sorted(leaves)
+    def leaves(instance, prefix=""):
+        for f in dataclasses.fields(instance):
+            value = getattr(instance, f.name)
+            yield from leaves(value, f"{prefix}{f.name}.") if dataclasses.is_dataclass(value) else [prefix + f.name]
+
+    assert sorted(options) == sorted(leaves(TrainConfig()))
+    assert "data.columns.caption" in options and "data.image_dir" in options
     undocumented = [k for k, o in options.items() if not o["help"]]
     assert not undocumented, f"config keys without a meaning in their dataclass's docstring: {undocumented}"
     text = describe_options()
@@ -166,3 +168,28 @@ def test_the_transformer_keys_are_described():
     assert ("  model.timestep_weighting (str | null, default: null)  one of: uniform, logit_normal\n"
             "      a flow model's") in text
     assert "  objective.encoder_blocks (int | float | list of int | null, default: null)\n      a transformer's" in text
+
+
+def test_a_source_in_another_shape_trains_through_data_columns(tmp_path):
+    """``data.columns`` is the data commands' column mapping: a YAML config reads a renamed-column parquet."""
+    import yaml
+
+    from ncppo.training.setup import build_data
+
+    from .data_helpers import WINNER_FIRST, write_shape
+
+    source = write_shape("mapped", tmp_path / "src")
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump({
+        "output_dir": "out", "model": {"pretrained": "m"},
+        "data": {"source": "src", "columns": {"caption": "text", "image_0": "img_a", "image_1": "img_b",
+                                              "label_0": "pref_a", "label_1": "pref_b"}}}))
+    config = load_config(str(tmp_path / "run.yaml"))
+    data = build_data(config.data)
+    assert data.pairs.meta.caption.to_pylist() == [c for c, _, _ in WINNER_FIRST]
+    assert load_config(None, **config.to_dict()).data.columns == config.data.columns  # a run's record reloads
+    # without the mapping the same source is a named error, not a silent misread
+    with pytest.raises(Exception, match="caption"):
+        build_data(load_config(None, output_dir=str(tmp_path / "o"), model={"pretrained": "m"},
+                               data={"source": str(source)}).data)
+    with pytest.raises(ConfigError, match="data.columns: unknown key.*did you mean 'caption'"):
+        load_config(None, model={"pretrained": "m"}, data={"source": "s", "columns": {"captoin": "text"}})

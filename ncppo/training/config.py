@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ncppo.configuration import ConfigError, apply, check_choice, flatten, parse_overrides, read_mapping
+from ncppo.data.formats import ColumnMapping
 
 
 @dataclass
@@ -59,6 +60,10 @@ class DataConfig:
         random_crop: crop at a random place instead of the centre.
         random_flip: flip half the pairs horizontally (both images of a pair alike).
         prompt_dropout: the fraction of prompts replaced by the empty prompt (Diffusion-DPO: 0.2 for SDXL).
+        columns: which column of ``source`` plays which part, for a source in another shape (the same roles
+            as ``ncppo data filter --caption-column`` and the like: ``caption``, ``image_0``, ``image_1``,
+            ``label_0``, ``label_1``, ``uid_0``, ``uid_1``, or TRL-style ``chosen``/``rejected``).
+        image_dir: the folder that relative image paths in ``source`` are read from (default: beside it).
     """
 
     source: str = ""
@@ -68,6 +73,8 @@ class DataConfig:
     random_crop: bool = False
     random_flip: bool = False
     prompt_dropout: float = 0.0
+    columns: ColumnMapping = field(default_factory=ColumnMapping)
+    image_dir: str = ""
 
 
 @dataclass
@@ -307,8 +314,10 @@ _COMMA_LISTS = frozenset({"report_to", "model.lora_targets"})
 
 
 def _is_list(hint) -> bool:
+    """A list (or a list or null): not a union with other types, where a string is not a one-item list."""
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return any(_is_list(option) for option in typing.get_args(hint))
+        options = [o for o in typing.get_args(hint) if o is not type(None)]
+        return len(options) == 1 and _is_list(options[0])
     return typing.get_origin(hint) is list
 
 
@@ -325,7 +334,7 @@ def _yaml_pitfalls(key: str, value, hint):
 
 # sections a run's config.yaml records beside the settings (derived values, code and machine): read past
 RECORD_SECTIONS = ("resolved", "provenance")
-LOCAL_PATHS = ("output_dir", "data.cache")  # always folders on this machine
+LOCAL_PATHS = ("output_dir", "data.cache", "data.image_dir")  # always folders on this machine
 PATHS_OR_HUB_IDS = ("model.pretrained", "data.source")  # a local path, or a hub id (``org/name``)
 
 

@@ -135,7 +135,11 @@ def build_data(data_config, model=None):
     from ncppo.data.pairs import PreferencePairs
 
     check_local_path("data.source", data_config.source)
-    return PairsData(PreferencePairs(data_config.source, tie_policy=data_config.tie_policy), data_config.resolution,
+    if data_config.image_dir:
+        check_local_path("data.image_dir", data_config.image_dir)
+    pairs = PreferencePairs(data_config.source, tie_policy=data_config.tie_policy, image_dir=data_config.image_dir or None,
+                            columns=data_config.columns if data_config.columns.given() else None)
+    return PairsData(pairs, data_config.resolution,
                      random_crop=data_config.random_crop, random_flip=data_config.random_flip, source=data_config.source)
 
 
