@@ -78,8 +78,8 @@ def runs(tmp_path_factory, tiny_pipeline_dirs):
     spec = [(f"a {c} shape {k}", f"w{k}{c}", f"l{k}{c}", k % 2) for k in range(4) for c in ("red", "blue")]
     data = write_dataset(root / "pairs", spec, rows_per_shard=5)
     overrides = [f"model.pretrained={tiny_pipeline_dirs['sd15']}", "model.finetune=full", f"data.source={data}",
-                 "data.resolution=32", "objective.name=ncp-dpo", "objective.beta=5e6", "batch_size=1",
-                 "effective_batch=2", "optim.learning_rate=1e-3", "optim.scale_lr=false",
+                 "data.resolution=32", "objective.name=ncp-dpo", "objective.beta=5e3", "batch_size=1",
+                 "effective_batch=4", "optim.learning_rate=1e-3", "optim.scale_lr=false",
                  "optim.max_grad_norm=1.0", "checkpoint_every_steps=1"]
     mp.spawn(_worker, args=(_free_port(), str(root), overrides), nprocs=2, join=True)
     return root
@@ -95,13 +95,15 @@ def _close(a: dict, b: dict, exact: bool = False) -> None:
     """Equal, or (``exact`` False) equal but for float rounding as AdamW amplifies it: FSDP averages the gradients
     by reduce-scatter, DDP by all-reduce, in another order; where the two processes' gradients nearly cancel,
     that rounding is a large share of the average, and AdamW's update g / (sqrt(v) + eps) does not shrink with
-    it. Measured here: 28 of 793k entries beyond 1e-6 after step 1, the largest 3.6e-5 (lr 1e-3)."""
+    it. Measured here (lr 1e-3, so an update is about 1e-3): 0.1% of the 793k entries beyond 1e-6, the largest
+    3e-5 to 7e-5. A lost update, a shard put back in the wrong place or a resume without the optimiser state
+    moves most entries by about the learning rate."""
     assert a.keys() == b.keys()
     diff = torch.cat([(a[k].double() - b[k].double()).abs().flatten() for k in a])
     if exact:
         assert float(diff.max()) == 0.0
         return
-    assert float(diff.max()) < 1e-4 and float((diff > 1e-6).double().mean()) < 1e-3, (float(diff.max()))
+    assert float(diff.max()) < 1e-4 and float((diff > 1e-6).double().mean()) < 1e-2, float(diff.max())
 
 
 def test_fsdp_shards_the_trained_unet_and_keeps_the_reference_whole(runs):
@@ -130,10 +132,12 @@ def test_fsdp_checkpoints_and_weights_equal_the_unsharded_run(runs, tiny_pipelin
     _close(final, {n: p.detach() for n, p in loaded.named_parameters()}, exact=True)  # one model, two files
     start = UNet2DConditionModel.from_pretrained(tiny_pipeline_dirs["sd15"] / "unet")
     assert any(not torch.equal(p, final[n]) for n, p in start.named_parameters())  # it trained
+    summary = json.loads((fsdp / "summary.json").read_text())
+    assert summary["gradient_accumulation_steps"] == 2  # FSDP2's no_sync: gradients reduced once a step
     losses = [[json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] for run in (ddp, fsdp)]
     assert [r["step"] for r in losses[1]] == [1, 2]
-    for a, b in zip(*losses):
-        assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-4 * a["grad_norm"]
+    for (a, b), tol in zip(zip(*losses), (1e-5, 1e-2)):  # step 2 starts from weights equal up to rounding
+        assert abs(a["loss"] - b["loss"]) <= tol * a["loss"] and abs(a["grad_norm"] - b["grad_norm"]) <= tol * a["grad_norm"]
         assert a["grad_norm_clipped"] == b["grad_norm_clipped"] == 1  # clip_grad_norm_ acted, on shards too
 
 
