@@ -313,3 +313,19 @@ def test_cache_round_trip_trains_as_raw_pairs(model, tmp_path):
     losses = [training_step(model, make_objective("ncp-dpo"), b, generator=torch.Generator().manual_seed(0)).loss
               for b in (cached, from_raw)]
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-9)
+
+
+def test_an_explicit_objective_is_validated_against_the_model_before_training(tiny_dir, tmp_path):
+    """``Trainer(config, objective=...)``: the objective given, not the config's, is checked against the model."""
+    from ncppo.training import Trainer, load_config
+    from ncppo.training.config import ConfigError
+
+    from .data_helpers import write_dataset
+
+    data = write_dataset(tmp_path / "pairs", [(f"a red shape {k}", f"w{k}", f"l{k}", 1) for k in range(2)])
+    run = tmp_path / "run"
+    cfg = load_config(None, [f"output_dir={run}", f"model.pretrained={tiny_dir}", f"data.source={data}",
+                             "model.lora_rank=4", "data.resolution=32", "max_steps=1"])  # the config's ncp-dpo fits
+    with pytest.raises(ConfigError, match="objective: encoder depth 9 exceeds this transformer's 4 blocks"):
+        Trainer(cfg, objective=make_objective("ncp-dpo", encoder_blocks=9))
+    assert not (run / "metrics.jsonl").exists() and not (run / "lora").exists()

@@ -121,7 +121,7 @@ class Trainer:
                 self.objective = objective if objective is not None else build_objective(cfg.objective)
                 self.model = model if model is not None else build_model(cfg.model)
                 sharding.check_sharding(acc, self.model, cfg.validation_prompts)
-                prepare_model(self.model, cfg, acc.device)
+                prepare_model(self.model, cfg, acc.device, objective=self.objective)  # the one that trains
                 self.data = data if data is not None else build_data(cfg.data)
                 if hasattr(self.data, "check_model"):
                     self.data.check_model(self.model)
