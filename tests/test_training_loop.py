@@ -92,12 +92,20 @@ def test_a_hand_made_model_objective_and_data_are_trained(tmp_path):
 def test_prompt_dropout_is_an_operation_on_the_batch():
     embeds = torch.arange(3 * 2 * 4, dtype=torch.float32).reshape(3, 2, 4)
     pooled = torch.ones(3, 5)
-    empty = (torch.full((1, 2, 4), -1.0), torch.zeros(1, 5))
+    empty = (torch.full((1, 2, 4), -1.0), torch.zeros(1, 5), None)
     batch = PreferenceBatch(latents_w=torch.zeros(3, 1), prompt_embeds=embeds, pooled_prompt_embeds=pooled)
     dropped = drop_prompts(batch, np.array([True, False, True]), empty)
     assert torch.equal(dropped.prompt_embeds[1], embeds[1]) and (dropped.prompt_embeds[[0, 2]] == -1).all()
     assert dropped.pooled_prompt_embeds[[0, 2]].abs().sum() == 0 and torch.equal(dropped.pooled_prompt_embeds[1], pooled[1])
     assert torch.equal(batch.prompt_embeds, embeds)  # the input batch is left as it was
+    mask = torch.ones(3, 2, dtype=torch.long)  # PixArt's T5 padding mask: the dropped rows get the empty prompt's
+    masked = PreferenceBatch(latents_w=torch.zeros(3, 1), prompt_embeds=embeds, prompt_attention_mask=mask)
+    dropped = drop_prompts(masked, np.array([False, True, False]), (empty[0], None, torch.tensor([[1, 0]])))
+    assert dropped.prompt_attention_mask.tolist() == [[1, 1], [1, 0], [1, 1]] and dropped.prompt_attention_mask.dtype == torch.long
+    with pytest.raises(ValueError, match="the batch has prompt_attention_mask but the empty prompt's encoding has none"):
+        drop_prompts(masked, np.array([True, False, False]), empty)
+    with pytest.raises(ValueError, match="needs the empty prompt's encoding"):
+        drop_prompts(masked, np.array([True, False, False]), None)
     text = PreferenceBatch(latents_w=torch.zeros(2, 1), prompts=["a", "b"])
     assert drop_prompts(text, np.array([False, True]), None).prompts == ["a", ""]
     assert drop_prompts(text, np.array([False, False]), None) is text

@@ -329,3 +329,48 @@ def test_an_explicit_objective_is_validated_against_the_model_before_training(ti
     with pytest.raises(ConfigError, match="objective: encoder depth 9 exceeds this transformer's 4 blocks"):
         Trainer(cfg, objective=make_objective("ncp-dpo", encoder_blocks=9))
     assert not (run / "metrics.jsonl").exists() and not (run / "lora").exists()
+
+
+@pytest.fixture(scope="module")
+def pixart_dir(tmp_path_factory):
+    from ncppo.cli import main
+
+    out = tmp_path_factory.mktemp("pixart") / "pixart"
+    assert main(["tiny-model", str(out), "--kind", "pixart"]) == 0
+    return out
+
+
+def test_pixart_embeddings_without_their_mask_say_how_to_get_one(pixart_dir):
+    from ncppo.batch import PreferenceBatch
+
+    model = PreferenceModel.from_pretrained(pixart_dir, finetune="none")
+    embeds, _, mask = model.encode_text(["a red circle", "a blue square"])
+    assert mask is not None and mask.shape == embeds.shape[:2]
+    latents = torch.randn(2, 4, 16, 16)
+    with pytest.raises(ValueError, match=r"prompt_attention_mask of shape \(2, \d+\) \(a latent cache built by this "
+                                         r"ncppo stores it: rebuild an older cache, or give the mask or the prompts\)"):
+        model.encode_batch(PreferenceBatch(latents_w=latents, latents_l=latents, prompt_embeds=embeds))
+
+
+def test_prompt_dropout_of_a_cached_pixart_batch_gives_the_empty_prompts_mask(pixart_dir, tmp_path):
+    """Dropped rows get the empty prompt's embeddings and its T5 padding mask, not the dropped prompt's mask."""
+    from ncppo.data.cache import LatentCache, build_cache
+    from ncppo.data.pairs import PreferencePairs
+    from ncppo.training.sources import CacheData, MicroBatches, PromptDropout
+
+    from .data_helpers import write_dataset
+
+    model = PreferenceModel.from_pretrained(pixart_dir, lora=LoraSettings(rank=4))
+    prompts = ["a big red circle on a blue square", "a small green triangle beside a yellow star"]
+    pairs = PreferencePairs(write_dataset(tmp_path / "src", [(p, f"u{k}", f"v{k}", 1) for k, p in enumerate(prompts)]))
+    build_cache(model, pairs, tmp_path / "c", resolution=32, progress=False)
+    data = CacheData(LatentCache(tmp_path / "c"))
+    kept = MicroBatches(data, 2, seed=0)(0)
+    dropped = MicroBatches(data, 2, seed=0, dropout=PromptDropout(1.0, model))(0)
+    embeds, _, mask = model.encode_text([""])
+    assert not torch.equal(kept.prompt_attention_mask, mask.expand(2, -1).to(kept.prompt_attention_mask))
+    torch.testing.assert_close(dropped.prompt_embeds, embeds.expand(2, -1, -1).to(dropped.prompt_embeds))
+    assert dropped.prompt_attention_mask.dtype == kept.prompt_attention_mask.dtype
+    assert torch.equal(dropped.prompt_attention_mask, mask.expand(2, -1).to(kept.prompt_attention_mask))
+    condition = model.encode_batch(dropped).condition_w  # what the denoiser attends to
+    assert torch.equal(condition.attention_mask.cpu(), mask.expand(2, -1).to(condition.attention_mask).cpu())

@@ -208,10 +208,13 @@ class PreferenceModel:
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Prompt embeddings (and SDXL's, SD3's or FLUX's pooled embeddings) with the pipeline's own ``encode_prompt``."""
-        return self._encode_text(prompts)[:2]
+        return self.encode_text(prompts)[:2]
 
-    def _encode_text(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """``(embeds, pooled, attention_mask)``: the mask only for a model that attends to masked text (PixArt)."""
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """``(embeds, pooled, attention_mask)``, what a batch's ``prompt_embeds``, ``pooled_prompt_embeds`` and
+        ``prompt_attention_mask`` hold: pooled for SDXL, SD3 and FLUX, the T5 padding mask for PixArt (the
+        only model that attends to masked text), None where a model has none."""
         if any(not isinstance(p, str) for p in prompts):
             raise ValueError("prompts must be strings")
         return encode_text(self.kind, self.pipeline, prompts, self.device)
@@ -263,11 +266,11 @@ class PreferenceModel:
         if embeds is None:
             if batch.prompts is None:
                 raise ValueError("the batch has neither prompt_embeds nor prompts")
-            embeds, pooled, mask = self._encode_text(list(batch.prompts))
+            embeds, pooled, mask = self.encode_text(list(batch.prompts))
         if self.backbone.needs_mask and (mask is None or mask.shape != embeds.shape[:2]):
             raise ValueError(f"a {self.kind} model attends to masked T5 tokens: prompt_embeds {tuple(embeds.shape)} need a "
-                             f"prompt_attention_mask of shape {tuple(embeds.shape[:2])} (the latent cache does not "
-                             "store one yet: give prompts)")
+                             f"prompt_attention_mask of shape {tuple(embeds.shape[:2])} (a latent cache built by this "
+                             "ncppo stores it: rebuild an older cache, or give the mask or the prompts)")
         if embeds.ndim != 3 or embeds.shape[0] != lw.shape[0]:
             raise ValueError(f"prompt_embeds must be (B={lw.shape[0]}, L, D); got {tuple(embeds.shape)}")
         cross_dim = self.unet.config[self.backbone.text_width_key]

@@ -102,23 +102,31 @@ class CacheData:
         return {"source": self.source, "pairs": len(self.cache), "skips": {"total": self._skipped(), "when": "cache build"}}
 
 
-def drop_prompts(batch: PreferenceBatch, drop: np.ndarray, empty: tuple[torch.Tensor, torch.Tensor | None] | None
-                 ) -> PreferenceBatch:
+def drop_prompts(batch: PreferenceBatch, drop: np.ndarray,
+                 empty: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None) -> PreferenceBatch:
     """``batch`` with the prompts of the pairs where ``drop`` is true replaced by the empty prompt: as text
-    when the batch carries text, else by ``empty`` (the empty prompt's embeddings, pooled ones for SDXL)."""
+    when the batch carries text, else by ``empty``, the empty prompt's ``(embeds, pooled, attention_mask)``
+    (:meth:`~ncppo.models.preference_model.PreferenceModel.encode_text`): its embeddings, SDXL's, SD3's and
+    FLUX's pooled ones, and PixArt's T5 padding mask (the prompt's mask would let the empty embeddings'
+    padding tokens be attended to)."""
     if not drop.any():
         return batch
     if batch.prompts is not None and batch.prompt_embeds is None:
         return batch.replace(prompts=["" if d else q for d, q in zip(drop, batch.prompts)])
-    embeds, pooled = empty
-    mask = torch.from_numpy(drop)
-    new = batch.prompt_embeds.clone()
-    new[mask] = embeds.to(new)
-    changes = {"prompt_embeds": new}
-    if batch.pooled_prompt_embeds is not None:
-        pooled_new = batch.pooled_prompt_embeds.clone()
-        pooled_new[mask] = pooled.to(pooled_new)
-        changes["pooled_prompt_embeds"] = pooled_new
+    if empty is None:
+        raise ValueError("prompt dropout of embedded prompts needs the empty prompt's encoding: PromptDropout(p, model)")
+    rows = torch.from_numpy(drop)
+    changes = {}
+    for key, value in zip(("prompt_embeds", "pooled_prompt_embeds", "prompt_attention_mask"), empty):
+        kept = getattr(batch, key)
+        if kept is None:
+            continue
+        if value is None:
+            raise ValueError(f"prompt dropout: the batch has {key} but the empty prompt's encoding has none "
+                             "(the batch was encoded for another kind of model)")
+        new = kept.clone()
+        new[rows] = value.to(new)
+        changes[key] = new
     return batch.replace(**changes)
 
 
@@ -127,8 +135,8 @@ class PromptDropout:
 
     def __init__(self, p: float, model=None):
         self.p = p
-        # text batches need no embeddings; cached ones get the model's empty prompt
-        self.empty = model.encode_prompts([""]) if p > 0 and model is not None else None
+        # text batches need no embeddings; cached ones get the model's empty prompt (with PixArt's mask)
+        self.empty = model.encode_text([""]) if p > 0 and model is not None else None
 
     def __call__(self, batch: PreferenceBatch, rng: np.random.Generator) -> PreferenceBatch:
         if self.p <= 0:
