@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -95,7 +97,6 @@ def test_ncppo_generate_samples_a_pixart_lora_as_the_trained_model_does(tmp_path
     from PIL import Image
 
     from ncppo.cli import main
-    from ncppo.evaluation.sampling import sampling_pipeline
     from ncppo.models.preference_model import LoraSettings, PreferenceModel
 
     from .conftest import perturb_lora
@@ -117,8 +118,10 @@ def test_ncppo_generate_samples_a_pixart_lora_as_the_trained_model_does(tmp_path
     base, loaded = read(tmp_path / "base"), read(tmp_path / "lora-set")
     spec = GenerationSpec(("a red circle", "a blue square"), num_inference_steps=2, height=32, width=32)
     with torch.no_grad():
-        in_memory = generate_samples(sampling_pipeline(trained.pipeline), spec, progress=False).images
+        in_memory = generate_samples(trained.pipeline, spec, progress=False).images  # render_images adds PixArt's call options
     assert base.shape == loaded.shape == (2, 32, 32, 3)
+    recorded = json.loads((tmp_path / "base" / "generation.json").read_text())["call_options"]
+    assert recorded == {"use_resolution_binning": False, "clean_caption": False}  # sets compare only when made alike
     np.testing.assert_array_equal(loaded, in_memory)
     assert np.abs(loaded.astype(int) - base.astype(int)).mean() > 1  # the LoRA changes the images
     from safetensors.torch import load_file, save_file

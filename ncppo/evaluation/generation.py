@@ -64,14 +64,25 @@ class Samples:
     seeds: np.ndarray
 
 
+# PixArt's pipeline moves the asked size to its aspect-ratio table's nearest entry (and refuses transformers of other
+# sample sizes, e.g. the tiny one) and cleans captions with an optional package; ncppo samples the spec as it is.
+CALL_OPTIONS = {"PixArtSigmaPipeline": {"use_resolution_binning": False, "clean_caption": False}}
+
+
+def call_options(pipe) -> dict:
+    """The keyword arguments every call of ``pipe`` gets (:data:`CALL_OPTIONS` of its class; usually none)."""
+    return dict(CALL_OPTIONS.get(type(pipe).__name__, {}))
+
+
 def render_images(pipe, prompts: list[str], seeds: list[int], num_inference_steps: int, guidance_scale: float,
                   height: int | None = None, width: int | None = None) -> np.ndarray:
     """uint8 images ``(n, H, W, 3)``, image ``i`` of ``prompts[i]`` drawn from its own generator seeded with
-    ``seeds[i]``: the one rendering rule, so an image depends on its seed only, never on its batch."""
+    ``seeds[i]``: the one rendering rule (``ncppo generate``, ``ncppo curve``, the toy world), so an image depends
+    on its seed only, never on its batch, and a pipeline is called with its :func:`call_options`."""
     generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
     kwargs = {"height": height, "width": width} if height is not None or width is not None else {}
     images = pipe(list(prompts), num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                  output_type="np", generator=generators, **kwargs).images
+                  output_type="np", generator=generators, **call_options(pipe), **kwargs).images
     return (np.asarray(images) * 255).round().astype(np.uint8)
 
 

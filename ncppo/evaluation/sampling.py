@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ncppo.errors import UsageError
-from ncppo.evaluation.generation import GenerationSpec
+from ncppo.evaluation.generation import GenerationSpec, call_options
 
 SCHEDULERS = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "pndm": "PNDMScheduler", "euler": "EulerDiscreteScheduler",
               "euler-a": "EulerAncestralDiscreteScheduler", "dpm++": "DPMSolverMultistepScheduler",
@@ -19,7 +19,8 @@ def load_sampling_pipeline(model: str | Path, lora: str | Path | None = None, sc
     """A text-to-image pipeline ready to sample: ``model`` (a diffusers folder) in ``dtype``, its scheduler
     swapped for one of :data:`SCHEDULERS` (``None``: its own), a diffusers-format LoRA folder loaded (PixArt-Sigma,
     which diffusers has no LoRA loader for: the peft LoRA ncppo writes, by ``load_peft_lora``), on ``device``
-    (default: CUDA when there is one), through :func:`sampling_pipeline`."""
+    (default: CUDA when there is one). Every call for images goes through
+    :func:`~ncppo.evaluation.generation.render_images`, which adds the pipeline's call options."""
     import diffusers
     import torch
 
@@ -52,33 +53,7 @@ def load_sampling_pipeline(model: str | Path, lora: str | Path | None = None, sc
                 load_peft_lora(pipe, lora)
         except (ValueError, OSError, KeyError, RuntimeError) as err:  # diffusers/peft on a folder that is no LoRA of it
             raise ModelLoadError(f"--lora {lora}: not a diffusers-format LoRA for {model} ({_first_lines(err)})") from err
-    return sampling_pipeline(pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu")))
-
-
-# PixArt's pipeline moves the asked size to its aspect-ratio table's nearest entry (and refuses transformers of other
-# sample sizes, e.g. the tiny one) and cleans captions with an optional package; ncppo samples the spec as it is.
-CALL_OPTIONS = {"PixArtSigmaPipeline": {"use_resolution_binning": False, "clean_caption": False}}
-
-
-class _WithCallOptions:
-    """A pipeline whose calls get fixed keyword arguments (a caller's own win); every attribute is the pipeline's."""
-
-    def __init__(self, pipe, options: dict):
-        self.pipeline, self.call_options = pipe, options
-
-    def __call__(self, *args, **kwargs):
-        return self.pipeline(*args, **{**self.call_options, **kwargs})
-
-    def __getattr__(self, name):  # only for names the wrapper lacks (never "pipeline" itself: no recursion)
-        if name in ("pipeline", "call_options"):
-            raise AttributeError(name)
-        return getattr(self.pipeline, name)
-
-
-def sampling_pipeline(pipe):
-    """``pipe`` as ``ncppo generate`` calls it: with :data:`CALL_OPTIONS` for its class (else ``pipe`` itself)."""
-    options = CALL_OPTIONS.get(type(pipe).__name__)
-    return _WithCallOptions(pipe, options) if options else pipe
+    return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def spec_for(prompts, **options) -> GenerationSpec:
@@ -98,8 +73,8 @@ def generate_from_files(model: str | Path, prompt_file: str | Path, out_dir: str
     spec = spec_for(prompts, **spec_options)
     pipe = load_sampling_pipeline(model, lora, scheduler, dtype)
     settings = {"scheduler": scheduler or "default", "dtype": dtype}
-    if isinstance(pipe, _WithCallOptions):  # recorded: two sets compare only when made alike
-        settings["call_options"] = pipe.call_options
+    if call_options(pipe):  # recorded: two sets compare only when made alike
+        settings["call_options"] = call_options(pipe)
     return generate_image_set(pipe, prompts, out_dir, spec, model=str(model), lora=str(lora or ""),
                               settings=settings, overwrite=overwrite, progress=progress)
 
