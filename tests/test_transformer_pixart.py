@@ -138,3 +138,12 @@ def test_ncppo_train_runs_each_objective(pixart_dir, tmp_path):
         fresh = load_pipeline(pixart_dir)
         load_peft_lora(fresh, run / "lora")  # diffusers has no load_lora_weights for PixArt-Sigma
         assert any("lora" in n for n, _ in fresh.transformer.named_parameters())
+
+
+def test_validation_images_sample_pixart_at_the_training_resolution(model):
+    """The trainer's validation images call the pipeline with its call options (PixArt would otherwise snap
+    the size to its aspect-ratio table and refuse the tiny transformer)."""
+    from ncppo.training.validation import sample
+
+    images = sample(model, ["a red circle", "a blue square"], steps=2, resolution=32)
+    assert images.shape == (2, 32, 32, 3) and images.dtype.name == "uint8"

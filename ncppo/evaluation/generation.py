@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ncppo.models.loading import call_options
+
 
 @dataclass(frozen=True)
 class GenerationSpec:
@@ -63,15 +65,6 @@ class Samples:
     prompt_ids: np.ndarray
     seeds: np.ndarray
 
-
-# PixArt's pipeline moves the asked size to its aspect-ratio table's nearest entry (and refuses transformers of other
-# sample sizes, e.g. the tiny one) and cleans captions with an optional package; ncppo samples the spec as it is.
-CALL_OPTIONS = {"PixArtSigmaPipeline": {"use_resolution_binning": False, "clean_caption": False}}
-
-
-def call_options(pipe) -> dict:
-    """The keyword arguments every call of ``pipe`` gets (:data:`CALL_OPTIONS` of its class; usually none)."""
-    return dict(CALL_OPTIONS.get(type(pipe).__name__, {}))
 
 
 def render_images(pipe, prompts: list[str], seeds: list[int], num_inference_steps: int, guidance_scale: float,

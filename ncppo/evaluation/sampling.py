@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ncppo.errors import UsageError
-from ncppo.evaluation.generation import GenerationSpec, call_options
+from ncppo.evaluation.generation import GenerationSpec
+from ncppo.models.loading import call_options
 
 SCHEDULERS = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "pndm": "PNDMScheduler", "euler": "EulerDiscreteScheduler",
               "euler-a": "EulerAncestralDiscreteScheduler", "dpm++": "DPMSolverMultistepScheduler",

@@ -15,6 +15,17 @@ SUPPORTED_PIPELINES = {"StableDiffusionPipeline": "sd15", "StableDiffusionXLPipe
                        "PixelTextToImagePipeline": "pixel", "StableDiffusion3Pipeline": "sd3",
                        "FluxPipeline": "flux", "PixArtSigmaPipeline": "pixart"}
 # the project's own pipeline classes, which diffusers' generic loader cannot resolve by name
+# PixArt's pipeline moves the asked size to its aspect-ratio table's nearest entry (and refuses transformers of other
+# sample sizes, e.g. the tiny one) and cleans captions with an optional package; ncppo samples the size it asks for.
+CALL_OPTIONS = {"PixArtSigmaPipeline": {"use_resolution_binning": False, "clean_caption": False}}
+
+
+def call_options(pipe) -> dict:
+    """The keyword arguments every call of ``pipe`` gets (:data:`CALL_OPTIONS` of its class; usually none):
+    sampling in evaluation and the trainer's validation images alike."""
+    return dict(CALL_OPTIONS.get(type(pipe).__name__, {}))
+
+
 _OWN_PIPELINES = {"PixelTextToImagePipeline": ("ncppo.models.pixel_pipeline", "PixelTextToImagePipeline")}
 
 

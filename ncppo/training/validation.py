@@ -12,8 +12,11 @@ import torch
 @torch.no_grad()
 def sample(model, prompts: list[str], steps: int, resolution: int) -> np.ndarray:
     """One image per prompt (seed = its index) as uint8 ``(N, H, W, 3)``."""
+    from ncppo.models.loading import call_options
+
     images = model.pipeline(prompts, num_inference_steps=steps, height=resolution, width=resolution, output_type="np",
-                            generator=[torch.Generator().manual_seed(i) for i in range(len(prompts))]).images
+                            generator=[torch.Generator().manual_seed(i) for i in range(len(prompts))],
+                            **call_options(model.pipeline)).images
     return (images * 255).round().astype(np.uint8)
 
 
