@@ -316,7 +316,8 @@ def main(argv=None) -> int:
                              "x_vs_base": pooled_win(on_base, tests_x).to_dict(),
                              "test_mean_x": statistics.mean(t["final"]["mean"] for t in tests_x),
                              "test_mean_ncp": statistics.mean(t["final"]["mean"] for t in tests_n),
-                             "time_to_quality_per_seed": ttq})
+                             "time_to_quality_per_seed": ttq,
+                             "x_beats_base_per_seed": [t["final"]["mean"] > base["test"]["mean"] for t in tests_x]})
         return rows
 
     def write(complete: bool) -> None:
@@ -374,7 +375,9 @@ def markdown(r: dict) -> str:
               "time to quality |", "|---|---|---|---|---|---|---|---|"]
     for v in r["verdicts"]:
         w, b = v["win_rate"], v["ncp_vs_base"]
-        times = ["never" if t is None else f"{t:.2f}" for t in v["time_to_quality_per_seed"]]
+        beats = v.get("x_beats_base_per_seed", [True] * len(v["time_to_quality_per_seed"]))
+        times = ["X not above base" if not up else "never" if t is None else f"{t:.2f}"
+                 for t, up in zip(v["time_to_quality_per_seed"], beats)]
         ttq = ", ".join(times) if v["family"] == "dpo" else "-"
         xb = v["x_vs_base"]
         lines.append(f"| {v['x']} | {v['ncp']} | {v['which']} | {100 * w['rate']:.1f}% "
