@@ -44,11 +44,12 @@ def test_encoder_levels_have_the_shapes_of_the_full_forward(real):
     assert full[f"down_{len(channels) - 1}"].shape[1] == channels[-1]
 
 
-@pytest.mark.parametrize("name", ["dpo", "ncp-dpo"])
-def test_training_step_on_the_real_config(real, name):
-    counted = real.count(make_objective(name), gradient_checkpointing=False)
+def test_training_step_on_the_real_config(real):
+    # NCP-DPO only: it runs every pass DPO runs plus the encoder's (DPO's step at the real configs is timed by
+    # benchmarks/real_configs.py; the tiny-model FLOP test checks DPO has no encoder share)
+    counted = real.count(make_objective("ncp-dpo"), gradient_checkpointing=False)
     assert counted.flops["policy"] > 0 and counted.flops["reference"] > 0 and counted.flops["backward"] > 0
-    assert (counted.flops["encoder"] > 0.1 * counted.flops["policy"]) == (name == "ncp-dpo")
+    assert counted.flops["encoder"] > 0.1 * counted.flops["policy"]
     lora = real.model.trainable_parameters()
     assert lora and all(p.dtype == torch.float32 for p in lora)  # trained in float32 under bf16 autocast
 
