@@ -38,3 +38,7 @@ class StateError(NcppoError, RuntimeError):
 USER_ERRORS: tuple[type[BaseException], ...] = (
     NcppoError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError,
 )
+
+
+class MissingWeightsError(NcppoError, FileNotFoundError):
+    """A model's or reward's weights are not where the user said; the message says what is expected there."""

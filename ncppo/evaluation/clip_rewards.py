@@ -17,11 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ncppo.errors import NcppoError, StateError
-
-
-class MissingWeightsError(NcppoError, FileNotFoundError):
-    """A reward's weights are not where the user said; the message says what is expected there."""
+from ncppo.errors import MissingWeightsError, StateError  # noqa: F401 (MissingWeightsError: also importable from here)
 
 
 def _require_dir(path, reward: str, expected: str) -> Path:

@@ -120,7 +120,7 @@ def load_open_clip_checkpoint(path: str | Path, activation: str = "gelu"):
     preprocessing at the model's image size is used (as open_clip does)."""
     from transformers import CLIPImageProcessor, CLIPProcessor, CLIPTokenizer
 
-    from ncppo.evaluation.clip_rewards import MissingWeightsError
+    from ncppo.errors import MissingWeightsError
 
     path = Path(path)
     folder = path if path.is_dir() else path.parent

@@ -20,7 +20,7 @@ def train_t5_tokenizer(corpus: Iterable[str] | None = None, vocab_size: int = 30
     """A T5 (Unigram) tokenizer trained offline on ``corpus`` (default: the built-in one)."""
     from transformers import T5TokenizerFast
 
-    from ncppo.models.tiny import default_corpus
+    from ncppo.models.tiny_parts import default_corpus
 
     base = T5TokenizerFast(model_max_length=model_max_length)
     text = list(corpus) if corpus is not None else default_corpus()
@@ -58,7 +58,7 @@ def build_tiny_sd3(*, image_size: int = 32, num_layers: int = 4, seed: int = 0,
     sequence, as SD3), pooled 16 + 16, latents of ``image_size / 2`` with 4 channels."""
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
-    from ncppo.models.tiny import _vae, tiny_text_encoder, train_clip_tokenizer
+    from ncppo.models.tiny_parts import _vae, tiny_text_encoder, train_clip_tokenizer
 
     corpus = list(tokenizer_corpus) if tokenizer_corpus is not None else None
     clip_tokenizer = train_clip_tokenizer(corpus)
@@ -103,7 +103,7 @@ def build_tiny_flux(*, seed: int = 0, guidance_embeds: bool = True, tokenizer_co
     2x2 into 16-wide tokens, FLUX's resolution-dependent shift."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
-    from ncppo.models.tiny import _vae, tiny_text_encoder, train_clip_tokenizer
+    from ncppo.models.tiny_parts import _vae, tiny_text_encoder, train_clip_tokenizer
 
     corpus = list(tokenizer_corpus) if tokenizer_corpus is not None else None
     clip_tokenizer = train_clip_tokenizer(corpus)
@@ -143,7 +143,7 @@ def build_tiny_pixart(*, image_size: int = 32, seed: int = 0, tokenizer_corpus: 
     PixArt's DPM-Solver, a DiT predicting epsilon and its variance."""
     from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline
 
-    from ncppo.models.tiny import _vae
+    from ncppo.models.tiny_parts import _vae
 
     tokenizer = train_t5_tokenizer(list(tokenizer_corpus) if tokenizer_corpus is not None else None)
     latent_size = image_size // 2 ** (len(vae_block_out_channels) - 1)
