@@ -1,0 +1,94 @@
+"""Where does DPO itself gain on the toy world? Noise-space DPO's budget x beta x learning rate, on the
+validation split only (a search for a regime, so nothing here is a verdict; the held-out test split is
+left to the benchmarks that compare methods).
+
+The NCP ablation (``benchmarks/ncp_ablation.py``) found that at the toy world's budget (the FLOPs of 60 DPO
+steps) no method moves the strong base model by more than about 0.001 of oracle reward, so NCP-X vs X
+there compares noise. This script asks which knob moves DPO: the budget (steps), beta, the learning rate.
+Same world, data and validation images as the ablation (training seed 0, validation seed 1001, 1 image per
+caption); every run through the project's Trainer.
+
+    python benchmarks/toy_regime.py          # writes benchmarks/results/toy_regime.{json,md}
+
+Resumable run by run (``--work``, default the ablation's world under ``outputs/ncp_ablation``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import ncp_ablation as ablation  # noqa: E402
+
+from ncppo.io import atomic_write_text  # noqa: E402
+
+GRID = [  # (steps, beta, learning rate)
+    (60, 5000.0, 2e-4), (60, 50000.0, 2e-4), (300, 5000.0, 2e-4), (300, 50000.0, 2e-4), (300, 5000.0, 1e-3)]
+
+
+def run(world, work: Path, steps: int, beta: float, lr: float, seed: int = 0) -> dict:
+    """One DPO run, trained and scored on validation (reused when its record exists)."""
+    from ncppo.training import Trainer, load_config
+
+    folder = work / "regime" / f"dpo-steps{steps}-beta{beta:g}-lr{lr:g}" / f"seed-{seed}"
+    path = folder / "result.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    values = ablation.train_values(world, {"name": "dpo"}, seed, steps, folder / "run", lr)
+    values["objective"]["beta"] = beta
+    start = time.perf_counter()
+    Trainer(load_config(None, **values)).train()
+    record = {"steps": steps, "beta": beta, "lr": lr, "seed": seed, "train_wall_seconds": time.perf_counter() - start,
+              "validation": ablation.evaluate(folder / "run", world, ablation.spec("validation", 1)),
+              "diagnostics": ablation.diagnostics(folder / "run")}
+    atomic_write_text(path, json.dumps(record))
+    print(f"[regime] dpo steps {steps} beta {beta:g} lr {lr:g}: validation {record['validation']['mean']:.4f} "
+          f"({record['train_wall_seconds']:.0f} s)", flush=True)
+    return record
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", default="outputs/ncp_ablation")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "toy_regime.json"))
+    args = parser.parse_args(argv)
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    work = Path(args.work)
+    world = ablation.build_world(work)
+    base_path = work / "base_validation.json"
+    if not base_path.is_file():
+        atomic_write_text(base_path, json.dumps(ablation.evaluate(None, world, ablation.spec("validation", 1))))
+    base = json.loads(base_path.read_text())
+    rows = [run(world, work, *point) for point in GRID]
+    record = {"command": "python benchmarks/toy_regime.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "split": "validation", "base_validation_mean": base["mean"],
+              "runs": [{k: r[k] for k in ("steps", "beta", "lr", "seed", "train_wall_seconds")}
+                       | {"validation_mean": r["validation"]["mean"],
+                          "loss_median": r["diagnostics"].get("loss", {}).get("median"),
+                          "argument_rms_median": r["diagnostics"].get("argument_rms", {}).get("median")}
+                       for r in rows]}
+    atomic_write_text(args.out, json.dumps(record, indent=1))
+    lines = ["# Where does DPO gain on the toy world? (validation split only)", "",
+             f"Command: `{record['command']}`. Base model: validation {base['mean']:.4f}. Training seed 0, "
+             "56 validation captions x 1 image (seed 1001).", "",
+             "| steps | beta | lr | validation reward | minus base | loss (median) | argument RMS (median) | train s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in record["runs"]:
+        lines.append(f"| {r['steps']} | {r['beta']:g} | {r['lr']:g} | {r['validation_mean']:.4f} | "
+                     f"{r['validation_mean'] - base['mean']:+.4f} | {r['loss_median']:.3f} | "
+                     f"{r['argument_rms_median']:.3g} | {r['train_wall_seconds']:.0f} |")
+    atomic_write_text(Path(args.out).with_suffix(".md"), "\n".join(lines) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
