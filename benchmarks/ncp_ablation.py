@@ -271,9 +271,9 @@ def main(argv=None) -> int:
     for name in runs:
         if name not in first_stage:  # stage 2: the other features at their setting's learning rate
             lr = setting_lr[name.rsplit("/", 1)[0] + "/last"]
-            selection[label(name, lr)] = train_and_validate(world, work, name, runs[name], args.selection_seed,
-                                                            steps[name], flops[name], lr)
-    validation = {key: r["validation"]["mean"] for key, r in selection.items()}
+            record = selection[label(name, lr)] = train_and_validate(world, work, name, runs[name],
+                                                                     args.selection_seed, steps[name], flops[name], lr)
+            validation[label(name, lr)] = record["validation"]["mean"]
     chosen = {x: (x, setting_lr[x]) for x in BASELINES}
     for x in BASELINES:
         key = max((k for k in selection if k.startswith(f"ncp-{x}/")), key=lambda k: validation[k])
@@ -288,15 +288,18 @@ def main(argv=None) -> int:
     base = json.loads(base_path.read_text())
     tested: dict[str, list] = {}
 
-    def run_tests(name: str, lr: float) -> None:
+    def run_tests(name: str, lr: float) -> bool:
+        """Train and test ``name`` at ``lr`` on every test seed (reused when done); whether it was new."""
         key = label(name, lr)
-        if key not in tested:
+        new = key not in tested
+        if new:
             tested[key] = []
             for seed in args.test_seeds:
                 record = train_and_validate(world, work, name, runs[name], seed, steps[name], flops[name], lr,
                                             validate=False)
                 tested[key].append({**test_record(world, work, record, half=name.startswith("ncp-dpo")),
                                     "seed": seed, "record": record})
+        return new
 
     def verdict_rows() -> list[dict]:
         rows = []
@@ -341,13 +344,11 @@ def main(argv=None) -> int:
     # verdicts so far), then the paper-exact and well-conditioned NCP-DPO at features last (the paper's
     # headline method; for CPO and SFT the selection table compares the settings on validation)
     for x in BASELINES:
-        run_tests(*chosen[x])
-        run_tests(*chosen[f"ncp-{x}"])
-        write(complete=False)
+        if run_tests(*chosen[x]) | run_tests(*chosen[f"ncp-{x}"]):  # both run; written when either was new
+            write(complete=False)
     for x in PAPER_AT_TEST:
         for setting in SETTINGS:
             run_tests(f"ncp-{x}/{setting}/last", setting_lr[f"ncp-{x}/{setting}/last"])
-            write(complete=False)
     write(complete=True)
     print(f"wrote {args.out}")
     return 0

@@ -259,16 +259,15 @@ def _write_shard(out_dir: Path, k: int, tensors: dict, metadata: dict, first_ima
 def _encode(model, batch: PreferenceBatch, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     latents_w = model.encode_images(batch.pixel_values_w, sample=False)
     latents_l = model.encode_images(batch.pixel_values_l, sample=False)
-    # the text condition exactly as training encodes it: embeddings, pooled ones, PixArt's T5 padding mask
-    condition = model.encode_batch(PreferenceBatch(latents_w=latents_w, latents_l=latents_l,
-                                                   prompts=list(batch.prompts))).condition_w
-    out = {"latents_w": latents_w, "latents_l": latents_l, "prompt_embeds": condition.encoder_hidden_states,
+    # the text exactly as training encodes it: embeddings, pooled ones, PixArt's T5 padding mask
+    embeds, pooled, mask = model.encode_text(list(batch.prompts))
+    out = {"latents_w": latents_w, "latents_l": latents_l, "prompt_embeds": embeds,
            "time_ids_w": batch.time_ids_w, "time_ids_l": batch.time_ids_l}
-    if condition.text_embeds is not None:
-        out["pooled_prompt_embeds"] = condition.text_embeds
+    if pooled is not None:
+        out["pooled_prompt_embeds"] = pooled
     out = {k: v.detach().to("cpu", dtype) for k, v in out.items()}
-    if condition.attention_mask is not None:  # token flags: kept in the encoder's own integer dtype
-        out["prompt_attention_mask"] = condition.attention_mask.detach().to("cpu")
+    if mask is not None:  # token flags: kept in the encoder's own integer dtype
+        out["prompt_attention_mask"] = mask.detach().to("cpu")
     out["pair_index"] = torch.tensor(batch.ids, dtype=torch.long)
     return out
 

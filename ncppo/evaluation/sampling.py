@@ -74,8 +74,9 @@ def generate_from_files(model: str | Path, prompt_file: str | Path, out_dir: str
     spec = spec_for(prompts, **spec_options)
     pipe = load_sampling_pipeline(model, lora, scheduler, dtype)
     settings = {"scheduler": scheduler or "default", "dtype": dtype}
-    if call_options(pipe):  # recorded: two sets compare only when made alike
-        settings["call_options"] = call_options(pipe)
+    options = call_options(pipe)
+    if options:  # recorded: two sets compare only when made alike
+        settings["call_options"] = options
     return generate_image_set(pipe, prompts, out_dir, spec, model=str(model), lora=str(lora or ""),
                               settings=settings, overwrite=overwrite, progress=progress)
 

@@ -20,7 +20,6 @@ Randomness needs no saved state: every micro-step's noise, prompt dropout and da
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import re
 import shutil
@@ -30,7 +29,7 @@ from pathlib import Path
 import torch
 
 from ncppo.errors import NcppoError, StateError
-from ncppo.io import DiskFullError, atomic_directory, recover_atomic
+from ncppo.io import DiskFullError, atomic_directory, is_disk_full, recover_atomic
 from ncppo.training.sharding import copy_into, full_tensor
 
 PREFIX = "step-"
@@ -90,10 +89,9 @@ def clean_leftovers(output_dir: str | Path) -> list[str]:
 
 
 def _disk_full(err: BaseException) -> bool:
-    if isinstance(err, OSError):
-        return err.errno in (errno.ENOSPC, errno.EDQUOT)
     # torch's zip writer reports a short write to a path only as "unexpected pos ..." / "file write failed"
-    return isinstance(err, RuntimeError) and ("unexpected pos" in str(err) or "file write failed" in str(err))
+    return is_disk_full(err) or (isinstance(err, RuntimeError)
+                                 and ("unexpected pos" in str(err) or "file write failed" in str(err)))
 
 
 def _write(final: Path, write) -> None:
