@@ -117,7 +117,7 @@ def _gradient(model, objective, pairs, seed: int, precision: str | None, device:
 
 
 def _flops(model, objective, pairs) -> dict:
-    from torch.utils.flop_counter import FlopCounterMode
+    from ncppo.flops import FlopCounterMode  # with CPU flash attention counted, as every other count
 
     counter = FlopCounterMode(display=False)
     with counter:

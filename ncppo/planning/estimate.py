@@ -108,7 +108,7 @@ class AbstractRun:
 
     def encoding_flops(self) -> int:
         """FLOPs of encoding a raw batch (VAE posterior of winners and losers, the text encoders on the prompts)."""
-        from torch.utils.flop_counter import FlopCounterMode
+        from ncppo.flops import FlopCounterMode  # with CPU flash attention counted
 
         pipe, b, counter = self.pipeline, self.batch_size, FlopCounterMode(display=False)
         with abstract_execution(self.mode, self.half), torch.no_grad():
