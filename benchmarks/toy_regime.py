@@ -28,27 +28,60 @@ import ncp_ablation as ablation  # noqa: E402
 
 from ncppo.io import atomic_write_text  # noqa: E402
 
-GRID = [  # (steps, beta, learning rate)
-    (60, 5000.0, 2e-4), (60, 50000.0, 2e-4), (300, 5000.0, 2e-4), (300, 50000.0, 2e-4), (300, 5000.0, 1e-3)]
+
+def clean(**pairs):
+    """Annotators that err less: a sharper Bradley-Terry choice and fewer coin flips."""
+    return {"annotators": {"temperature": 0.01, "careless_rate": 0.02, **pairs.pop("annotators", {})}, **pairs}
 
 
-def run(world, work: Path, steps: int, beta: float, lr: float, seed: int = 0) -> dict:
-    """One DPO run, trained and scored on validation (reused when its record exists)."""
+# the preference data each run trains on: the toy world's ``pairs`` section ("jpeg": the ablation's own world,
+# made before the pairs were stored losslessly)
+DATA = {
+    "jpeg": {"image_format": "jpeg"},
+    "png": {"image_format": "png"},
+    "png-clean-30": clean(image_format="png", annotators={"comparisons_per_prompt": 30}),
+    "png-clean-16img-60": clean(image_format="png", images_per_prompt=16, annotators={"comparisons_per_prompt": 60}),
+}
+GRID = [  # (data, method, steps, beta, learning rate)
+    ("jpeg", "dpo", 60, 5000.0, 2e-4), ("jpeg", "dpo", 60, 50000.0, 2e-4), ("jpeg", "dpo", 300, 5000.0, 2e-4),
+    ("jpeg", "dpo", 300, 50000.0, 2e-4), ("jpeg", "dpo", 300, 5000.0, 1e-3),
+    ("png", "dpo", 300, 5000.0, 2e-4), ("png", "sft", 300, None, 2e-4),
+    ("png-clean-30", "dpo", 300, 5000.0, 2e-4), ("png-clean-16img-60", "dpo", 300, 5000.0, 2e-4),
+    ("png-clean-16img-60", "dpo", 300, 5000.0, 1e-3),
+]
+
+
+def data_world(work: Path, data: str):
+    """The world whose ``original`` pairs a run of ``data`` trains on (the same base model for every one)."""
+    from ncppo.toy.config import toy_config_from_dict
+    from ncppo.toy.stages import ToyWorld
+
+    world = ToyWorld(work / "data" / data / "world", toy_config_from_dict({"pairs": DATA[data]}))
+    world.run(stages=("pretrain", "pairs", "filter"))
+    return world
+
+
+def run(work: Path, data: str, method: str, steps: int, beta: float | None, lr: float, seed: int = 0) -> dict:
+    """One run, trained and scored on validation (reused when its record exists)."""
     from ncppo.training import Trainer, load_config
 
-    folder = work / "regime" / f"dpo-steps{steps}-beta{beta:g}-lr{lr:g}" / f"seed-{seed}"
+    name = f"{method}-steps{steps}" + (f"-beta{beta:g}" if beta is not None else "") + f"-lr{lr:g}"
+    folder = work / "regime" / ("" if data == "jpeg" else data) / name / f"seed-{seed}"
     path = folder / "result.json"
     if path.is_file():
-        return json.loads(path.read_text())
-    values = ablation.train_values(world, {"name": "dpo"}, seed, steps, folder / "run", lr)
-    values["objective"]["beta"] = beta
+        return {"data": data, "method": method, **json.loads(path.read_text())}
+    world = data_world(work, data)
+    values = ablation.train_values(world, {"name": method}, seed, steps, folder / "run", lr)
+    if beta is not None:
+        values["objective"]["beta"] = beta
     start = time.perf_counter()
     Trainer(load_config(None, **values)).train()
-    record = {"steps": steps, "beta": beta, "lr": lr, "seed": seed, "train_wall_seconds": time.perf_counter() - start,
+    record = {"data": data, "method": method, "steps": steps, "beta": beta, "lr": lr, "seed": seed,
+              "train_wall_seconds": time.perf_counter() - start,
               "validation": ablation.evaluate(folder / "run", world, ablation.spec("validation", 1)),
               "diagnostics": ablation.diagnostics(folder / "run")}
     atomic_write_text(path, json.dumps(record))
-    print(f"[regime] dpo steps {steps} beta {beta:g} lr {lr:g}: validation {record['validation']['mean']:.4f} "
+    print(f"[regime] {data} {name}: validation {record['validation']['mean']:.4f} "
           f"({record['train_wall_seconds']:.0f} s)", flush=True)
     return record
 
@@ -62,15 +95,17 @@ def main(argv=None) -> int:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work = Path(args.work)
-    world = ablation.build_world(work)
     base_path = work / "base_validation.json"
     if not base_path.is_file():
+        world = ablation.build_world(work)
         atomic_write_text(base_path, json.dumps(ablation.evaluate(None, world, ablation.spec("validation", 1))))
     base = json.loads(base_path.read_text())
-    rows = [run(world, work, *point) for point in GRID]
+    rows = [run(work, *point) for point in GRID]
     record = {"command": "python benchmarks/toy_regime.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "split": "validation", "base_validation_mean": base["mean"],
-              "runs": [{k: r[k] for k in ("steps", "beta", "lr", "seed", "train_wall_seconds")}
+              "data": {k: v for k, v in DATA.items()},
+              "runs": [{"data": r.get("data", "jpeg"), "method": r.get("method", "dpo")}
+                       | {k: r[k] for k in ("steps", "beta", "lr", "seed", "train_wall_seconds")}
                        | {"validation_mean": r["validation"]["mean"],
                           "loss_median": r["diagnostics"].get("loss", {}).get("median"),
                           "argument_rms_median": r["diagnostics"].get("argument_rms", {}).get("median")}
@@ -79,12 +114,14 @@ def main(argv=None) -> int:
     lines = ["# Where does DPO gain on the toy world? (validation split only)", "",
              f"Command: `{record['command']}`. Base model: validation {base['mean']:.4f}. Training seed 0, "
              "56 validation captions x 1 image (seed 1001).", "",
-             "| steps | beta | lr | validation reward | minus base | loss (median) | argument RMS (median) | train s |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| data | method | steps | beta | lr | validation reward | minus base | loss (median) | argument RMS (median) | train s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in record["runs"]:
-        lines.append(f"| {r['steps']} | {r['beta']:g} | {r['lr']:g} | {r['validation_mean']:.4f} | "
+        beta = "-" if r["beta"] is None else f"{r['beta']:g}"
+        rms = "-" if r["argument_rms_median"] is None else f"{r['argument_rms_median']:.3g}"
+        lines.append(f"| {r['data']} | {r['method']} | {r['steps']} | {beta} | {r['lr']:g} | {r['validation_mean']:.4f} | "
                      f"{r['validation_mean'] - base['mean']:+.4f} | {r['loss_median']:.3f} | "
-                     f"{r['argument_rms_median']:.3g} | {r['train_wall_seconds']:.0f} |")
+                     f"{rms} | {r['train_wall_seconds']:.0f} |")
     atomic_write_text(Path(args.out).with_suffix(".md"), "\n".join(lines) + "\n")
     print(f"wrote {args.out}")
     return 0

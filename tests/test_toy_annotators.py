@@ -75,6 +75,38 @@ def test_build_pools_scores_generated_images():
         simulate_votes({"p": [PooledImage("a", 0.5, "g")]}, AnnotatorConfig())
 
 
+def test_the_stored_images_are_the_pixels_the_oracle_scored():
+    import io
+
+    from PIL import Image
+
+    scenes = all_scenes()[:4]
+    drawn = {}
+
+    def generate(captions, seed, guidance):
+        rng = np.random.default_rng(seed)
+        batch = np.stack([render(Scene.parse(c), rng=rng, noise=0.05) for c in captions])
+        drawn[seed] = batch
+        return batch
+
+    def decoded(data):
+        return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+    captions = [s.caption for s in scenes]
+    pools, images = build_pools(captions, generate, OracleReward(), images_per_prompt=2)
+    for k, seed in enumerate(sorted(drawn)):
+        for p, caption in enumerate(captions):
+            stored = decoded(images[f"img-0-{p}-{k}"])
+            assert np.array_equal(stored, drawn[seed][p])  # lossless: what is trained on is what was judged
+            assert OracleReward()([stored], [caption])[0] == pools[caption][k].reward
+    # JPEG (Pick-a-Pic's own format) stays available, and at 32 px it visibly changes the object's colour
+    _, jpegs = build_pools(captions, generate, OracleReward(), images_per_prompt=1, image_format="jpeg")
+    lossy = decoded(jpegs["img-0-0-0"])
+    assert jpegs["img-0-0-0"][:2] == b"\xff\xd8" and not np.array_equal(lossy, drawn[0][0])
+    with pytest.raises(ValueError, match="unknown image format 'gif'; expected one of png, jpeg"):
+        build_pools(captions, generate, OracleReward(), images_per_prompt=1, image_format="gif")
+
+
 def test_pipeline_generator_is_seeded_per_caption():
     from ncppo.models.tiny import build_tiny_pipeline
     from ncppo.toy.annotators import pipeline_generator

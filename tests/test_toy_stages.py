@@ -133,6 +133,9 @@ def test_toy_config_errors_name_the_key(tmp_path, capsys):
         toy_config_from_dict({"pairs": {"guidance_scales": 3}})
     with pytest.raises(ValueError, match=r"eval.curve_prompt_stride: must be > 0, got 0"):
         toy_config_from_dict({"eval": {"curve_prompt_stride": 0}})
+    with pytest.raises(ValueError, match="pairs.image_format: 'webp' is not one of"):
+        toy_config_from_dict({"pairs": {"image_format": "webp"}})
+    assert toy_config_from_dict({"pairs": {"image_format": "jpeg"}}).pairs.image_format == "jpeg"
 
 
 def test_the_shipped_world_config_is_the_default():

@@ -42,11 +42,22 @@ class Comparison:
 
 
 def jpeg_bytes(array: np.ndarray, quality: int = 90) -> bytes:
+    return image_bytes(array, "jpeg", quality)
+
+
+def image_bytes(array: np.ndarray, image_format: str = "png", quality: int = 95) -> bytes:
+    """``array`` (uint8 ``(H, W, 3)``) encoded as ``png`` (lossless) or ``jpeg`` (Pick-a-Pic's own format, 4:2:0)."""
     from PIL import Image
 
+    if image_format not in IMAGE_ENCODINGS:
+        raise ValueError(f"unknown image format {image_format!r}; expected one of {', '.join(IMAGE_ENCODINGS)}")
     buf = io.BytesIO()
-    Image.fromarray(np.asarray(array, dtype=np.uint8)).save(buf, format="JPEG", quality=quality)
+    options = {"quality": quality} if image_format == "jpeg" else {}
+    Image.fromarray(np.asarray(array, dtype=np.uint8)).save(buf, format=image_format.upper(), **options)
     return buf.getvalue()
+
+
+IMAGE_ENCODINGS = ("png", "jpeg")
 
 
 def comparisons_table(comparisons: Sequence[Comparison], images: dict[str, bytes] | None = None) -> pa.Table:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ncppo.data.pickapic import Comparison, comparisons_table, jpeg_bytes, write_parquet_shards
+from ncppo.data.pickapic import Comparison, comparisons_table, image_bytes, write_parquet_shards
 from ncppo.errors import UsageError
 from ncppo.evaluation.stats import bradley_terry_probability
 
@@ -78,9 +78,11 @@ def simulate_votes(pools: dict[str, Sequence[PooledImage]], cfg: AnnotatorConfig
 
 def build_pools(captions: Sequence[str], generate: Callable[[list[str], int, float], np.ndarray],
                 reward: Callable, images_per_prompt: int = 4, guidance_scales: Sequence[float] = (3.0, 1.5),
-                seed: int = 0, progress: bool = False) -> tuple[dict[str, list[PooledImage]], dict[str, bytes]]:
+                seed: int = 0, progress: bool = False, image_format: str = "png",
+                ) -> tuple[dict[str, list[PooledImage]], dict[str, bytes]]:
     """Sample ``images_per_prompt`` images per caption, split over the generators (guidance scales), and
-    score them. ``generate(captions, seed, guidance)`` returns uint8 images ``(n, H, W, 3)``."""
+    score them. ``generate(captions, seed, guidance)`` returns uint8 images ``(n, H, W, 3)``; they are stored
+    as ``image_format`` bytes (``png``: the very pixels the oracle scored)."""
     pools: dict[str, list[PooledImage]] = {c: [] for c in captions}
     images: dict[str, bytes] = {}
     from tqdm.auto import tqdm
@@ -91,7 +93,7 @@ def build_pools(captions: Sequence[str], generate: Callable[[list[str], int, flo
         scores = reward(batch, list(captions))
         for p, (caption, image, score) in enumerate(zip(captions, batch, scores)):
             uid = f"img-{seed}-{p}-{k}"
-            images[uid] = jpeg_bytes(image, quality=95)
+            images[uid] = image_bytes(image, image_format)
             pools[caption].append(PooledImage(uid, float(score), f"base-cfg{guidance:g}"))
     return pools, images
 
@@ -114,6 +116,6 @@ def pipeline_generator(pipe, num_inference_steps: int = 20, batch_size: int = 56
 
 def write_preference_dataset(pools, images, out_dir: str | os.PathLike, cfg: AnnotatorConfig,
                              rows_per_shard: int = 2000) -> Path:
-    """Vote and write the comparisons with their JPEGs as Pick-a-Pic v2 parquet shards (atomically)."""
+    """Vote and write the comparisons with their images as Pick-a-Pic v2 parquet shards (atomically)."""
     comparisons = simulate_votes(pools, cfg)
     return write_parquet_shards(comparisons_table(comparisons, images), out_dir, rows_per_shard=rows_per_shard)
