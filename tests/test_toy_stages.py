@@ -163,3 +163,48 @@ def test_a_foreign_folder_is_never_used_as_a_toy_world(tmp_path):
     with pytest.raises(OutputDirError, match="no ncppo command wrote"):
         ToyWorld(tmp_path, QUICK_CONFIG).run(stages=("pretrain",))
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_interrupted_train_and_evaluate_stages_resume_run_by_run(quick_world, tmp_path, monkeypatch):
+    import shutil
+
+    import ncppo.toy.evaluate as toy_evaluate
+    import ncppo.toy.training as toy_training
+
+    out = tmp_path / "world"
+    shutil.copytree(quick_world, out, symlinks=True)
+    world = ToyWorld(out, QUICK_CONFIG, progress=False)
+    ledger = json.loads(world.layout.stages_file.read_text())
+    for stage in ("train", "evaluate", "report"):  # as after a kill during the train stage
+        ledger.pop(stage)
+    world.layout.stages_file.write_text(json.dumps(ledger))
+    world.layout.run_record("filtered/cpo").unlink()  # this run had not finished
+    trained = []
+    real_train = toy_training.train_method
+    monkeypatch.setattr(toy_training, "train_method", lambda cfg, method, *a: trained.append(method) or real_train(cfg, method, *a))
+    world.run(stages=("train",))
+    assert trained == ["cpo"]  # the finished runs were reused
+
+    scored, real_curve = [], toy_evaluate.checkpoint_curve
+
+    def interrupted(run_dir, *args):
+        if len(scored) == 3:
+            raise KeyboardInterrupt
+        scored.append(run_dir.name)
+        return real_curve(run_dir, *args)
+
+    monkeypatch.setattr(toy_evaluate, "checkpoint_curve", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        world.run(stages=("evaluate",))
+    assert len(list(world.layout.eval_partial.glob("*.json"))) == 4  # the base model and three runs
+    counted = []
+    monkeypatch.setattr(toy_evaluate, "checkpoint_curve", lambda run_dir, *a: counted.append(run_dir.name) or real_curve(run_dir, *a))
+    world.run(stages=("evaluate",))
+    assert counted == list(QUICK_CONFIG.train.methods[3:])  # only the runs not yet evaluated
+    assert not world.layout.eval_partial.exists()
+    resumed = json.loads(world.layout.results.read_text())
+    whole = json.loads((quick_world / "eval" / "results.json").read_text())
+    assert resumed["models"].keys() == whole["models"].keys()
+    for name, record in whole["models"].items():
+        if name != "filtered/cpo":  # retrained above; the rest are the same runs evaluated in two sittings
+            assert resumed["models"][name]["rewards"] == pytest.approx(record["rewards"])

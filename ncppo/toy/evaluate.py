@@ -6,16 +6,19 @@ compute to quality; the base model also on the other held-out split. Writes ``ev
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
 from ncppo.errors import StateError
 from ncppo.evaluation import GenerationSpec, generate_samples, make_reward, paired_win_rate
 from ncppo.evaluation.curves import checkpoint_curve
-from ncppo.io import atomic_directory
+from ncppo.io import atomic_directory, atomic_write_text
 from ncppo.toy.config import EvalConfig, ToyConfig
-from ncppo.toy.layout import ToyLayout
+from ncppo.toy.layout import ToyLayout, slug
 from ncppo.toy.oracle import score_components
 
 
@@ -84,14 +87,24 @@ def evaluate_world(layout: ToyLayout, config: ToyConfig, progress: bool = True) 
         return float(np.mean([r for r, p in zip(rewards, samples.prompt_ids) if p in curve_ids]))
 
     models, curves, samples_of = {}, {}, {}
-    base_pipe = load_pipeline(layout.base_model)
-    samples, rewards = score(base_pipe, full, "eval base")
-    models["base"], samples_of["base"] = _model_record(samples, rewards), samples
-    base_mean = curve_mean(samples, rewards)
-    other = score(base_pipe, eval_specs(config.eval, other_split)[0], f"eval base ({other_split})")
-    base_splits = {config.eval.split: _summary(models["base"]), other_split: _summary(_model_record(*other))}
-    del base_pipe
+    partial = _Partial(layout, config.fingerprint("pretrain", "pairs", "filter", "train", "eval"))
+    if (cached := partial.load("base")) is not None:
+        models["base"], base_splits, samples_of["base"] = cached
+    else:
+        base_pipe = load_pipeline(layout.base_model)
+        samples, rewards = score(base_pipe, full, "eval base")
+        models["base"], samples_of["base"] = _model_record(samples, rewards), samples
+        other = score(base_pipe, eval_specs(config.eval, other_split)[0], f"eval base ({other_split})")
+        base_splits = {config.eval.split: _summary(models["base"]), other_split: _summary(_model_record(*other))}
+        partial.save("base", models["base"], base_splits, samples_of["base"])
+        del base_pipe
+    base_mean = float(np.mean([r for r, p in zip(models["base"]["rewards"], models["base"]["prompt_ids"])
+                               if p in curve_ids]))
     for name in config.train.run_names():
+        if (cached := partial.load(name)) is not None:  # evaluated before an interruption
+            models[name], curves[name], samples_of[name] = cached
+            continue
+
         def score_checkpoint(pipe, ckpt, last, name=name):
             if not last:  # intermediate checkpoints: the curve prompts only
                 return float(score(pipe, curve_spec, f"eval {name} step {ckpt.step}")[1].mean())
@@ -102,6 +115,7 @@ def evaluate_world(layout: ToyLayout, config: ToyConfig, progress: bool = True) 
         ratio = flops[name.rsplit("/", 1)[1]] / flops[budget["reference"]]
         curves[name] = [{**p, "compute": p["step"] * ratio}
                         for p in checkpoint_curve(layout.run_dir(name), score_checkpoint, base_mean)]
+        partial.save(name, models[name], curves[name], samples_of[name])
     results = {"spec": {"split": config.eval.split, "prompts": len(full.prompts),
                         "images_per_prompt": full.images_per_prompt, "seed": full.seed,
                         "num_inference_steps": full.num_inference_steps, "guidance_scale": full.guidance_scale,
@@ -112,7 +126,39 @@ def evaluate_world(layout: ToyLayout, config: ToyConfig, progress: bool = True) 
         for name, samples in samples_of.items():
             _save_images(layout.eval_images(name, tmp), samples)
         (tmp / layout.results.name).write_text(json.dumps(results, indent=1))
+    shutil.rmtree(layout.eval_partial, ignore_errors=True)
     return results
+
+
+class _Partial:
+    """Each model's evaluation (record, curve or base splits, samples) kept as soon as it is done, so an
+    interrupted ``evaluate`` stage resumes model by model; a record made from other config sections is ignored."""
+
+    def __init__(self, layout: ToyLayout, fingerprint: str):
+        self.folder, self.fingerprint = layout.eval_partial, fingerprint
+
+    def _paths(self, name: str) -> tuple[Path, Path]:
+        stem = self.folder / slug(name)
+        return stem.with_suffix(".json"), stem.with_suffix(".npz")
+
+    def load(self, name: str):
+        record_path, images_path = self._paths(name)
+        if not (record_path.is_file() and images_path.is_file()):
+            return None
+        record = json.loads(record_path.read_text())
+        if record.get("fingerprint") != self.fingerprint:
+            return None
+        with np.load(images_path) as data:
+            samples = SimpleNamespace(images=data["images"], prompt_ids=data["prompt_ids"], seeds=data["seeds"])
+        return record["model"], record["extra"], samples
+
+    def save(self, name: str, model: dict, extra, samples) -> None:
+        record_path, images_path = self._paths(name)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = images_path.with_name(f".tmp-{images_path.name}")
+        np.savez_compressed(tmp, images=samples.images, prompt_ids=samples.prompt_ids, seeds=samples.seeds)
+        os.replace(tmp, images_path)  # the images first: a record is never without them
+        atomic_write_text(record_path, json.dumps({"fingerprint": self.fingerprint, "model": model, "extra": extra}))
 
 
 def compare_models(models: dict, curves: dict, n_boot: int) -> list[dict]:

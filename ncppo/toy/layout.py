@@ -8,6 +8,7 @@
     OUT/filtered/  OUT/filtered-x_gt_y+x_gt_z/ ...        the NCP filter and Table 2's variants
     OUT/budget.json  OUT/runs/<dataset>/<method>/         equal compute; ``ncppo train`` outputs
     OUT/eval/results.json  OUT/eval/images/<run>.npz      the evaluation
+    OUT/eval-partial/<run>.json  <run>.npz                models evaluated so far (an interrupted stage resumes)
     OUT/figures/*.png  OUT/report.md                      the report
 """
 
@@ -90,6 +91,15 @@ class ToyLayout:
     @property
     def eval_dir(self) -> Path:
         return self.root / "eval"
+
+    @property
+    def eval_partial(self) -> Path:
+        """``eval-partial/``: each model's evaluation as soon as it is done, removed when the stage completes."""
+        return self.root / "eval-partial"
+
+    def run_record(self, name: str) -> Path:
+        """``runs/<dataset>/<method>/toy_run.json``: a finished run's fingerprint and steps (reused on resume)."""
+        return self.run_dir(name) / "toy_run.json"
 
     @property
     def results(self) -> Path:

@@ -109,11 +109,19 @@ def _train(layout: ToyLayout, config: ToyConfig, progress: bool) -> dict:
          f"{cfg.budget_dpo_steps * flops[REFERENCE_METHOD] / 1e9:.1f} GFLOP per run; steps "
          + ", ".join(f"{m} {steps[m]}" for m in dict.fromkeys(methods)))
     results = {}
+    fingerprint = config.fingerprint("pretrain", "pairs", "filter", "train")
     for name, method in zip(names, methods):
+        record_path = layout.run_record(name)
+        done = read_json_object(record_path, "delete the run folder to retrain it") if record_path.is_file() else {}
+        if done.get("fingerprint") == fingerprint and done.get("steps") == steps[method]:
+            results[name] = {"steps": done["steps"], "train_seconds": done["train_seconds"]}
+            _log(f"trained {name}: finished earlier ({done['steps']} steps), reused")
+            continue  # an interrupted stage resumes run by run
         dataset = name.rsplit("/", 1)[0]
         result = train_method(cfg, method, layout.dataset(dataset), layout.base_model, layout.run_dir(name),
                               config.pretrain.image_size, steps[method])
         results[name] = {"steps": result.steps, "train_seconds": round(result.train_seconds, 2)}
+        atomic_write_text(record_path, json.dumps({"fingerprint": fingerprint, **results[name]}))
         _log(f"trained {name}: {result.steps} steps in {result.train_seconds:.1f} s")
     atomic_write_text(layout.budget, json.dumps({"budget_dpo_steps": cfg.budget_dpo_steps, "reference": REFERENCE_METHOD,
                                                  "flops_per_step": flops, "steps": steps}, indent=2))
