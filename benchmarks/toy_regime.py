@@ -41,6 +41,7 @@ DATA = {
     "png": {"image_format": "png"},
     "png-clean-30": clean(image_format="png", annotators={"comparisons_per_prompt": 30}),
     "png-clean-16img-60": clean(image_format="png", images_per_prompt=16, annotators={"comparisons_per_prompt": 60}),
+    "png-rival4-20": {"image_format": "png", "rival": {"images_per_prompt": 4}, "annotators": {"comparisons_per_prompt": 20}},
 }
 GRID = [  # (data, method, steps, beta, learning rate)
     ("jpeg", "dpo", 60, 5000.0, 2e-4), ("jpeg", "dpo", 60, 50000.0, 2e-4), ("jpeg", "dpo", 300, 5000.0, 2e-4),
@@ -48,6 +49,8 @@ GRID = [  # (data, method, steps, beta, learning rate)
     ("png", "dpo", 300, 5000.0, 2e-4), ("png", "sft", 300, None, 2e-4),
     ("png-clean-30", "dpo", 300, 5000.0, 2e-4), ("png-clean-16img-60", "dpo", 300, 5000.0, 2e-4),
     ("png-clean-16img-60", "dpo", 300, 5000.0, 1e-3),
+    ("png-rival4-20", "dpo", 60, 5000.0, 2e-4), ("png-rival4-20", "dpo", 300, 5000.0, 2e-4),
+    ("png-rival4-20", "sft", 300, None, 2e-5),
 ]
 
 

@@ -78,23 +78,32 @@ def simulate_votes(pools: dict[str, Sequence[PooledImage]], cfg: AnnotatorConfig
 
 def build_pools(captions: Sequence[str], generate: Callable[[list[str], int, float], np.ndarray],
                 reward: Callable, images_per_prompt: int = 4, guidance_scales: Sequence[float] = (3.0, 1.5),
-                seed: int = 0, progress: bool = False, image_format: str = "png",
+                seed: int = 0, progress: bool = False, image_format: str = "png", rival=None,
                 ) -> tuple[dict[str, list[PooledImage]], dict[str, bytes]]:
     """Sample ``images_per_prompt`` images per caption, split over the generators (guidance scales), and
-    score them. ``generate(captions, seed, guidance)`` returns uint8 images ``(n, H, W, 3)``; they are stored
-    as ``image_format`` bytes (``png``: the very pixels the oracle scored)."""
-    pools: dict[str, list[PooledImage]] = {c: [] for c in captions}
-    images: dict[str, bytes] = {}
+    score them, then add ``rival.images_per_prompt`` images of the rival model (a
+    :class:`ncppo.toy.rival.RivalConfig`; None: none). ``generate(captions, seed, guidance)`` returns uint8
+    images ``(n, H, W, 3)``; they are stored as ``image_format`` bytes (``png``: the very pixels the oracle scored)."""
     from tqdm.auto import tqdm
 
-    for k in tqdm(range(images_per_prompt), desc="sample image pools", unit="draw", disable=not progress):
-        guidance = guidance_scales[k % len(guidance_scales)]
-        batch = generate(list(captions), seed * 1000 + k, guidance)
+    from ncppo.toy.rival import rival_images
+
+    pools: dict[str, list[PooledImage]] = {c: [] for c in captions}
+    images: dict[str, bytes] = {}
+    draws = images_per_prompt + (rival.images_per_prompt if rival else 0)
+    size = None
+    for k in tqdm(range(draws), desc="sample image pools", unit="draw", disable=not progress):
+        if k < images_per_prompt:
+            guidance = guidance_scales[k % len(guidance_scales)]
+            batch, generator = generate(list(captions), seed * 1000 + k, guidance), f"base-cfg{guidance:g}"
+            size = batch.shape[1]
+        else:  # the rival draws at the base model's size
+            batch, generator = rival_images(list(captions), seed * 1000 + k, size or 32, rival), "rival"
         scores = reward(batch, list(captions))
         for p, (caption, image, score) in enumerate(zip(captions, batch, scores)):
             uid = f"img-{seed}-{p}-{k}"
             images[uid] = image_bytes(image, image_format)
-            pools[caption].append(PooledImage(uid, float(score), f"base-cfg{guidance:g}"))
+            pools[caption].append(PooledImage(uid, float(score), generator))
     return pools, images
 
 

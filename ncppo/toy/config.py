@@ -14,6 +14,7 @@ from ncppo.data.pickapic import IMAGE_ENCODINGS
 from ncppo.objectives import OBJECTIVE_NAMES
 from ncppo.toy.annotators import AnnotatorConfig
 from ncppo.toy.pretrain import QUICK, PretrainConfig
+from ncppo.toy.rival import RivalConfig
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,8 @@ class PairsConfig:
         prompts: how many captions (``None``: every caption of the ``train`` split, 56; see
             :mod:`ncppo.toy.splits`), drawn with the world's seed.
         annotators: the simulated annotators (:class:`ncppo.toy.annotators.AnnotatorConfig`).
+        rival: a second model in the pools (:class:`ncppo.toy.rival.RivalConfig`; its ``images_per_prompt``
+            0 leaves the pools to the base model alone).
         image_format: how the pool's images are stored in the ``jpg_0``/``jpg_1`` columns: ``png``
             (lossless: the pixels the oracle judged are the pixels trained on) or ``jpeg`` (Pick-a-Pic's
             format; at 32 px its 4:2:0 chroma subsampling smears the object's colour, costing 0.28 of the
@@ -38,6 +41,7 @@ class PairsConfig:
     num_inference_steps: int = 10
     prompts: int | None = None
     annotators: AnnotatorConfig = AnnotatorConfig()
+    rival: RivalConfig = RivalConfig()
     image_format: str = "png"
 
 

@@ -73,7 +73,7 @@ def _pairs(layout: ToyLayout, config: ToyConfig, progress: bool) -> None:
     pools, images = build_pools(pair_captions(config), pipeline_generator(pipe, cfg.num_inference_steps),
                                 OracleReward(), images_per_prompt=cfg.images_per_prompt,
                                 guidance_scales=cfg.guidance_scales, seed=config.seed, progress=progress,
-                                image_format=cfg.image_format)
+                                image_format=cfg.image_format, rival=cfg.rival)
     path = write_preference_dataset(pools, images, layout.pairs, cfg.annotators)
     stats = dataset_stats(PreferencePairs(path, tie_policy="keep").meta)
     by_generator: dict[str, list[float]] = {}
