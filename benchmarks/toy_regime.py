@@ -1,16 +1,19 @@
-"""Where does DPO itself gain on the toy world? Noise-space DPO's budget x beta x learning rate, on the
-validation split only (a search for a regime, so nothing here is a verdict; the held-out test split is
-left to the benchmarks that compare methods).
+"""Where does DPO itself gain on the toy world? Noise-space DPO (and SFT) by preference data x budget x beta
+x learning rate, on the validation split only (a search for a regime, so nothing here is a verdict; the
+held-out test split is left to the benchmarks that compare methods).
 
 The NCP ablation (``benchmarks/ncp_ablation.py``) found that at the toy world's budget (the FLOPs of 60 DPO
 steps) no method moves the strong base model by more than about 0.001 of oracle reward, so NCP-X vs X
-there compares noise. This script asks which knob moves DPO: the budget (steps), beta, the learning rate.
-Same world, data and validation images as the ablation (training seed 0, validation seed 1001, 1 image per
-caption); every run through the project's Trainer.
+there compares noise. This script asks which knob moves DPO: the budget (steps), beta, the learning rate,
+and the data (``DATA``): how the pool images are stored (JPEG before, lossless PNG now), how noisy the
+annotators are, how large the pools are, and a rival model in the pools. Same base model and validation
+images as the ablation (training seed 0, validation seed 1001, 1 image per caption); every run through
+the project's Trainer.
 
-    python benchmarks/toy_regime.py          # writes benchmarks/results/toy_regime.{json,md}
+    python benchmarks/toy_regime.py --work outputs/ncp_ablation_v2   # writes benchmarks/results/toy_regime.{json,md}
 
-Resumable run by run (``--work``, default the ablation's world under ``outputs/ncp_ablation``).
+Resumable run by run (``--work``, default the ablation's world under ``outputs/ncp_ablation``); each data
+variant's world is built under ``WORK/data/<variant>/``.
 """
 
 from __future__ import annotations
@@ -125,6 +128,8 @@ def main(argv=None) -> int:
         lines.append(f"| {r['data']} | {r['method']} | {r['steps']} | {beta} | {r['lr']:g} | {r['validation_mean']:.4f} | "
                      f"{r['validation_mean'] - base['mean']:+.4f} | {r['loss_median']:.3f} | "
                      f"{rms} | {r['train_wall_seconds']:.0f} |")
+    lines += ["", "Data variants (the toy world's `pairs` section; every other key at its default):", ""]
+    lines += [f"- `{name}`: `{json.dumps(section)}`" for name, section in DATA.items()]
     atomic_write_text(Path(args.out).with_suffix(".md"), "\n".join(lines) + "\n")
     print(f"wrote {args.out}")
     return 0

@@ -97,7 +97,11 @@ def markdown(summary: dict) -> str:
     lines = ["# Toy reproduction (Table 1, Fig 4, Table 2 at toy scale)", "",
              f"Command: `{summary['command']}`; {len(summary['seeds'])} seed(s); every run trained for the FLOPs of "
              f"{summary['budget_dpo_steps']} DPO steps (steps per method: {summary['steps']}); "
-             f"{summary['wall_minutes']:.0f} min wall in all; {summary['machine']}.", "",
+             f"{summary['wall_minutes']:.0f} min wall in this sitting; {summary['machine']}.", "",
+             "Minutes per stage and seed (the sitting that finished each stage; runs and evaluations finished in an "
+             "earlier, interrupted sitting are reused, not counted): " + "; ".join(
+                 f"seed {seed}: " + ", ".join(f"{stage} {sec / 60:.1f}" for stage, sec in stages.items())
+                 for seed, stages in summary.get("stage_seconds", {}).items()) + ".", "",
              f"Win rates of B over A by the oracle reward on the held-out **test** split ({summary['test_prompts']} "
              f"captions x {summary['images_per_prompt']} images x {len(summary['seeds'])} seed(s)), ties half; pooled "
              "over seeds with 95% bootstrap intervals over (seed, prompt).", "",
@@ -152,6 +156,8 @@ def main() -> None:
                                      for k in results[0]["base_by_split"][split]["components"]}}
                           for split in results[0]["base_by_split"]},
         "wall_minutes": (time.perf_counter() - start) / 60,
+        "stage_seconds": {str(s): {stage: rec["seconds"] for stage, rec in json.loads(
+            (Path(args.out) / f"seed-{s}" / "stages.json").read_text()).items()} for s in args.seeds},
         "machine": f"{platform.processor() or platform.machine()}, torch threads as set by torch",
         "comparisons": pooled(results),
         "model_means": {name: [r["models"][name]["mean"] for r in results] for name in results[0]["models"]},
