@@ -44,7 +44,9 @@ def world_config(seed: int, budget: int, images: int) -> ToyConfig:
         filter=FilterConfig(variants=VARIANTS),
         train=TrainStageConfig(datasets=("original", "filtered"), budget_dpo_steps=budget, seed=seed,
                                extra_runs=("x>y,x>z/ncp-dpo", "x>y,y>z/ncp-dpo")),
-        eval=dataclasses.replace(base.eval, split="test", images_per_prompt=images),
+        # curves on every 6th test caption (10 of 56): a curve point is a mean over 10 x images x seeds images,
+        # and the intermediate checkpoints' sampling stays a fifth of the evaluation
+        eval=dataclasses.replace(base.eval, split="test", images_per_prompt=images, curve_prompt_stride=6),
         seed=seed,
     )
 
