@@ -110,6 +110,16 @@ def test_curve_scores_every_checkpoint_of_runs(quick_world, tmp_path, capsys):
         assert points[-1]["mean"] == pytest.approx(np.mean(list(read_scores(last)["oracle"].values())))
     assert curves["dpo"][0] == curves["ncp-dpo"][0]  # one base model, scored once
     assert (tmp_path / "curves" / "curves.png").stat().st_size > 1000
+    # a rerun into its own folder resumes; a foreign folder or one inside a run is refused
+    args = ["curve", str(runs[0]), "--prompts", str(prompts), "--reward", "oracle", "--steps", "2", "--guidance", "2"]
+    assert main([*args, "--out", str(tmp_path / "curves")]) == 0
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "curves.json").write_text("{}")
+    assert main([*args, "--out", str(tmp_path / "mine")]) == 2
+    assert "a folder that no ncppo command wrote" in capsys.readouterr().err
+    assert (tmp_path / "mine" / "curves.json").read_text() == "{}"
+    assert main([*args, "--out", str(runs[0] / "curves")]) == 2
+    assert "is inside the input" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("kind", ["sd15", "sdxl"])

@@ -149,3 +149,23 @@ def test_each_model_has_its_own_colour_and_marker():
     # beyond one round of colours no model repeats another's pair (the reproduction draws 14 runs)
     pairs = [(s["color"], s["marker"]) for s in map(model_style, range(100))]
     assert len(set(pairs)) == 100
+
+
+def test_a_report_never_writes_into_a_foreign_folder_or_an_input(three_sets, tmp_path, capsys):
+    base, dpo, _ = three_sets
+    theirs = tmp_path / "thesis"
+    theirs.mkdir()
+    (theirs / "report.md").write_text("my own notes")
+    args = ["report", str(base), str(dpo)]
+    assert main([*args, "--out", str(theirs)]) == 2
+    assert "a folder that no ncppo command wrote" in capsys.readouterr().err
+    assert (theirs / "report.md").read_text() == "my own notes"  # untouched
+    assert main([*args, "--out", str(base / "rep")]) == 2  # inside an input image set
+    assert "is inside the input" in capsys.readouterr().err
+    out = tmp_path / "rep"
+    assert main([*args, "--out", str(out)]) == 0
+    (out / "stale.png").write_bytes(b"x")
+    assert main([*args, "--out", str(out)]) == 0  # its own earlier report: replaced whole
+    assert not (out / "stale.png").exists() and (out / "report.md").is_file()
+    assert main([*args, "--out", str(theirs), "--overwrite"]) == 0
+    assert "my own notes" not in (theirs / "report.md").read_text()

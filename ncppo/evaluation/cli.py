@@ -45,7 +45,7 @@ def _curve(args) -> int:
     from ncppo.evaluation.sampling import curves_from_files
 
     curves = curves_from_files(args.runs, args.prompts, args.reward, args.out, weights=args.weights, limit=args.limit,
-                               **_spec_options(args))
+                               overwrite=args.overwrite, **_spec_options(args))
     for name, points in curves.items():
         print(name + ": " + ", ".join(f"{p['train_seconds']:.0f}s {p['mean']:.4f}" for p in points))
     print(f"plot: {Path(args.out) / 'curves.png'}")
@@ -64,7 +64,8 @@ def _report(args) -> int:
             if not sep or not a or not b:
                 raise UsageError(f"--pair {text!r}: expected B:A (two set labels; the win rate of B over A)")
             pairs.append((b, a))
-    path = write_eval_report(args.sets, args.out, args.label, args.curves, pairs=pairs, allow_mismatch=args.allow_mismatch)
+    path = write_eval_report(args.sets, args.out, args.label, args.curves, pairs=pairs, allow_mismatch=args.allow_mismatch,
+                             overwrite=args.overwrite)
     print(f"report: {path} and {path.with_suffix('.html')}")
     return 0
 
@@ -127,12 +128,16 @@ def add_eval_commands(sub) -> None:
     curve.add_argument("--reward", required=True, choices=REWARD_NAMES)
     curve.add_argument("--weights")
     curve.add_argument("--out", required=True)
+    curve.add_argument("--overwrite", action="store_true",
+                       help="replace an --out folder that `ncppo curve` did not write (its own is resumed)")
     _sampling_options(curve)
     curve.set_defaults(func=_curve)
 
     report = sub.add_parser("report", help="Markdown + PNG + self-contained HTML for generated, scored image sets")
     report.add_argument("sets", nargs="+", help="ncppo generate folders (e.g. base dpo ncp-dpo)")
     report.add_argument("--out", required=True)
+    report.add_argument("--overwrite", action="store_true",
+                        help="replace an --out folder that `ncppo report` did not write (its own is replaced)")
     report.add_argument("--label", action="append", help="a display name per set, in order (default: folder names)")
     report.add_argument("--curves", help="an ncppo curve output folder to include")
     report.add_argument("--pair", action="append", metavar="B:A",

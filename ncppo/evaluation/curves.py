@@ -74,11 +74,18 @@ def _mean_score(folder: Path, reward, weights, pipe, prompts: PromptSet, spec: G
 
 
 def run_curves(run_dirs: list[str | Path], prompts: PromptSet, spec: GenerationSpec, reward, out_dir: str | Path,
-               weights: str | None = None, progress: bool = True) -> dict:
-    """Curves for every run; writes ``OUT/curves.json`` and ``OUT/curves.png`` and returns the curves."""
+               weights: str | None = None, progress: bool = True, overwrite: bool = False) -> dict:
+    """Curves for every run; writes ``OUT/curves.json`` and ``OUT/curves.png`` and returns the curves. ``OUT``
+    holds each checkpoint's image set, so a rerun resumes there; a folder that ``ncppo curve`` did not write,
+    or one inside a run, is refused (``overwrite``: removed first)."""
+    from ncppo.io import clear_output_dir, guard_output_dir, mark_output_dir
     from ncppo.plots import save_reward_curves
 
-    out = Path(out_dir)
+    out = guard_output_dir(out_dir, "curve", inputs=list(run_dirs), overwrite=overwrite)
+    if overwrite:
+        clear_output_dir(out)
+    out.mkdir(parents=True, exist_ok=True)
+    mark_output_dir(out, "curve")
     bases = {run_config(r).model.pretrained for r in run_dirs if (Path(r) / "config.yaml").is_file()}
     if len(bases) > 1:  # the curves share one time-0 point: the base model
         raise UsageError(f"the runs start from different base models ({', '.join(sorted(bases))}); plot them separately")

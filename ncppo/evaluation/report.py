@@ -30,7 +30,7 @@ from ncppo.evaluation.image_sets import (
 )
 from ncppo.evaluation.scoring import compare_image_sets, read_scores
 from ncppo.evaluation.stats import WinRate, mean_interval
-from ncppo.io import atomic_write_text
+from ncppo.io import atomic_directory, atomic_write_text, guard_output_dir, mark_output_dir
 from ncppo.reporting import write_blocks
 
 SETTING_COLUMNS = ["set", "model", "LoRA", "sampler", "dtype", "steps", "guidance", "resolution", "seeds",
@@ -83,13 +83,25 @@ def _pairs_to_compare(labels: list[str], pairs: list[tuple[str, str]] | None) ->
 def write_eval_report(sets: list[str | Path], out_dir: str | Path, labels: list[str] | None = None,
                       curves_dir: str | Path | None = None, grid_prompts: int = 8,
                       pairs: list[tuple[str, str]] | None = None, allow_mismatch: bool = False,
-                      n_boot: int = 2000) -> Path:
-    """Write ``report.md``, ``report.html`` (self-contained), ``comparisons.json`` and the figures to ``out_dir``.
+                      n_boot: int = 2000, overwrite: bool = False) -> Path:
+    """Write ``report.md``, ``report.html`` (self-contained), ``comparisons.json`` and the figures to ``out_dir``,
+    as one folder in one atomic step (a rerun replaces its own earlier report; any other non-empty folder,
+    or one inside an input, is refused unless ``overwrite``).
 
     ``pairs``: the comparisons as ``(B label, A label)``, win rates of B over A (default: every later set
     against every earlier one); ``allow_mismatch``: compare sets generated with other settings (named in
     the report) instead of refusing.
     """
+    final = guard_output_dir(out_dir, "report", inputs=[*sets, *([curves_dir] if curves_dir else [])],
+                             overwrite=overwrite)
+    with atomic_directory(final) as out:
+        mark_output_dir(out, "report")
+        _write_report(sets, out, labels, curves_dir, grid_prompts, pairs, allow_mismatch, n_boot)
+    return final / "report.md"
+
+
+def _write_report(sets, out: Path, labels, curves_dir, grid_prompts: int, pairs, allow_mismatch: bool,
+                  n_boot: int) -> Path:
     from ncppo.plots import (
         model_style,
         save_image_grid,
@@ -103,8 +115,6 @@ def write_eval_report(sets: list[str | Path], out_dir: str | Path, labels: list[
         raise UsageError(f"{len(labels)} labels for {len(sets)} image sets")
     if len(set(labels)) != len(labels):
         raise UsageError(f"the sets need distinct labels (got {', '.join(labels)}); pass --label for each set")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     records = [read_manifest(s) for s in sets]
     scores = [read_scores(s) for s in sets]
     colours = [model_style(i)["color"] for i in range(len(sets))]

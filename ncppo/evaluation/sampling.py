@@ -83,7 +83,7 @@ def generate_from_files(model: str | Path, prompt_file: str | Path, out_dir: str
 
 def curves_from_files(run_dirs: list[str | Path], prompt_file: str | Path, reward: str, out_dir: str | Path, *,
                       weights: str | None = None, limit: int | None = None, progress: bool = True,
-                      **spec_options) -> dict:
+                      overwrite: bool = False, **spec_options) -> dict:
     """``ncppo curve``: reward ``reward`` against training time for every run's checkpoints
     (:func:`ncppo.evaluation.curves.run_curves`); returns the curves."""
     from ncppo.evaluation.curves import run_curves
@@ -92,7 +92,7 @@ def curves_from_files(run_dirs: list[str | Path], prompt_file: str | Path, rewar
 
     prompts = load_prompts(prompt_file, limit=limit)
     return run_curves(run_dirs, prompts, spec_for(prompts, **spec_options), make_reward(reward, weights), out_dir,
-                      weights, progress=progress)
+                      weights, progress=progress, overwrite=overwrite)
 
 
 def _first_lines(err: Exception) -> str:
