@@ -37,6 +37,7 @@ from ncppo.errors import StateError, UsageError
 from ncppo.io import (
     OUTPUT_MARKER,
     _alive,
+    atomic_file,
     atomic_write_text,
     clear_output_dir,
     disk_full_is_one_line,
@@ -150,6 +151,7 @@ def _indexed_digests(out_dir: Path) -> dict[str, str]:
 
 
 def _remove_dead_temporaries(out_dir: Path) -> None:
+    """Temporaries of dead writers named as before ``io.atomic_file`` (which cleans its own)."""
     for path in out_dir.glob(".tmp-shard-*.safetensors"):
         pid = path.name.rsplit("-", 1)[-1].split(".")[0]
         if pid.isdigit() and not _alive(pid):
@@ -244,15 +246,11 @@ def _write_shard(out_dir: Path, k: int, tensors: dict, metadata: dict, first_ima
     """Shard ``k`` through a temporary file; a full disk is one line (finished shards stay: a rerun resumes)."""
     from safetensors.torch import save_file
 
-    final, tmp = _shard_path(out_dir, k), out_dir / f".tmp-shard-{k:05d}-{os.getpid()}.safetensors"
-    with disk_full_is_one_line(final, "the shards written before it are kept and a rerun resumes from them"):
-        try:
-            save_file(tensors, str(tmp), metadata=metadata)
-            _write_check(out_dir, k, tmp, first_image_digests)  # before the rename: a whole shard has one
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-    os.replace(tmp, final)
+    final = _shard_path(out_dir, k)
+    with disk_full_is_one_line(final, "the shards written before it are kept and a rerun resumes from them"), \
+            atomic_file(final) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+        _write_check(out_dir, k, tmp, first_image_digests)  # before the rename: a whole shard has one
 
 
 @torch.no_grad()
