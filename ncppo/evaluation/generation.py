@@ -10,10 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
-from ncppo.models.loading import call_options
+from ncppo.models.loading import render_images  # the one rendering rule; re-exported here for callers
 
 
 @dataclass(frozen=True)
@@ -65,18 +64,6 @@ class Samples:
     prompt_ids: np.ndarray
     seeds: np.ndarray
 
-
-
-def render_images(pipe, prompts: list[str], seeds: list[int], num_inference_steps: int, guidance_scale: float,
-                  height: int | None = None, width: int | None = None) -> np.ndarray:
-    """uint8 images ``(n, H, W, 3)``, image ``i`` of ``prompts[i]`` drawn from its own generator seeded with
-    ``seeds[i]``: the one rendering rule (``ncppo generate``, ``ncppo curve``, the toy world), so an image depends
-    on its seed only, never on its batch, and a pipeline is called with its :func:`call_options`."""
-    generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
-    kwargs = {"height": height, "width": width} if height is not None or width is not None else {}
-    images = pipe(list(prompts), num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                  output_type="np", generator=generators, **call_options(pipe), **kwargs).images
-    return (np.asarray(images) * 255).round().astype(np.uint8)
 
 
 def render_batch(pipe, spec: GenerationSpec, chunk: list[tuple[int, int]]) -> np.ndarray:

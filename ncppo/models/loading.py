@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ncppo.errors import NcppoError
@@ -24,6 +25,21 @@ def call_options(pipe) -> dict:
     """The keyword arguments every call of ``pipe`` gets (:data:`CALL_OPTIONS` of its class; usually none):
     sampling in evaluation and the trainer's validation images alike."""
     return dict(CALL_OPTIONS.get(type(pipe).__name__, {}))
+
+
+def render_images(pipe, prompts: list[str], seeds: list[int], num_inference_steps: int, guidance_scale: float | None,
+                  height: int | None = None, width: int | None = None) -> np.ndarray:
+    """uint8 images ``(n, H, W, 3)``, image ``i`` of ``prompts[i]`` drawn from its own generator seeded with
+    ``seeds[i]``: the one rendering rule (``ncppo generate``, ``ncppo curve``, the toy world, the trainer's
+    validation images), so an image depends on its seed only, never on its batch, and a pipeline is called with
+    its :func:`call_options`. ``guidance_scale`` None: the pipeline's default."""
+    generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
+    kwargs = {"height": height, "width": width} if height is not None or width is not None else {}
+    if guidance_scale is not None:
+        kwargs["guidance_scale"] = guidance_scale
+    images = pipe(list(prompts), num_inference_steps=num_inference_steps, output_type="np", generator=generators,
+                  **call_options(pipe), **kwargs).images
+    return (np.asarray(images) * 255).round().astype(np.uint8)
 
 
 _OWN_PIPELINES = {"PixelTextToImagePipeline": ("ncppo.models.pixel_pipeline", "PixelTextToImagePipeline")}

@@ -11,13 +11,10 @@ import torch
 
 @torch.no_grad()
 def sample(model, prompts: list[str], steps: int, resolution: int) -> np.ndarray:
-    """One image per prompt (seed = its index) as uint8 ``(N, H, W, 3)``."""
-    from ncppo.models.loading import call_options
+    """One image per prompt (seed = its index) as uint8 ``(N, H, W, 3)``, at the pipeline's default guidance."""
+    from ncppo.models.loading import render_images
 
-    images = model.pipeline(prompts, num_inference_steps=steps, height=resolution, width=resolution, output_type="np",
-                            generator=[torch.Generator().manual_seed(i) for i in range(len(prompts))],
-                            **call_options(model.pipeline)).images
-    return (images * 255).round().astype(np.uint8)
+    return render_images(model.pipeline, prompts, list(range(len(prompts))), steps, None, resolution, resolution)
 
 
 @torch.no_grad()
