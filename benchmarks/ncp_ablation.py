@@ -163,14 +163,17 @@ def diagnostics(run_dir: Path) -> dict:
     return out
 
 
-def train_and_validate(world, work: Path, name: str, objective: dict, seed: int, steps: int, flops: int,
-                       lr: float, validate: bool = True) -> dict:
+def train_and_validate(world, work: Path, name: str, objective: dict, seed: int, steps: int, flops: int | None,
+                       lr: float, validate: bool = True, folder: Path | None = None) -> dict:
+    """One run trained and scored on validation into ``folder`` (default ``work/runs/<name>-lr<lr>/seed-<seed>``),
+    or its record when it exists. ``world`` may be a callable that builds the world (only when needed)."""
     from ncppo.training import Trainer, load_config
 
-    folder = work / "runs" / f"{name.replace('/', '-')}-lr{lr:g}" / f"seed-{seed}"
+    folder = folder or work / "runs" / f"{name.replace('/', '-')}-lr{lr:g}" / f"seed-{seed}"
     result_path = folder / "result.json"
     if result_path.is_file():
         return json.loads(result_path.read_text())
+    world = world() if callable(world) else world
     run_dir = folder / "run"
     start = time.perf_counter()
     result = Trainer(load_config(None, **train_values(world, objective, seed, steps, run_dir, lr))).train()
@@ -182,7 +185,7 @@ def train_and_validate(world, work: Path, name: str, objective: dict, seed: int,
               "diagnostics": diagnostics(run_dir),
               "run_dir": str(run_dir)}
     atomic_write_text(result_path, json.dumps(record))
-    print(f"[ablation] {label(name, lr)} seed {seed}: {result.steps} steps, {train_wall:.0f} s, "
+    print(f"[run] {label(name, lr)} seed {seed}: {result.steps} steps, {train_wall:.0f} s, "
           + (f"validation reward {record['validation']['mean']:.4f}" if validate else "(test seed)"), flush=True)
     return record
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -69,27 +68,12 @@ def data_world(work: Path, data: str):
 
 def run(work: Path, data: str, method: str, steps: int, beta: float | None, lr: float, seed: int = 0) -> dict:
     """One run, trained and scored on validation (reused when its record exists)."""
-    from ncppo.training import Trainer, load_config
-
     name = f"{method}-steps{steps}" + (f"-beta{beta:g}" if beta is not None else "") + f"-lr{lr:g}"
     folder = work / "regime" / ("" if data == "jpeg" else data) / name / f"seed-{seed}"
-    path = folder / "result.json"
-    if path.is_file():
-        return {"data": data, "method": method, **json.loads(path.read_text())}
-    world = data_world(work, data)
-    values = ablation.train_values(world, {"name": method}, seed, steps, folder / "run", lr)
-    if beta is not None:
-        values["objective"]["beta"] = beta
-    start = time.perf_counter()
-    Trainer(load_config(None, **values)).train()
-    record = {"data": data, "method": method, "steps": steps, "beta": beta, "lr": lr, "seed": seed,
-              "train_wall_seconds": time.perf_counter() - start,
-              "validation": ablation.evaluate(folder / "run", world, ablation.spec("validation", 1)),
-              "diagnostics": ablation.diagnostics(folder / "run")}
-    atomic_write_text(path, json.dumps(record))
-    print(f"[regime] {data} {name}: validation {record['validation']['mean']:.4f} "
-          f"({record['train_wall_seconds']:.0f} s)", flush=True)
-    return record
+    objective = {"name": method, **({"beta": beta} if beta is not None else {})}
+    record = ablation.train_and_validate(lambda: data_world(work, data), work, name, objective, seed, steps, None, lr,
+                                         folder=folder)
+    return {"data": data, "method": method, "beta": beta, **record}
 
 
 def main(argv=None) -> int:
