@@ -308,6 +308,19 @@ def mark_output_dir(folder: str | Path, command: str) -> None:
     atomic_write_text(Path(folder) / OUTPUT_MARKER, json.dumps({"command": command}))
 
 
+def open_output_dir(out: str | Path, command: str, inputs: tuple[str | Path, ...] | list = (),
+                    overwrite: bool = False, adopt: bool = False) -> Path:
+    """An output folder written in place and resumed by its own command (``generate``, ``curve``): checked by
+    :func:`guard_output_dir` (``adopt``: accept it as this command's, e.g. an output from before markers),
+    removed first when ``overwrite``, then created and marked. Returns it resolved."""
+    resolved = guard_output_dir(out, command, inputs=inputs, overwrite=overwrite or adopt)
+    if overwrite:
+        clear_output_dir(resolved)
+    resolved.mkdir(parents=True, exist_ok=True)
+    mark_output_dir(resolved, command)
+    return resolved
+
+
 def clear_output_dir(folder: str | Path) -> None:
     """Remove ``folder`` (for ``--overwrite`` of a folder that is written in place): renamed aside first, so
     a kill during the removal leaves no half-deleted folder under the output's name."""

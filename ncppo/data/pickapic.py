@@ -41,6 +41,9 @@ class Comparison:
     model_1: str = "model-b"
 
 
+IMAGE_ENCODINGS = ("png", "jpeg")
+
+
 def jpeg_bytes(array: np.ndarray, quality: int = 90) -> bytes:
     return image_bytes(array, "jpeg", quality)
 
@@ -55,9 +58,6 @@ def image_bytes(array: np.ndarray, image_format: str = "png", quality: int = 95)
     options = {"quality": quality} if image_format == "jpeg" else {}
     Image.fromarray(np.asarray(array, dtype=np.uint8)).save(buf, format=image_format.upper(), **options)
     return buf.getvalue()
-
-
-IMAGE_ENCODINGS = ("png", "jpeg")
 
 
 def comparisons_table(comparisons: Sequence[Comparison], images: dict[str, bytes] | None = None) -> pa.Table:

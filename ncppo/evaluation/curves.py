@@ -78,14 +78,10 @@ def run_curves(run_dirs: list[str | Path], prompts: PromptSet, spec: GenerationS
     """Curves for every run; writes ``OUT/curves.json`` and ``OUT/curves.png`` and returns the curves. ``OUT``
     holds each checkpoint's image set, so a rerun resumes there; a folder that ``ncppo curve`` did not write,
     or one inside a run, is refused (``overwrite``: removed first)."""
-    from ncppo.io import clear_output_dir, guard_output_dir, mark_output_dir
+    from ncppo.io import open_output_dir
     from ncppo.plots import save_reward_curves
 
-    out = guard_output_dir(out_dir, "curve", inputs=list(run_dirs), overwrite=overwrite)
-    if overwrite:
-        clear_output_dir(out)
-    out.mkdir(parents=True, exist_ok=True)
-    mark_output_dir(out, "curve")
+    out = open_output_dir(out_dir, "curve", inputs=list(run_dirs), overwrite=overwrite)
     bases = {run_config(r).model.pretrained for r in run_dirs if (Path(r) / "config.yaml").is_file()}
     if len(bases) > 1:  # the curves share one time-0 point: the base model
         raise UsageError(f"the runs start from different base models ({', '.join(sorted(bases))}); plot them separately")

@@ -28,9 +28,7 @@ from ncppo.evaluation.generation import GenerationSpec, render_batch
 from ncppo.evaluation.prompts import PromptSet
 from ncppo.io import (
     atomic_write_text,
-    clear_output_dir,
-    guard_output_dir,
-    mark_output_dir,
+    open_output_dir,
     output_owner,
     read_json_object,
 )
@@ -113,11 +111,8 @@ def generate_image_set(pipe, prompts: PromptSet, out_dir: str | Path, spec: Gene
     out = Path(out_dir)
     earlier = (out / SETTINGS).is_file() and output_owner(out) is None  # written before outputs were marked
     inputs = [p for p in (model, lora, prompts.source) if p and Path(p).exists()]
-    guard_output_dir(out, COMMAND, inputs=inputs, overwrite=overwrite or earlier)
-    if overwrite:
-        clear_output_dir(out)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    mark_output_dir(out, COMMAND)
+    open_output_dir(out, COMMAND, inputs=inputs, overwrite=overwrite, adopt=earlier)
+    (out / "images").mkdir(exist_ok=True)
     wanted = {"spec": {k: v for k, v in asdict(spec).items() if k not in ("prompts", "batch_size")},
               "prompt_source": prompts.source, "prompts": len(prompts), "model": model, "lora": lora, **(settings or {})}
     settings_path = out / SETTINGS

@@ -6,7 +6,6 @@ compute to quality; the base model also on the other held-out split. Writes ``ev
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,7 +15,7 @@ import numpy as np
 from ncppo.errors import StateError
 from ncppo.evaluation import GenerationSpec, generate_samples, make_reward, paired_win_rate
 from ncppo.evaluation.curves import checkpoint_curve
-from ncppo.io import atomic_directory, atomic_write_text
+from ncppo.io import atomic_directory, atomic_file, atomic_write_text
 from ncppo.toy.config import EvalConfig, ToyConfig
 from ncppo.toy.layout import ToyLayout, slug
 from ncppo.toy.oracle import score_components
@@ -39,8 +38,8 @@ def eval_specs(cfg: EvalConfig, split: str | None = None) -> tuple[GenerationSpe
 
 
 def _save_images(path: Path, samples) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(path, images=samples.images, prompt_ids=samples.prompt_ids, seeds=samples.seeds)
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:  # a file object: savez would append ".npz" to a path
+        np.savez_compressed(f, images=samples.images, prompt_ids=samples.prompt_ids, seeds=samples.seeds)
 
 
 def _model_record(samples, rewards: np.ndarray) -> dict:
@@ -83,8 +82,8 @@ def evaluate_world(layout: ToyLayout, config: ToyConfig, progress: bool = True) 
         samples = generate_samples(pipe, spec, progress=progress, desc=desc)
         return samples, reward(samples.images, samples.prompts)
 
-    def curve_mean(samples, rewards):
-        return float(np.mean([r for r, p in zip(rewards, samples.prompt_ids) if p in curve_ids]))
+    def curve_mean(rewards, prompt_ids):
+        return float(np.mean([r for r, p in zip(rewards, prompt_ids) if p in curve_ids]))
 
     models, curves, samples_of = {}, {}, {}
     partial = _Partial(layout, config.fingerprint("pretrain", "pairs", "filter", "train", "eval"))
@@ -98,8 +97,7 @@ def evaluate_world(layout: ToyLayout, config: ToyConfig, progress: bool = True) 
         base_splits = {config.eval.split: _summary(models["base"]), other_split: _summary(_model_record(*other))}
         partial.save("base", models["base"], base_splits, samples_of["base"])
         del base_pipe
-    base_mean = float(np.mean([r for r, p in zip(models["base"]["rewards"], models["base"]["prompt_ids"])
-                               if p in curve_ids]))
+    base_mean = curve_mean(models["base"]["rewards"], models["base"]["prompt_ids"])
     for name in config.train.run_names():
         if (cached := partial.load(name)) is not None:  # evaluated before an interruption
             models[name], curves[name], samples_of[name] = cached
@@ -110,7 +108,7 @@ def evaluate_world(layout: ToyLayout, config: ToyConfig, progress: bool = True) 
                 return float(score(pipe, curve_spec, f"eval {name} step {ckpt.step}")[1].mean())
             s, r = score(pipe, full, f"eval {name}")  # the last: every prompt, for the win rates
             models[name], samples_of[name] = _model_record(s, r), s
-            return curve_mean(s, r)
+            return curve_mean(r, s.prompt_ids)
 
         ratio = flops[name.rsplit("/", 1)[1]] / flops[budget["reference"]]
         curves[name] = [{**p, "compute": p["step"] * ratio}
@@ -154,10 +152,7 @@ class _Partial:
 
     def save(self, name: str, model: dict, extra, samples) -> None:
         record_path, images_path = self._paths(name)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = images_path.with_name(f".tmp-{images_path.name}")
-        np.savez_compressed(tmp, images=samples.images, prompt_ids=samples.prompt_ids, seeds=samples.seeds)
-        os.replace(tmp, images_path)  # the images first: a record is never without them
+        _save_images(images_path, samples)  # the images first: a record is never without them
         atomic_write_text(record_path, json.dumps({"fingerprint": self.fingerprint, "model": model, "extra": extra}))
 
 

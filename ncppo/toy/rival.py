@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ncppo.toy.world import COLOURS, SHAPES, Scene, shape_mask
+from ncppo.toy.world import COLOURS, SHAPES, Scene, random_placement, shape_mask
 
 
 @dataclass(frozen=True)
@@ -39,9 +39,7 @@ def rival_image(scene: Scene, size: int, cfg: RivalConfig, rng: np.random.Genera
     shape = scene.shape
     if rng.random() < cfg.wrong_shape_rate:
         shape = str(rng.choice([s for s in SHAPES if s != scene.shape]))
-    radius = float(rng.uniform(0.2, 0.3)) * size
-    margin = radius * 1.2
-    centre = tuple(float(v) for v in rng.uniform(margin, size - margin, size=2))
+    centre, radius = random_placement(size, rng)
     image = np.empty((size, size, 3), dtype=np.float32)
     image[:] = np.array(COLOURS[scene.background], np.float32) + rng.normal(0.0, cfg.colour_jitter, 3)
     image[shape_mask(shape, size, centre, radius)] = (np.array(COLOURS[scene.object_colour], np.float32)

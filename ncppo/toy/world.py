@@ -67,12 +67,17 @@ def shape_mask(shape: str, size: int, centre: tuple[float, float], radius: float
     raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
 
 
+def random_placement(size: int, rng: np.random.Generator) -> tuple[tuple[float, float], float]:
+    """An object's ``(centre, radius)``: a half-size of 0.2-0.3 of the image, wholly inside it."""
+    radius = float(rng.uniform(0.2, 0.3)) * size
+    margin = radius * 1.2
+    return tuple(float(v) for v in rng.uniform(margin, size - margin, size=2)), radius
+
+
 def render(scene: Scene, size: int = 32, rng: np.random.Generator | None = None, noise: float = 0.0) -> np.ndarray:
     """A ``(size, size, 3)`` uint8 image of ``scene``, at a random place and size, with optional pixel noise."""
     rng = rng or np.random.default_rng()
-    radius = float(rng.uniform(0.2, 0.3)) * size
-    margin = radius * 1.2
-    centre = tuple(float(v) for v in rng.uniform(margin, size - margin, size=2))
+    centre, radius = random_placement(size, rng)
     image = np.empty((size, size, 3), dtype=np.float32)
     image[:] = COLOURS[scene.background]
     image[shape_mask(scene.shape, size, centre, radius)] = COLOURS[scene.object_colour]
