@@ -82,7 +82,7 @@ def bench(preset: str, precision: str, *, device: str, resolution: int, batch_pa
     model.unet.to(device)
     model.schedule = model.schedule.to(device)
     if gradient_checkpointing:
-        model.unet.enable_gradient_checkpointing()
+        model.enable_gradient_checkpointing()
     model.unet.train()
     size = resolution // pipe.vae_scale_factor
     batch = _batch(model, batch_pairs, size, device)

@@ -70,9 +70,10 @@ def _pairs(model, batch_pairs: int, size: int, seed: int) -> EncodedPairs:
     return EncodedPairs(lat().to(device), lat().to(device), cond, cond)
 
 
-def _model(pipe, precision: str | None, device: str, lora_b_scale: float = 0.02) -> PreferenceModel:
+def _model(pipe, precision: str | None, device: str, lora_b_scale: float = 0.02,
+           reference_pass: str = "auto") -> PreferenceModel:
     torch.manual_seed(0)  # peft draws the LoRA A matrices from the global generator: the same for every copy
-    model = PreferenceModel(copy.deepcopy(pipe), lora=LoraSettings(rank=8))
+    model = PreferenceModel(copy.deepcopy(pipe), lora=LoraSettings(rank=8), reference_pass=reference_pass)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # a policy away from its reference, as after some training
         for name, p in model.unet.named_parameters():

@@ -2,7 +2,8 @@
 
 Winners and losers of a pair share ``t``, ``eps`` and the reverse-step noise ``z`` (METHOD.md: lower
 variance). The policy runs once on ``[winners; losers]``; the reference (only when the objective needs
-``eps_ref``) runs under ``no_grad`` on the frozen U-Net. The step reads only the objective's declared
+``eps_ref``) comes with it from ``model.predict_with_reference`` (a separate pass under ``no_grad`` on the frozen
+U-Net, or the difference pass that keeps ``eps_theta - eps_ref`` exact in half precision). The step reads only the objective's declared
 needs; the loss space and the preference loss do the rest. The caller calls ``backward``. The model's
 process (``model.schedule``: DDPM or flow matching) noises and names the target; "``eps_theta``" is the
 model's prediction in that target space (epsilon, or the velocity of a flow model).
@@ -60,11 +61,10 @@ def training_step(
     """Loss and metrics of ``objective`` on a batch of pairs (raw or encoded)."""
     pairs = encode_pairs(model, batch, generator)
     noised = noise_pairs(model, pairs, objective.uses_loser, generator)
-    eps_theta = model.predict_epsilon(model.policy, noised.x_t, noised.t, noised.condition)
-    eps_ref = None
     if objective.needs_reference_prediction:
-        with torch.no_grad(), model.frozen_unet() as reference:
-            eps_ref = model.predict_epsilon(reference, noised.x_t, noised.t, noised.condition)
+        eps_theta, eps_ref = model.predict_with_reference(noised.x_t, noised.t, noised.condition)
+    else:
+        eps_theta, eps_ref = model.predict_epsilon(model.policy, noised.x_t, noised.t, noised.condition), None
     policy, reference_losses = objective.space.losses(model, noised, eps_theta, eps_ref)
     losses = PairLosses.from_stacked(policy, reference_losses, pairs.batch_size, pairs.is_tie)
     loss, metrics = objective.preference(losses)

@@ -29,10 +29,10 @@ def _config(model_dir, **values):
     return load_config(**values)
 
 
-def _real(kind="sd15", block_out_channels=(32, 64), image_size=32, batch=2, seed=0):
+def _real(kind="sd15", block_out_channels=(32, 64), image_size=32, batch=2, seed=0, reference_pass="auto"):
     """A real tiny model and a batch of encoded inputs (latents, prompt embeddings) of its shape."""
     pipe = build_tiny_pipeline(kind, block_out_channels=block_out_channels, image_size=image_size, seed=seed)
-    model = PreferenceModel(pipe, lora=LoraSettings(rank=8))
+    model = PreferenceModel(pipe, lora=LoraSettings(rank=8), reference_pass=reference_pass)
     model.unet.train()
     size = image_size // pipe.vae_scale_factor
     g = torch.Generator().manual_seed(seed)
@@ -43,9 +43,10 @@ def _real(kind="sd15", block_out_channels=(32, 64), image_size=32, batch=2, seed
                                   ids=list(range(batch)))
 
 
-def _abstract(kind="sd15", block_out_channels=(32, 64), image_size=32, batch=2):
+def _abstract(kind="sd15", block_out_channels=(32, 64), image_size=32, batch=2, reference_pass="auto"):
     pipe = build_tiny_pipeline(kind, block_out_channels=block_out_channels, image_size=image_size)
-    return AbstractRun(None, lora=LoraSettings(rank=8), batch_size=batch, resolution=image_size, pipeline=pipe)
+    return AbstractRun(None, lora=LoraSettings(rank=8), batch_size=batch, resolution=image_size, pipeline=pipe,
+                       reference_pass=reference_pass)
 
 
 def test_presets_are_the_published_architectures():
@@ -61,17 +62,22 @@ def test_presets_are_the_published_architectures():
                               "text_encoder_2": 694_659_840}
 
 
-@pytest.mark.parametrize("kind,name", [("sd15", "dpo"), ("sd15", "ncp-dpo"), ("sdxl", "ncp-dpo"), ("sd15", "sft")])
-def test_fake_step_counts_the_flops_of_the_real_step(kind, name):
+@pytest.mark.parametrize("kind,name,reference_pass", [("sd15", "dpo", "separate"), ("sd15", "dpo", "difference"),
+                                                      ("sd15", "ncp-dpo", "difference"), ("sdxl", "ncp-dpo", "auto"),
+                                                      ("sd15", "sft", "auto")])
+def test_fake_step_counts_the_flops_of_the_real_step(kind, name, reference_pass):
     objective = make_objective(name)
-    model, batch = _real(kind)
+    model, batch = _real(kind, reference_pass=reference_pass)
     counter = FlopCounterMode(display=False)
     with counter:
         training_step(model, objective, batch, generator=torch.Generator().manual_seed(0)).loss.backward()
-    counted = _abstract(kind).count(objective, gradient_checkpointing=False)
+    run = _abstract(kind, reference_pass=reference_pass)
+    counted = run.count(objective, gradient_checkpointing=False)
+    assert run.reference_pass == ("difference" if reference_pass == "difference" else "separate")  # auto in fp32
     assert counted.total == counter.get_total_flops() > 0
     assert counted.flops["policy"] > 0 and counted.flops["backward"] > counted.flops["policy"] / 2
-    assert (counted.flops["reference"] > 0) == (name != "sft" and name != "cpo")
+    # a separate reference pass is counted apart; the difference pass computes it inside the policy's forward
+    assert (counted.flops["reference"] > 0) == (name in ("dpo", "ncp-dpo") and run.reference_pass == "separate")
     # NCP's encoder passes are a real share of the step; noise-space losses cost almost nothing
     assert (counted.flops["encoder"] > 0.1 * counted.flops["policy"]) == name.startswith("ncp-")
 

@@ -111,7 +111,7 @@ def test_gradient_checkpointing_does_not_change_ncp_gradients(model):
 
     plain = grads()
     model.unet.train()
-    model.unet.enable_gradient_checkpointing()
+    model.enable_gradient_checkpointing()
     checkpointed = grads()
     # equal up to float32 recomputation, which the noise scale's 1/c^2 amplifies near t = 0
     a, b = torch.cat([g.flatten() for g in plain]), torch.cat([g.flatten() for g in checkpointed])
@@ -120,7 +120,7 @@ def test_gradient_checkpointing_does_not_change_ncp_gradients(model):
     objective = make_objective("ncp-sft", scale="paper")  # the paper's scale: elementwise equal
     model.unet.disable_gradient_checkpointing()
     plain = grads()
-    model.unet.enable_gradient_checkpointing()
+    model.enable_gradient_checkpointing()
     for a, b in zip(plain, grads()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-10)
 

@@ -124,12 +124,13 @@ def test_choices_match_the_modules_that_own_them():
     # the table stays a literal so that `ncppo train --help` loads without torch; the owners decide
     from ncppo.data.schema import TIE_POLICIES
     from ncppo.flow import WEIGHTINGS
-    from ncppo.models.preference_model import FINETUNE_MODES
+    from ncppo.models.preference_model import FINETUNE_MODES, REFERENCE_PASSES
     from ncppo.training.config import _CHOICES
 
     assert _CHOICES["data.tie_policy"] == TIE_POLICIES
     assert tuple(sorted(_CHOICES["model.timestep_weighting"])) == tuple(sorted(WEIGHTINGS))
     assert _CHOICES["model.finetune"] == tuple(m for m in FINETUNE_MODES if m != "none")  # none: not trainable
+    assert _CHOICES["model.reference_pass"] == REFERENCE_PASSES
 
 
 def test_transformer_options_are_config_keys():

@@ -21,10 +21,12 @@ from ncppo.batch import Condition, EncodedPairs, PreferenceBatch
 from ncppo.errors import UsageError
 from ncppo.flow import process_for
 from ncppo.io import atomic_directory
+from ncppo.models.difference_pass import difference_forward, gradient_checkpointing_function, install_hooks
 from ncppo.models.loading import load_pipeline, pipeline_kind
 from ncppo.models.transformers_backbone import BACKBONES, encode_text, training_guidance
 
 FINETUNE_MODES = ("lora", "full", "none")  # none: frozen, for encoding and sampling
+REFERENCE_PASSES = ("auto", "separate", "difference")  # how eps_theta and eps_ref are computed together
 
 
 @dataclass(frozen=True)
@@ -58,12 +60,25 @@ class PreferenceModel:
     (default ``transformers_backbone.FLUX_TRAINING_GUIDANCE``); a model without a guidance embedding refuses one.
     ``timestep_weighting`` chooses a flow model's training sigmas (:data:`ncppo.flow.WEIGHTINGS`; default
     ``logit_normal``, SD3's); DDPM models draw ``t`` uniformly, as Diffusion-DPO, and refuse the option.
+    ``reference_pass`` (:data:`REFERENCE_PASSES`) is how an objective that needs ``eps_ref`` gets it with
+    ``eps_theta``: ``separate`` runs the reference as its own pass; ``difference`` (LoRA only) runs one pass that
+    carries the reference's activations and the policy's difference from them
+    (:mod:`ncppo.models.difference_pass`), which keeps DPO's argument in bf16; ``auto`` is ``difference`` for a
+    LoRA computing in bf16 (weights or autocast) and ``separate`` otherwise (fp16 and float32 keep the difference
+    in two passes, which cost fewer FLOPs).
     """
 
     def __init__(self, pipeline, *, finetune: str = "lora", lora: LoraSettings | None = None,
-                 guidance: float | None = None, timestep_weighting: str | None = None):
+                 guidance: float | None = None, timestep_weighting: str | None = None,
+                 reference_pass: str = "auto"):
         if finetune not in FINETUNE_MODES:
             raise UsageError(f"unknown finetune mode {finetune!r}; expected one of {FINETUNE_MODES}")
+        if reference_pass not in REFERENCE_PASSES:
+            raise UsageError(f"unknown reference pass {reference_pass!r}; expected one of {REFERENCE_PASSES}")
+        if reference_pass == "difference" and finetune != "lora":
+            raise UsageError("reference_pass 'difference' needs finetune 'lora' (the reference is the base under the "
+                             "adapters); a full fine-tune uses 'separate'")
+        self.reference_pass = reference_pass
         self.pipeline = pipeline
         self.kind = pipeline_kind(pipeline)
         self.backbone = BACKBONES[self.kind]
@@ -89,6 +104,8 @@ class PreferenceModel:
             self.unet.requires_grad_(False)
             self.backbone.add_lora(self.unet, self.lora.peft_config())
             self._adapter_layers = [m for m in self.unet.modules() if isinstance(m, BaseTunerLayer)]
+            if reference_pass != "separate":
+                install_hooks(self._adapter_layers)  # inert outside a difference pass
             self._checkpointable = [m for m in self.unet.modules() if hasattr(m, "gradient_checkpointing")]
         elif finetune == "full":
             self.lora = None
@@ -148,6 +165,11 @@ class PreferenceModel:
             raise ValueError("use_policy: the module does not wrap this model's U-Net")
         self.policy = module
 
+    def enable_gradient_checkpointing(self) -> None:
+        """Checkpoint the denoiser's blocks (non-reentrant, as diffusers' default; a difference pass recomputes as
+        one)."""
+        self.unet.enable_gradient_checkpointing(gradient_checkpointing_function)
+
     @contextlib.contextmanager
     def frozen_unet(self) -> Iterator[torch.nn.Module]:
         """The frozen pretrained U-Net: the reference ``eps_ref`` and the encoder ``f`` run on it."""
@@ -203,6 +225,34 @@ class PreferenceModel:
         timestep = self.schedule.model_timestep(t, x_t)
         out = self.backbone.forward(unet, x_t.to(self.unet.dtype), timestep, condition)
         return self.schedule.to_target(out, x_t, t)
+
+    def resolved_reference_pass(self) -> str:
+        """:attr:`reference_pass` with ``auto`` decided by the precision the denoiser computes in now."""
+        if self.reference_pass != "auto":
+            return self.reference_pass
+        if self.lora is None:
+            return "separate"
+        device = self.device.type
+        bf16 = self.unet.dtype == torch.bfloat16 or (
+            torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.bfloat16)
+        return "difference" if bf16 else "separate"
+
+    def predict_with_reference(self, x_t: torch.Tensor, t: torch.Tensor, condition: Condition
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(eps_theta, eps_ref)``: the policy's prediction (with graph) and the frozen reference's (without), by
+        :attr:`reference_pass`. With ``difference`` both are float32: ``eps_ref`` is bit-identical to a separate
+        reference pass and ``eps_theta - eps_ref`` keeps half precision's relative accuracy."""
+        if self.resolved_reference_pass() == "separate":
+            eps_theta = self.predict_epsilon(self.policy, x_t, t, condition)
+            with torch.no_grad(), self.frozen_unet() as reference:
+                return eps_theta, self.predict_epsilon(reference, x_t, t, condition)
+        timestep = self.schedule.model_timestep(t, x_t)
+        out_ref, out_diff = difference_forward(self.backbone.forward, self.policy, x_t.to(self.unet.dtype), timestep,
+                                               condition)
+        eps_ref = self.schedule.to_target(out_ref.float(), x_t, t)
+        # the target map is affine in the output: applied to the policy's value in float32, the difference survives
+        eps_theta = self.schedule.to_target(out_ref.float() + out_diff.float(), x_t, t)
+        return eps_theta, eps_ref.detach()
 
     # -- encoding raw inputs ---------------------------------------------------------------------
     @torch.no_grad()

@@ -83,7 +83,8 @@ class LiveBytes(TorchDispatchMode):
 
 class PhaseFlops:
     """FLOPs of one counter split by phase: ``policy`` and ``reference`` U-Net forwards (told apart by grad
-    mode), ``encoder`` (everything else in the forward: the NCP encoder passes, the loss), ``backward``."""
+    mode; the difference pass is one forward with grad, counted as ``policy``), ``encoder`` (everything else in
+    the forward: the NCP encoder passes, the loss), ``backward``."""
 
     def __init__(self, unets):
         self.counter = FlopCounterMode(display=False)

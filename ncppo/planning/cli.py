@@ -53,7 +53,9 @@ def format_table(r: dict) -> str:
              f"checkpointing {'on' if r['gradient_checkpointing'] else 'off'}, {r['optimizer']}",
              "",
              f"FLOPs per micro-step ({r['batch_size_per_gpu']} pairs per GPU; counted on the real step):"]
-    lines += [f"  {label:36s}{_tf(f[key])}" for key, label in _PHASES]
+    fused = r["reference_pass"] == "difference"  # the reference rides in the policy's pass
+    lines += [f"  {'policy + reference (difference pass)' if fused and key == 'policy' else label:36s}{_tf(f[key])}"
+              for key, label in _PHASES if not (fused and key == "reference")]
     lines.append(f"  {'data encoding (VAE, text encoders)':36s}{_tf(f['data_encoding'])}   {r['data']}")
     c = r["counterpart"]
     lines.append(f"  {c['objective'] + ' on the same setup':36s}{_tf(c['flops_per_micro_step'])}   "

@@ -47,11 +47,11 @@ class AbstractRun:
     """A :class:`~ncppo.models.preference_model.PreferenceModel` of fake tensors and a batch of the run's shape."""
 
     def __init__(self, configs: dict, *, finetune: str = "lora", lora=None, mixed_precision: str = "no",
-                 batch_size: int = 1, resolution: int = 512, pipeline=None):
+                 batch_size: int = 1, resolution: int = 512, pipeline=None, reference_pass: str = "auto"):
         from ncppo.models.preference_model import PreferenceModel
 
         self.pipeline = pipeline if pipeline is not None else build_abstract_pipeline(configs)
-        self.model = PreferenceModel(self.pipeline, finetune=finetune, lora=lora)
+        self.model = PreferenceModel(self.pipeline, finetune=finetune, lora=lora, reference_pass=reference_pass)
         self.half = HALF.get(mixed_precision)
         self.model.set_frozen_dtype(self.half)
         self.mode = fake_mode()
@@ -86,10 +86,11 @@ class AbstractRun:
         from ncppo.step import training_step
 
         unet = self.model.unet
-        unet.enable_gradient_checkpointing() if gradient_checkpointing else unet.disable_gradient_checkpointing()
+        self.model.enable_gradient_checkpointing() if gradient_checkpointing else unet.disable_gradient_checkpointing()
         phases = PhaseFlops(self.unets)
         with abstract_execution(self.mode, self.half):
             batch = self.batch()
+            self.reference_pass = self.model.resolved_reference_pass()  # auto: decided by the precision
             live = LiveBytes([*self._tensors(), *(v for v in vars(batch).values() if isinstance(v, torch.Tensor))])
             with phases.counter, live:
                 out = training_step(self.model, objective, batch)
@@ -159,7 +160,8 @@ def estimate_run(config, *, model: str | None = None, gpu_name: str = "h100", nu
     configs = read_configs(model)
     lora = LoraSettings(cfg.model.lora_rank, cfg.model.lora_alpha, tuple(cfg.model.lora_targets))
     run = AbstractRun(configs, finetune=cfg.model.finetune, lora=lora if cfg.model.finetune == "lora" else None,
-                      mixed_precision=cfg.mixed_precision, batch_size=cfg.batch_size, resolution=cfg.data.resolution)
+                      mixed_precision=cfg.mixed_precision, batch_size=cfg.batch_size, resolution=cfg.data.resolution,
+                      reference_pass=cfg.model.reference_pass)
     objective = _objective(cfg)
     gc = cfg.gradient_checkpointing
     step = run.count(objective, gc)
@@ -181,7 +183,8 @@ def estimate_run(config, *, model: str | None = None, gpu_name: str = "h100", nu
     result = {
         "model": model, "pipeline": configs["pipeline"], "finetune": cfg.model.finetune,
         "lora_rank": cfg.model.lora_rank if cfg.model.finetune == "lora" else None,
-        "objective": cfg.objective.name, "resolution": cfg.data.resolution, "latent_size": run.latent,
+        "objective": cfg.objective.name, "reference_pass": run.reference_pass,
+        "resolution": cfg.data.resolution, "latent_size": run.latent,
         "batch_size_per_gpu": cfg.batch_size, "gradient_accumulation_steps": accumulation, "gpus": num_gpus,
         "effective_batch": cfg.batch_size * micro_steps, "max_steps": cfg.max_steps,
         "mixed_precision": cfg.mixed_precision, "gradient_checkpointing": gc, "optimizer": cfg.optim.optimizer,

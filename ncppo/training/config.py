@@ -31,9 +31,11 @@ CHANGEABLE_ON_RESUME = frozenset({
 RESUME_CHOICES = (True, False, "force")
 
 # literals so that `ncppo train --help` loads without torch; tests/test_training_config.py checks them against
-# their owners (ncppo.models.preference_model.FINETUNE_MODES, ncppo.data.schema.TIE_POLICIES, ncppo.flow.WEIGHTINGS)
+# their owners (ncppo.models.preference_model.FINETUNE_MODES and REFERENCE_PASSES, ncppo.data.schema.TIE_POLICIES,
+# ncppo.flow.WEIGHTINGS)
 _CHOICES = {
     "model.finetune": ("lora", "full"),
+    "model.reference_pass": ("auto", "separate", "difference"),
     "data.tie_policy": ("drop", "keep", "error"),
     "optim.optimizer": ("adamw", "adamw8bit"),
     "mixed_precision": ("no", "fp16", "bf16"),

@@ -29,6 +29,12 @@ class ModelConfig:
             (``null``: 3.5, diffusers' FLUX.1-dev LoRA scripts'); other models refuse a value.
         timestep_weighting: a flow model's (SD3, FLUX) training sigmas: ``logit_normal`` (SD3's) or ``uniform``
             (``null``: logit_normal); DDPM models (SD1.5, SDXL, PixArt: ``t`` uniform) refuse a value.
+        reference_pass: how DPO-family objectives get the reference's prediction with the policy's:
+            ``difference`` (LoRA only) runs one pass carrying the reference's activations and the policy's
+            difference from them, which keeps DPO's argument and gradient in bf16 (NCP-DPO's cosine with float32
+            >= 0.997 where two separate passes give 0.76-0.86: ``benchmarks/precision_floor.py``) for about 1.3-1.4x
+            the FLOPs; ``separate`` runs the reference as a pass of its own; ``auto``: difference for a LoRA in bf16,
+            separate otherwise (fp16 and float32 are sound with separate passes).
     """
 
     pretrained: str = ""
@@ -38,6 +44,7 @@ class ModelConfig:
     lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     guidance: float | None = None
     timestep_weighting: str | None = None
+    reference_pass: str = "auto"
 
 
 @dataclass

@@ -81,7 +81,11 @@ def build_model(model_config):
                 checks[key](value)
             except UsageError as err:
                 raise ConfigError(f"model.{key}: {err}") from err
-    return PreferenceModel(pipeline, finetune=model_config.finetune, lora=lora, **options)
+    if model_config.reference_pass == "difference" and model_config.finetune != "lora":
+        raise ConfigError("model.reference_pass: 'difference' needs model.finetune 'lora' (the reference is the base "
+                          "under the adapters); a full fine-tune uses 'separate' or 'auto'")
+    return PreferenceModel(pipeline, finetune=model_config.finetune, lora=lora,
+                           reference_pass=model_config.reference_pass, **options)
 
 
 def prepare_model(model, config, device: torch.device, objective=None) -> None:
@@ -94,7 +98,7 @@ def prepare_model(model, config, device: torch.device, objective=None) -> None:
         model.set_frozen_dtype(HALF.get(config.mixed_precision))
     model.to(device)
     if config.gradient_checkpointing:
-        model.unet.enable_gradient_checkpointing()
+        model.enable_gradient_checkpointing()
     model.unet.train()
 
 
