@@ -63,9 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     tiny = sub.add_parser("tiny-model", help="save a tiny SD1.5-/SDXL-/SD3-/FLUX-/PixArt-class pipeline (random weights) to a folder")
     tiny.add_argument("out_dir")
-    tiny.add_argument("--kind", choices=("sd15", "sdxl", "sd3", "flux", "flux-schnell", "pixart"), default="sd15",
+    tiny.add_argument("--kind", choices=("sd15", "sdxl", "sd3", "flux", "flux-schnell", "pixart", "pixel-dit"),
+                      default="sd15",
                       help="sd3: an MMDiT transformer with flow matching; flux: FLUX.1-dev-like (guidance "
-                           "embedding), flux-schnell: without it; pixart: PixArt-Sigma's DiT (DDPM, learned variance)")
+                           "embedding), flux-schnell: without it; pixart: PixArt-Sigma's DiT (DDPM, learned variance); "
+                           "pixel-dit: the toy world's DiT class (a PixArt transformer on pixels, no VAE)")
     tiny.add_argument("--image-size", type=int, default=32)
     tiny.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default="epsilon")
     tiny.add_argument("--seed", type=int, default=0)

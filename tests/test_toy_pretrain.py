@@ -45,7 +45,7 @@ def test_the_shipped_base_model_loads_and_matches_its_recipe():
     assert path is not None, f"the package should ship the default base model ({cfg.fingerprint()})"
     assert base_model(cfg, progress=False) == path  # used as it is: never pretrained on a user's machine
     record = json.loads((path / "pretrain.json").read_text())
-    assert record["fingerprint"] == cfg.fingerprint() and record["config"] == json.loads(json.dumps(cfg.__dict__))
+    assert record["fingerprint"] == cfg.fingerprint() and record["config"] == json.loads(json.dumps(cfg.identity()))
     assert record["command"].startswith("python -m ncppo.toy.pretrain") and "git" in record["code_version"]
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     assert size <= 20 * 2**20, f"the shipped model is {size / 2**20:.1f} MB (limit 20)"

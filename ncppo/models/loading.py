@@ -14,7 +14,7 @@ from ncppo.errors import NcppoError
 
 SUPPORTED_PIPELINES = {"StableDiffusionPipeline": "sd15", "StableDiffusionXLPipeline": "sdxl",
                        "PixelTextToImagePipeline": "pixel", "StableDiffusion3Pipeline": "sd3",
-                       "FluxPipeline": "flux", "PixArtSigmaPipeline": "pixart"}
+                       "FluxPipeline": "flux", "PixArtSigmaPipeline": "pixart", "PixelDiTPipeline": "pixel-dit"}
 # the project's own pipeline classes, which diffusers' generic loader cannot resolve by name
 # PixArt's pipeline moves the asked size to its aspect-ratio table's nearest entry (and refuses transformers of other
 # sample sizes, e.g. the tiny one) and cleans captions with an optional package; ncppo samples the size it asks for.
@@ -42,7 +42,8 @@ def render_images(pipe, prompts: list[str], seeds: list[int], num_inference_step
     return (np.asarray(images) * 255).round().astype(np.uint8)
 
 
-_OWN_PIPELINES = {"PixelTextToImagePipeline": ("ncppo.models.pixel_pipeline", "PixelTextToImagePipeline")}
+_OWN_PIPELINES = {"PixelTextToImagePipeline": ("ncppo.models.pixel_pipeline", "PixelTextToImagePipeline"),
+                  "PixelDiTPipeline": ("ncppo.models.pixel_dit_pipeline", "PixelDiTPipeline")}
 
 
 class ModelLoadError(NcppoError, RuntimeError):
@@ -50,7 +51,8 @@ class ModelLoadError(NcppoError, RuntimeError):
 
 
 def pipeline_kind(pipeline) -> str:
-    """The kind (``'sd15'``, ``'sdxl'``, ``'pixel'``, ``'sd3'``, ``'flux'``, ``'pixart'``) of a loaded pipeline; an error naming the
+    """The kind (``'sd15'``, ``'sdxl'``, ``'pixel'``, ``'pixel-dit'``, ``'sd3'``, ``'flux'``, ``'pixart'``) of a loaded
+    pipeline; an error naming the
     supported classes for anything else."""
     name = type(pipeline).__name__
     if name not in SUPPORTED_PIPELINES:

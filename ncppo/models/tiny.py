@@ -26,7 +26,7 @@ SD_SCHEDULER_CONFIG = dict(
     steps_offset=1,
 )
 
-TINY_KINDS = ("sd15", "sdxl", "pixel", "sd3", "flux", "flux-schnell", "pixart")
+TINY_KINDS = ("sd15", "sdxl", "pixel", "pixel-dit", "sd3", "flux", "flux-schnell", "pixart")
 
 
 
@@ -89,7 +89,8 @@ def build_tiny_pipeline(
     VAE-less :class:`~ncppo.models.pixel_pipeline.PixelTextToImagePipeline` (``'pixel'``) or
     ``StableDiffusion3Pipeline`` (``'sd3'``: MMDiT, flow matching; ``prediction_type`` does not apply) or
     ``FluxPipeline`` (``'flux'``: with FLUX.1-dev's guidance embedding; ``'flux-schnell'``: without) or
-    ``PixArtSigmaPipeline`` (``'pixart'``: a DiT with DDPM and learned variance).
+    ``PixArtSigmaPipeline`` (``'pixart'``: a DiT with DDPM and learned variance) or the VAE-less
+    :class:`~ncppo.models.pixel_dit_pipeline.PixelDiTPipeline` (``'pixel-dit'``: a DiT on pixels, the toy DiT's class).
 
     The default VAE downsamples by 2 (SD's by 8), so a 32x32 image has 16x16 latents; give four
     ``vae_block_out_channels`` (e.g. (32, 64, 128, 128)) for SD's factor of 8.
@@ -150,6 +151,19 @@ def build_tiny_pipeline(
             tokenizer=tokenizer,
             scheduler=scheduler,
         )
+    if kind == "pixel-dit":
+        from diffusers import PixArtTransformer2DModel
+
+        from ncppo.models.pixel_dit_pipeline import PixelDiTPipeline
+
+        torch.manual_seed(seed)
+        transformer = PixArtTransformer2DModel(
+            sample_size=image_size, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=2,
+            in_channels=3, out_channels=3, cross_attention_dim=16, caption_channels=32, norm_type="ada_norm_single",
+            norm_elementwise_affine=False, norm_eps=1e-6, use_additional_conditions=False,
+        ).eval()
+        return PixelDiTPipeline(transformer=transformer, text_encoder=tiny_text_encoder(len(tokenizer), 32, False, seed + 2),
+                                tokenizer=tokenizer, scheduler=scheduler)
     raise UsageError(f"unknown model kind {kind!r}; expected one of {', '.join(TINY_KINDS)}")
 
 

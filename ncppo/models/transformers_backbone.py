@@ -118,6 +118,7 @@ BACKBONES = {
     "sdxl": Backbone("unet", "unet", "cross_attention_dim", needs_pooled=True),
     "sd3": Backbone("transformer", "sd3", "joint_attention_dim", needs_pooled=True, context_twins=True),
     "pixart": Backbone("transformer", "pixart", "caption_channels", needs_pooled=False, needs_mask=True),
+    "pixel-dit": Backbone("transformer", "pixart", "caption_channels", needs_pooled=False),  # the toy world's DiT
     "flux": Backbone("transformer", "flux", "joint_attention_dim", needs_pooled=True, context_twins=True),
 }
 

@@ -23,7 +23,7 @@ def _add_common(p: argparse.ArgumentParser, default_out: str) -> None:
     p.add_argument("--config", help="a toy-world YAML config (see configs/world/toy.yaml)")
     p.add_argument("--quick", action="store_true", help="every stage at tiny sizes (about 2 minutes; for tests)")
     p.add_argument("--force", action="store_true", help="redo the stages even when their outputs are up to date")
-    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.minutes_per_run=1 eval.prompts=56")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.budget_dpo_steps=30 eval.prompts=56")
 
 
 def add_toy_commands(sub) -> None:

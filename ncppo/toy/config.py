@@ -13,7 +13,7 @@ from ncppo.data.filter import PAIR_CHOICES, VARIANTS
 from ncppo.data.pickapic import IMAGE_ENCODINGS
 from ncppo.objectives import OBJECTIVE_NAMES
 from ncppo.toy.annotators import AnnotatorConfig
-from ncppo.toy.pretrain import QUICK, PretrainConfig
+from ncppo.toy.pretrain import BACKBONES, QUICK, PretrainConfig
 from ncppo.toy.rival import RivalConfig
 
 
@@ -157,7 +157,8 @@ class ToyConfig:
 
     def fingerprint(self, *sections: str) -> str:
         """A hash of the named sections: a stage's output is reused while its inputs' sections are unchanged."""
-        payload = json.dumps({s: self.to_dict()[s] for s in sections} | {"seed": self.seed}, sort_keys=True)
+        values = self.to_dict() | {"pretrain": self.pretrain.identity()}
+        payload = json.dumps({s: values[s] for s in sections} | {"seed": self.seed}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
@@ -180,7 +181,8 @@ def toy_config_from_dict(data: dict, base: ToyConfig = ToyConfig()) -> ToyConfig
     choices = {"train.methods": (config.train.methods, OBJECTIVE_NAMES),
                "filter.pairs": ((config.filter.pairs,), PAIR_CHOICES), "filter.variants": (config.filter.variants, VARIANTS),
                "eval.split": ((config.eval.split,), ("validation", "test")),
-               "pairs.image_format": ((config.pairs.image_format,), IMAGE_ENCODINGS)}
+               "pairs.image_format": ((config.pairs.image_format,), IMAGE_ENCODINGS),
+               "pretrain.backbone": ((config.pretrain.backbone,), BACKBONES)}
     for key, (values, allowed) in choices.items():
         for value in values:
             check_choice(value, allowed, f"toy config.{key}")
@@ -198,7 +200,8 @@ def toy_config_from_dict(data: dict, base: ToyConfig = ToyConfig()) -> ToyConfig
     return config
 
 
-_POSITIVE = ("pretrain.image_size", "pretrain.steps", "pretrain.batch_size", "pairs.images_per_prompt",
+_POSITIVE = ("pretrain.image_size", "pretrain.steps", "pretrain.batch_size", "pretrain.dit_layers", "pretrain.dit_width",
+             "pretrain.dit_heads", "pairs.images_per_prompt",
              "pairs.num_inference_steps", "pairs.prompts", "filter.min_wins", "train.budget_dpo_steps",
              "train.checkpoints_per_run", "train.batch_size", "train.lora_rank", "eval.images_per_prompt", "eval.prompts",
              "eval.curve_prompt_stride", "eval.num_inference_steps", "eval.batch_size", "eval.bootstrap")

@@ -50,6 +50,10 @@ class PretrainConfig:
         caption_dropout: share of empty captions (so classifier-free guidance works).
         prediction_type: ``v_prediction`` or ``epsilon``.
         seed: the pretraining seed.
+        backbone: ``unet`` (the U-Net above) or ``dit``: a pixel-space DiT (PixArt's
+            ``PixArtTransformer2DModel``, patch 2, adaLN-single, cross-attention to the caption) in a
+            :class:`~ncppo.models.pixel_dit_pipeline.PixelDiTPipeline`, trained by the same recipe.
+        dit_layers: the DiT's transformer blocks; ``dit_width`` its token width; ``dit_heads`` its attention heads.
     """
 
     image_size: int = 32
@@ -62,10 +66,24 @@ class PretrainConfig:
     ema_decay: float = 0.999
     prediction_type: str = "v_prediction"
     seed: int = 0
+    backbone: str = "unet"
+    dit_layers: int = 8
+    dit_width: int = 128
+    dit_heads: int = 4
+
+    def identity(self) -> dict:
+        """The fields that name the model: every field, less those added after models shipped while they hold their
+        first value (so the shipped U-Net and the stages made from it keep their hashes)."""
+        values = dataclasses.asdict(self)
+        return {k: v for k, v in values.items() if k not in _LATER_FIELDS or v != _LATER_FIELDS[k]}
 
     def fingerprint(self) -> str:
-        payload = json.dumps({"version": FORMAT_VERSION, **dataclasses.asdict(self)}, sort_keys=True)
+        payload = json.dumps({"version": FORMAT_VERSION, **self.identity()}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+_LATER_FIELDS = {"backbone": "unet", "dit_layers": 8, "dit_width": 128, "dit_heads": 4}
+BACKBONES = ("unet", "dit")
 
 
 QUICK = PretrainConfig(block_out_channels=(16, 32), layers_per_block=1, steps=30, batch_size=8, ema_decay=0.0)
@@ -90,6 +108,23 @@ def build_base_pipeline(cfg: PretrainConfig):
     tokenizer = train_clip_tokenizer([s.caption for s in all_scenes()] + [""], vocab_size=400, model_max_length=16)
     n = len(cfg.block_out_channels)
     torch.manual_seed(cfg.seed)
+    if cfg.backbone == "dit":
+        from diffusers import PixArtTransformer2DModel
+
+        from ncppo.models.pixel_dit_pipeline import PixelDiTPipeline
+
+        if cfg.dit_width % cfg.dit_heads:
+            raise ValueError(f"pretrain.dit_width {cfg.dit_width} is not a multiple of dit_heads {cfg.dit_heads}")
+        transformer = PixArtTransformer2DModel(
+            sample_size=cfg.image_size, num_layers=cfg.dit_layers, patch_size=2, in_channels=3, out_channels=3,
+            attention_head_dim=cfg.dit_width // cfg.dit_heads, num_attention_heads=cfg.dit_heads,
+            cross_attention_dim=cfg.dit_width, caption_channels=64, norm_type="ada_norm_single",
+            norm_elementwise_affine=False, norm_eps=1e-6, use_additional_conditions=False,
+        )
+        return PixelDiTPipeline(
+            transformer=transformer, text_encoder=tiny_text_encoder(len(tokenizer), 64, False, cfg.seed + 2),
+            tokenizer=tokenizer, scheduler=DDIMScheduler(prediction_type=cfg.prediction_type, **SD_SCHEDULER_CONFIG),
+        )
     unet = UNet2DConditionModel(
         sample_size=cfg.image_size, in_channels=3, out_channels=3, block_out_channels=cfg.block_out_channels,
         layers_per_block=cfg.layers_per_block, norm_num_groups=8, cross_attention_dim=64, attention_head_dim=4,
@@ -116,8 +151,8 @@ def _train(cfg: PretrainConfig, pipe, steps: int, progress: bool) -> list[float]
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     schedule = NoiseSchedule.from_scheduler_config(pipe.scheduler.config)
-    unet, text_encoder, tokenizer = pipe.unet.train(), pipe.text_encoder.train(), pipe.tokenizer
-    params = list(unet.parameters()) + list(text_encoder.parameters())
+    denoiser, text_encoder, tokenizer = pipe.denoiser.train(), pipe.text_encoder.train(), pipe.tokenizer
+    params = list(denoiser.parameters()) + list(text_encoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=1e-4)
     from diffusers.optimization import get_cosine_schedule_with_warmup
 
@@ -133,7 +168,7 @@ def _train(cfg: PretrainConfig, pipe, steps: int, progress: bool) -> list[float]
         eps = torch.randn(x0.shape, generator=generator)
         abar = schedule.abar(t, x0)
         target = abar.sqrt() * eps - (1 - abar).sqrt() * x0 if cfg.prediction_type == "v_prediction" else eps
-        pred = unet(add_noise(schedule, x0, eps, t), t, encoder_hidden_states=text_encoder(ids)[0]).sample
+        pred = pipe.denoise(add_noise(schedule, x0, eps, t), t, text_encoder(ids)[0])
         loss = torch.nn.functional.mse_loss(pred, target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -149,7 +184,7 @@ def _train(cfg: PretrainConfig, pipe, steps: int, progress: bool) -> list[float]
         with torch.no_grad():
             for p, e in zip(params, ema):
                 p.copy_(e)
-    pipe.unet.eval()
+    pipe.denoiser.eval()
     pipe.text_encoder.eval()
     return losses
 
@@ -183,7 +218,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | os.PathLike, progress: bool = T
     losses = _train(cfg, pipe, cfg.steps, progress)
     tenth = max(1, len(losses) // 10)
     record = {"config": dataclasses.asdict(cfg), "fingerprint": cfg.fingerprint(), "format_version": FORMAT_VERSION,
-              "seconds": time.perf_counter() - start, "unet_parameters": sum(p.numel() for p in pipe.unet.parameters()),
+              "seconds": time.perf_counter() - start, "unet_parameters": sum(p.numel() for p in pipe.denoiser.parameters()),
               "loss_first_10pct": float(np.mean(losses[:tenth])), "loss_last_10pct": float(np.mean(losses[-tenth:])),
               "loss_trace": losses[:TRACE_STEPS], "code_version": _code_version(), "command": command,
               "versions": {"torch": torch.__version__, "python": platform.python_version()},

@@ -68,6 +68,14 @@ def _figures(layout: ToyLayout, results: dict) -> None:
     save_image_grid(rows, list(models), figures / "samples.png")
 
 
+
+def _backbone(config: dict) -> str:
+    """The base model's denoiser in words (records older than the DiT option are U-Nets)."""
+    if config.get("backbone", "unet") == "dit":
+        return f"DiT ({config['dit_layers']} blocks of width {config['dit_width']}, patch 2)"
+    return "U-Net"
+
+
 def write_report(layout: ToyLayout, config: ToyConfig) -> None:
     """``report.md``, ``report.html`` and the figures from the files the earlier stages wrote in ``layout``."""
     cfg = config
@@ -95,7 +103,8 @@ def write_report(layout: ToyLayout, config: ToyConfig) -> None:
         ("p", "(`pretrain` is near 0 s when the shipped or cached base model was used.)"),
         ("h2", "Base model"),
         ("list", [
-            f"pixel-space U-Net, {base['unet_parameters'] / 1e6:.2f} M parameters, v-prediction, "
+            f"pixel-space {_backbone(base['config'])}, {base['unet_parameters'] / 1e6:.2f} M parameters, "
+            f"{base['config'].get('prediction_type', 'v_prediction').replace('_', '-')}, "
             f"{base['config']['steps']} steps of batch {base['config']['batch_size']} in {base['seconds']:.0f} s "
             f"(when it was pretrained); loss {base['loss_first_10pct']:.3f} (first 10% of steps) -> "
             f"{base['loss_last_10pct']:.3f} (last 10%)" + (", EMA weights" if base["config"].get("ema_decay") else ""),
