@@ -248,11 +248,13 @@ def base_model(cfg: PretrainConfig = PretrainConfig(), progress: bool = True) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m ncppo.toy.pretrain FOLDER``: pretrain the default recipe into ``FOLDER/toy-base-<hash>``."""
+    """``python -m ncppo.toy.pretrain FOLDER [--backbone dit]``: pretrain the default recipe (or its DiT twin) into
+    ``FOLDER/toy-base-<hash>``."""
     parser = argparse.ArgumentParser(prog="python -m ncppo.toy.pretrain", description=main.__doc__)
     parser.add_argument("folder", help="where to write toy-base-<fingerprint>/ (the package's: ncppo/toy/base_models)")
+    parser.add_argument("--backbone", choices=BACKBONES, default="unet", help="the default U-Net recipe, or its DiT twin")
     args = parser.parse_args(argv)
-    cfg = PretrainConfig()
+    cfg = PretrainConfig(backbone=args.backbone)
     out = Path(args.folder) / f"toy-base-{cfg.fingerprint()}"
     command = "python -m ncppo.toy.pretrain " + " ".join(argv if argv is not None else sys.argv[1:])
     record = pretrain(cfg, out, command=command)
