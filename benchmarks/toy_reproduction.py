@@ -10,6 +10,11 @@ rates, compute to quality, and mean curves with their spread over seeds.
 
     python benchmarks/toy_reproduction.py                     # 3 seeds
     python benchmarks/toy_reproduction.py --seeds 0 --budget 10 --images 1   # a quick look
+    python benchmarks/toy_reproduction.py --backbone dit       # the same on the toy world's DiT base model
+
+The DiT run (issue: transformer backbones, the paper's open question) swaps only the base model: a pixel-space
+DiT (``pretrain.backbone: dit``, PixArt's transformer class, DDPM with v-prediction as the U-Net) pretrained by
+the same recipe; NCP's encoder is then its first half of blocks. Its results are ``toy_reproduction_dit.*``.
 
 Resumable: each seed's world is a folder under --out whose finished stages are reused, so an interrupted
 run continues where it stopped. Writes benchmarks/results/toy_reproduction.json, .md and .png.
@@ -36,10 +41,11 @@ RESULTS = Path(__file__).parent / "results"
 VARIANTS = ("x>y", "x>y,x>z", "x>y,y>z")
 
 
-def world_config(seed: int, budget: int, images: int) -> ToyConfig:
+def world_config(seed: int, budget: int, images: int, backbone: str = "unet") -> ToyConfig:
     base = ToyConfig()
     return ToyConfig(
-        pretrain=base.pretrain,  # one base model for every seed (pretraining is not what is compared)
+        # one base model for every seed (pretraining is not what is compared)
+        pretrain=dataclasses.replace(base.pretrain, backbone=backbone),
         pairs=base.pairs,
         filter=FilterConfig(variants=VARIANTS),
         train=TrainStageConfig(datasets=("original", "filtered"), budget_dpo_steps=budget, seed=seed,
@@ -96,7 +102,9 @@ def mean_curves(results: list[dict]) -> dict[str, list[dict]]:
 
 
 def markdown(summary: dict) -> str:
-    lines = ["# Toy reproduction (Table 1, Fig 4, Table 2 at toy scale)", "",
+    backbone = summary.get("backbone", "unet")
+    lines = [f"# Toy reproduction (Table 1, Fig 4, Table 2 at toy scale){'' if backbone == 'unet' else ', DiT base model'}",
+             "",
              f"Command: `{summary['command']}`; {len(summary['seeds'])} seed(s); every run trained for the FLOPs of "
              f"{summary['budget_dpo_steps']} DPO steps (steps per method: {summary['steps']}); "
              f"{summary['wall_minutes']:.0f} min wall in this sitting; {summary['machine']}.", "",
@@ -127,7 +135,8 @@ def markdown(summary: dict) -> str:
               "|---|---|---|"]
     for name, per_seed in summary["model_means"].items():
         lines.append(f"| {name} | {statistics.fmean(per_seed):.4f} | {', '.join(f'{x:.4f}' for x in per_seed)} |")
-    lines += ["", "![mean curves](toy_reproduction.png)", "",
+    suffix = "" if summary.get("backbone", "unet") == "unet" else f"_{summary['backbone']}"
+    lines += ["", f"![mean curves](toy_reproduction{suffix}.png)", "",
               "The curves: the mean over seeds of each checkpoint's mean reward on the test curve prompts; bands: "
               "-/+ one standard deviation over seeds.", ""]
     return "\n".join(lines)
@@ -139,17 +148,22 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=TrainStageConfig().budget_dpo_steps,
                         help="equal compute per run, in DPO steps (FLOPs)")
     parser.add_argument("--images", type=int, default=8, help="images per test caption")
-    parser.add_argument("--out", default="outputs/toy_reproduction")
+    parser.add_argument("--backbone", choices=("unet", "dit"), default="unet", help="the base model's denoiser")
+    parser.add_argument("--out", help="default: outputs/toy_reproduction (the DiT's: outputs/toy_reproduction_dit)")
     args = parser.parse_args()
+    suffix = "" if args.backbone == "unet" else f"_{args.backbone}"
+    args.out = args.out or f"outputs/toy_reproduction{suffix}"
     start = time.perf_counter()
     results = []
     for seed in args.seeds:
-        world = ToyWorld(Path(args.out) / f"seed-{seed}", world_config(seed, args.budget, args.images))
+        world = ToyWorld(Path(args.out) / f"seed-{seed}", world_config(seed, args.budget, args.images, args.backbone))
         world.run()
         results.append(json.loads((world.out / "eval" / "results.json").read_text()))
     summary = {
         "command": "python benchmarks/toy_reproduction.py " + " ".join(
-            [f"--seeds {' '.join(map(str, args.seeds))}", f"--budget {args.budget}", f"--images {args.images}"]),
+            [f"--seeds {' '.join(map(str, args.seeds))}", f"--budget {args.budget}", f"--images {args.images}"]
+            + ([f"--backbone {args.backbone}"] if suffix else [])),
+        "backbone": args.backbone,
         "seeds": args.seeds, "budget_dpo_steps": args.budget, "images_per_prompt": args.images,
         "test_prompts": results[0]["spec"]["prompts"],
         "steps": json.loads((Path(args.out) / f"seed-{args.seeds[0]}" / "budget.json").read_text())["steps"],
@@ -168,15 +182,15 @@ def main() -> None:
                    for s in args.seeds],
     }
     RESULTS.mkdir(exist_ok=True)
-    atomic_write_text(RESULTS / "toy_reproduction.json", json.dumps(summary, indent=1))
-    atomic_write_text(RESULTS / "toy_reproduction.md", markdown(summary))
+    atomic_write_text(RESULTS / f"toy_reproduction{suffix}.json", json.dumps(summary, indent=1))
+    atomic_write_text(RESULTS / f"toy_reproduction{suffix}.md", markdown(summary))
     from ncppo.plots import save_reward_curves
 
     base_curve = next(iter(summary["curves_mean"].values()))[0]["mean"]
-    save_reward_curves(summary["curves_mean"], RESULTS / "toy_reproduction.png", "mean oracle reward (mean of seeds)",
+    save_reward_curves(summary["curves_mean"], RESULTS / f"toy_reproduction{suffix}.png", "mean oracle reward (mean of seeds)",
                        base_curve, prompts=results[0]["spec"]["curve_prompts"], x_key="compute",
                        xlabel="training compute (DPO-step equivalents, FLOPs)",
-                       title=f"test split, {len(args.seeds)} seeds", band_label="bands: -/+ 1 sd over seeds")
+                       title=f"test split, {len(args.seeds)} seeds, {args.backbone} base model", band_label="bands: -/+ 1 sd over seeds")
     print(markdown(summary))
 
 
