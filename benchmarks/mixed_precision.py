@@ -131,7 +131,8 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(a, b, dim=0))
 
 
-def bench_kind(kind: str, batches: int, batch_pairs: int, image_size: int, device: str, scale: str) -> dict:
+def bench_kind(kind: str, batches: int, batch_pairs: int, image_size: int, device: str, scale: str,
+               reference_pass: str = "auto") -> dict:
     pipe = build_tiny_pipeline(kind, image_size=image_size, seed=0)
     size = image_size // pipe.vae_scale_factor
     reference = _model(pipe, None, device)
@@ -159,7 +160,7 @@ def bench_kind(kind: str, batches: int, batch_pairs: int, image_size: int, devic
                    for b in range(batches)]
         fp32_seconds[label] = statistics.median(seconds)
     for precision in DTYPES:
-        model = _model(pipe, precision, device)
+        model = _model(pipe, precision, device, reference_pass=reference_pass)
         for label, (name, options) in names.items():
             space = "ncp" if name.startswith("ncp") else "dpo"
             objective = ncp(options) if space == "ncp" else make_objective(name)
@@ -213,15 +214,19 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-pairs", type=int, default=2)
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--scale", default="noise", choices=("paper", "noise"))
+    parser.add_argument("--reference-pass", default="auto", choices=("auto", "separate", "difference"),
+                        help="the half-precision models' model.reference_pass (auto: the difference pass in bf16)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "mixed_precision.json"))
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     start = time.perf_counter()
-    results = [bench_kind(k, args.batches, args.batch_pairs, args.image_size, args.device, args.scale) for k in args.kinds]
+    results = [bench_kind(k, args.batches, args.batch_pairs, args.image_size, args.device, args.scale,
+                          args.reference_pass) for k in args.kinds]
     record = {"command": "python benchmarks/mixed_precision.py " + " ".join(argv or sys.argv[1:]),
               "device": args.device, "machine": platform.machine(), "torch": torch.__version__,
               "threads": torch.get_num_threads(), "wall_seconds": time.perf_counter() - start,
+              "reference_pass": args.reference_pass,
               "h100_peak_tflops_assumed": H100_TFLOPS, "results": results}
     atomic_write_text(args.out, json.dumps(record, indent=1))
     print(f"wrote {args.out}")

@@ -7,8 +7,9 @@ reference, the oracle's score of ground-truth renders of the same captions.
 
     python benchmarks/toy_base_model.py                 # 4 images per caption: about 3 CPU-minutes
     python benchmarks/toy_base_model.py --images 1      # a quick look
+    python benchmarks/toy_base_model.py --backbone dit  # the DiT base model (pretrain.backbone: dit)
 
-Writes benchmarks/results/toy_base_model.json and .md.
+Writes benchmarks/results/toy_base_model.json and .md (the DiT's: toy_base_model_dit.*).
 """
 
 from __future__ import annotations
@@ -54,15 +55,19 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=4, help="images per caption")
+    parser.add_argument("--backbone", choices=("unet", "dit"), default="unet", help="the base model's denoiser")
     args = parser.parse_args()
     config = ToyConfig()
+    config = dataclasses.replace(config, pretrain=dataclasses.replace(config.pretrain, backbone=args.backbone))
+    suffix = "" if args.backbone == "unet" else f"_{args.backbone}"
     path = base_model(config.pretrain)
     record = json.loads((path / "pretrain.json").read_text())
     pipe = load_pipeline(path)
     every = [s.caption for s in all_scenes()]
     e = config.eval
     start = time.perf_counter()
-    out = {"command": "python benchmarks/toy_base_model.py --images " + str(args.images), "model": str(path.name),
+    out = {"command": "python benchmarks/toy_base_model.py --images " + str(args.images)
+           + (f" --backbone {args.backbone}" if suffix else ""), "model": str(path.name), "backbone": args.backbone,
            "fingerprint": record["fingerprint"], "recipe": record["config"], "pretrain_seconds": record["seconds"],
            "sampler": {"num_inference_steps": e.num_inference_steps, "guidance_scale": e.guidance_scale,
                        "seed": e.seed}, "splits": {}}
@@ -79,8 +84,8 @@ def main() -> None:
             "ground_truth_renders": float(OracleReward()(truth, captions).mean())}
     out["seconds"] = time.perf_counter() - start
     RESULTS.mkdir(exist_ok=True)
-    atomic_write_text(RESULTS / "toy_base_model.json", json.dumps(out, indent=1))
-    atomic_write_text(RESULTS / "toy_base_model.md", markdown(out))
+    atomic_write_text(RESULTS / f"toy_base_model{suffix}.json", json.dumps(out, indent=1))
+    atomic_write_text(RESULTS / f"toy_base_model{suffix}.md", markdown(out))
     print(markdown(out))
 
 
