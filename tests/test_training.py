@@ -142,7 +142,10 @@ def test_a_kill_during_checkpoint_save_keeps_the_previous_one(tmp_path, tiny_pip
 
 
 def test_two_processes_end_with_identical_parameters(tmp_path, tiny_pipeline_dirs, dataset):
-    cfg = {"output_dir": str(tmp_path / "ddp"), "model": {"pretrained": str(tiny_pipeline_dirs["sd15"]), "lora_rank": 4},
+    # the LoRA's policy and reference run as one difference pass through the DDP-wrapped U-Net (the separate passes
+    # under DDP: tests/test_trainer_distributed.py's full fine-tune)
+    cfg = {"output_dir": str(tmp_path / "ddp"), "model": {"pretrained": str(tiny_pipeline_dirs["sd15"]), "lora_rank": 4,
+                                                          "reference_pass": "difference"},
            "data": {"source": str(dataset), "resolution": 32}, "objective": {"name": "ncp-dpo", "beta": 5.0e6},
            "optim": {"learning_rate": 1.0e-3, "scale_lr": False}, "batch_size": 1, "effective_batch": 4, "max_steps": 3}
     (tmp_path / "ddp.yaml").write_text(yaml.safe_dump(cfg))
@@ -151,6 +154,7 @@ def test_two_processes_end_with_identical_parameters(tmp_path, tiny_pipeline_dir
     assert run.returncode == 0, run.stderr[-3000:]
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert summary["num_processes"] == 2 and summary["gradient_accumulation_steps"] == 2
+    assert summary["resolved"]["reference_pass"] == "difference"
     first, second = summary["param_checksums_per_rank"]
     assert first == second and first != 0
 
@@ -178,6 +182,7 @@ def test_8bit_adamw_bf16_and_validation_images(tmp_path, tiny_pipeline_dirs, dat
     import bitsandbytes as bnb
 
     assert isinstance(trainer.optimizer.optimizer, bnb.optim.AdamW8bit)
+    assert trainer.resolved()["reference_pass"] == "difference"  # auto, for a LoRA under bf16 autocast
     assert result.steps == 2 and all(math.isfinite(v) for v in _losses(tmp_path / "run"))
     assert any(k.endswith("lora.up.weight") and v.abs().sum() > 0 for k, v in _lora(tmp_path / "run").items())
     for name in ("step-000001.png", "step-000002.png", "last.png"):

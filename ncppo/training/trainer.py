@@ -165,7 +165,9 @@ class Trainer:
     def resolved(self) -> dict:
         """Every value the run derived from its config (``config.yaml``'s ``resolved``, ``summary.json``)."""
         lora = self.model.lora
-        return {**vars(self.derived),
+        with self.accelerator.autocast():  # auto is decided by the precision the steps compute in
+            reference_pass = self.model.resolved_reference_pass()
+        return {**vars(self.derived), "reference_pass": reference_pass,
                 "batches_per_epoch": self.batches.per_epoch * self.derived.num_processes,
                 "lora_alpha": (lora.alpha or lora.rank) if lora is not None else None,
                 "frozen_weights": (self.config.mixed_precision if self.accelerator.device.type != "cpu"
