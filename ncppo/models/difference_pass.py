@@ -96,6 +96,13 @@ def _pair(ref, diff):
     return ref if diff is None else Paired(ref, diff)
 
 
+def _each(fn, x):
+    """``fn`` linear, applied to the value and to the difference alike (a plain ``x``: to it)."""
+    if not isinstance(x, Paired):
+        return fn(x)
+    return _pair(fn(x.ref) if x.ref is not None else None, fn(x.diff) if x.diff is not None else None)
+
+
 def _map(fn, x):
     if isinstance(x, (list, tuple)):
         return type(x)(_map(fn, v) for v in x)
@@ -105,24 +112,23 @@ def _map(fn, x):
 # -- rules -----------------------------------------------------------------------------------------
 def _structural(func, args, kwargs):
     """Ops that act on a value and its difference alike (views, casts, indexing, concatenation)."""
-    first = args[0]
+    first, rest = args[0], args[1:]
     if isinstance(first, (list, tuple)):  # cat / stack: a plain member has no difference
-        members = list(first)
-        refs = [_ref(m) for m in members]
-        if all(_diff(m) is None for m in members):
-            return func(refs, *args[1:], **kwargs)
-        diffs = [_diff(m) if _diff(m) is not None else torch.zeros_like(_ref(m)) for m in members]
-        return Paired(func(refs, *args[1:], **kwargs), func(diffs, *args[1:], **kwargs))
-    out_ref = func(_ref(first), *args[1:], **kwargs) if first.ref is not None else None
-    out_diff = func(first.diff, *args[1:], **kwargs) if first.diff is not None else None
-    if isinstance(out_ref if out_ref is not None else out_diff, (list, tuple)):  # chunk, split, unbind
-        n = len(out_ref if out_ref is not None else out_diff)
-        refs = out_ref if out_ref is not None else [None] * n
-        diffs = out_diff if out_diff is not None else [None] * n
-        return type(refs)(Paired(r, d) for r, d in zip(refs, diffs)) if first.diff is not None else refs
-    if not isinstance(out_ref if out_ref is not None else out_diff, torch.Tensor):  # numel, dim, size...
-        return out_ref if out_ref is not None else out_diff
-    return Paired(out_ref, out_diff) if out_diff is not None else out_ref
+        refs = [_ref(m) for m in first]
+        if all(_diff(m) is None for m in first):
+            return func(refs, *rest, **kwargs)
+        diffs = [_diff(m) if _diff(m) is not None else torch.zeros_like(_ref(m)) for m in first]
+        return Paired(func(refs, *rest, **kwargs), func(diffs, *rest, **kwargs))
+    out_ref = func(_ref(first), *rest, **kwargs) if first.ref is not None else None
+    out_diff = func(first.diff, *rest, **kwargs) if first.diff is not None else None
+    some = out_ref if out_ref is not None else out_diff
+    if isinstance(some, (list, tuple)):  # chunk, split, unbind
+        refs = out_ref if out_ref is not None else [None] * len(some)
+        diffs = out_diff if out_diff is not None else [None] * len(some)
+        return type(some)(_pair(r, d) for r, d in zip(refs, diffs))
+    if not isinstance(some, torch.Tensor):  # numel, dim, size...
+        return some
+    return _pair(out_ref, out_diff)
 
 
 def _affine(func, args, kwargs):
@@ -141,10 +147,7 @@ def _affine(func, args, kwargs):
 
 def _linear_map(func, args, kwargs):
     """Ops linear in their one activation argument (interpolation, pooling, sums, means)."""
-    x = args[0]
-    out_ref = func(_ref(x), *args[1:], **kwargs) if x.ref is not None else None
-    out_diff = func(x.diff, *args[1:], **kwargs) if x.diff is not None else None
-    return _pair(out_ref, out_diff) if out_ref is not None else Paired(None, out_diff)
+    return _each(lambda t: func(t, *args[1:], **kwargs), args[0])
 
 
 def _add(func, args, kwargs, sign: float = 1.0):
@@ -170,16 +173,15 @@ def _sub(func, args, kwargs):
 
 
 def _neg(func, args, kwargs):
-    x = args[0]
-    return Paired(-x.ref if x.ref is not None else None, -x.diff if x.diff is not None else None)
+    return _each(torch.neg, args[0])
 
 
 def _bilinear(op: Callable, a, b):
     """``op`` bilinear (product, matrix product): ``op(r1 + d1, r2 + d2) - op(r1, r2) = op(r1, d2) + op(d1, r2 + d2)``."""
     if not isinstance(b, Paired):
-        return _pair(op(a.ref, b) if a.ref is not None else None, op(a.diff, b) if a.diff is not None else None)
+        return _each(lambda t: op(t, b), a)
     if not isinstance(a, Paired):
-        return _pair(op(a, b.ref) if b.ref is not None else None, op(a, b.diff) if b.diff is not None else None)
+        return _each(lambda t: op(a, t), b)
     ra, rb = _ref(a), _ref(b)
     ref = op(ra, rb) if a.ref is not None and b.ref is not None else None
     terms = []
@@ -191,14 +193,9 @@ def _bilinear(op: Callable, a, b):
     return _pair(ref, diff)
 
 
-def _mul(func, args, kwargs):
-    a, b = args[0], args[1]
-    return _bilinear(lambda x, y: torch.mul(x, y), a, b)
-
-
-def _matmul(func, args, kwargs):
-    a, b = args[0], args[1]
-    return _bilinear(lambda x, y: func(x, y), a, b)
+def _product(func, args, kwargs):
+    """Elementwise and matrix products."""
+    return _bilinear(lambda x, y: func(x, y), args[0], args[1])
 
 
 def _einsum(func, args, kwargs):
@@ -224,7 +221,7 @@ def _einsum(func, args, kwargs):
         ops = list(operands)
         ops[i] = x
         return func(equation, *ops)
-    return _map_paired(one, operands[i])
+    return _each(one, operands[i])
 
 
 def _div(func, args, kwargs):
@@ -232,8 +229,7 @@ def _div(func, args, kwargs):
     if func.__name__ in ("__rtruediv__", "__rdiv__"):  # number / self
         a, b = b, a
     if not isinstance(b, Paired):  # linear in a
-        return Paired(a.ref / b if a.ref is not None else None, a.diff / b if a.diff is not None else None) \
-            if a.diff is not None else a.ref / b
+        return _each(lambda t: t / b, a)
     return _nonlinear(lambda x, y: torch.div(x, y), (a, b), {})
 
 
@@ -343,14 +339,6 @@ def _attention_difference(q_r, q_d, k_r, k_d, k_p, v_p, v_d, bias, scale):
     return torch.matmul(p_diff.to(v_p.dtype), v_p) + torch.matmul(p_ref.to(v_d.dtype), v_d)
 
 
-def _map_paired(fn, x):
-    if not isinstance(x, Paired):
-        return fn(x)
-    diff = fn(x.diff) if x.diff is not None else None
-    ref = fn(x.ref) if x.ref is not None else None
-    return Paired(ref, diff) if diff is not None else ref
-
-
 _RULES: dict = {}
 
 
@@ -372,8 +360,7 @@ _register(_linear_map, "interpolate", "avg_pool2d", "sum", "mean")
 _register(_add, "add", "__add__", "__radd__")
 _register(_sub, "sub", "__sub__", "__rsub__")
 _register(_neg, "neg", "__neg__")
-_register(_mul, "mul", "__mul__", "__rmul__")
-_register(_matmul, "matmul", "bmm", "__matmul__")
+_register(_product, "mul", "__mul__", "__rmul__", "matmul", "bmm", "__matmul__")
 _register(_einsum, "einsum")
 _register(_div, "div", "__truediv__", "__rtruediv__", "__rdiv__")
 _register(_nonlinear, "silu", "gelu", "relu", "sigmoid", "tanh", "softmax", "group_norm", "layer_norm",
