@@ -181,3 +181,38 @@ def test_attention_in_query_chunks_equals_the_whole_and_the_truth(monkeypatch):
     assert (chunked - whole).abs().max() < 1e-6
     for a, b in zip(grads, chunked_grads):
         assert a.abs().max() > 0 and (a - b).abs().max() < 1e-5 * a.abs().max()
+
+
+def test_a_broadcast_sum_and_device_queries_keep_the_pair_whole():
+    x = Paired(torch.zeros(1, 2, 1, 1), torch.ones(1, 2, 1, 1))  # e.g. a LoRA'd time embedding
+    y = torch.ones(1, 2, 4, 4) + x
+    assert y.diff.shape == (1, 2, 4, 4) and float(y.sum().diff) == 32.0  # the difference broadcasts with the value
+    assert float((Paired(None, torch.ones(3)) + 1).ref.sum()) == 3.0
+    assert x.get_device() == torch.zeros(1).get_device()  # what torch.utils.checkpoint asks of a CUDA argument
+
+
+def test_what_has_no_sound_rule_is_refused():
+    x = Paired(torch.tensor([3.0]), torch.tensor([1.0]))
+    with pytest.raises(UsageError, match="rounded division"):
+        torch.div(x, 2, rounding_mode="floor")
+    with pytest.raises(UsageError, match="second argument"):
+        x.type_as(x)
+
+
+def test_merged_adapters_are_refused_by_the_difference_pass(pipeline):
+    model = _model(None, pipeline=pipeline)
+    for layer in model._adapter_layers:
+        layer.merge()
+    noised = noised_random_pairs(model)
+    model.reference_pass = "difference"
+    with pytest.raises(UsageError, match="unmerged"):
+        model.predict_with_reference(noised.x_t, noised.t, noised.condition)
+
+
+def test_a_pass_chosen_after_construction_still_carries_the_difference(pipeline):
+    model = _model(None, "separate", pipeline=pipeline)
+    noised = noised_random_pairs(model)
+    model.reference_pass = "difference"  # the hooks are there whatever the model was built with
+    with torch.no_grad():
+        theta, ref = model.predict_with_reference(noised.x_t, noised.t, noised.condition)
+    assert (theta - ref).abs().max() > 1e-3

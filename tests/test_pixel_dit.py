@@ -12,7 +12,7 @@ from ncppo.toy import pretrain as pretrain_module
 from ncppo.toy.pretrain import QUICK, PretrainConfig
 
 from .conftest import noised_random_pairs, perturb_lora
-from .transformer_helpers import train_each_objective
+from .transformer_helpers import tiny_model_dir, train_each_objective
 
 TINY_DIT = PretrainConfig(**{**QUICK.__dict__, "backbone": "dit", "dit_layers": 2, "dit_width": 32, "dit_heads": 2,
                              "steps": 6})
@@ -20,11 +20,7 @@ TINY_DIT = PretrainConfig(**{**QUICK.__dict__, "backbone": "dit", "dit_layers": 
 
 @pytest.fixture(scope="module")
 def dit_dir(tmp_path_factory):
-    from ncppo.cli import main
-
-    out = tmp_path_factory.mktemp("pixel-dit") / "model"
-    assert main(["tiny-model", str(out), "--kind", "pixel-dit"]) == 0
-    return out
+    return tiny_model_dir(tmp_path_factory, "pixel-dit")
 
 
 def test_it_loads_samples_and_predicts_as_it_samples(dit_dir):

@@ -12,15 +12,12 @@ from ncppo.perception import NoiseConditionedEncoder
 from ncppo.step import training_step
 
 from .conftest import noised_random_pairs, perturb_lora, random_pairs
+from .transformer_helpers import tiny_model_dir
 
 
 @pytest.fixture(scope="module")
 def pixart_dir(tmp_path_factory):
-    from ncppo.cli import main
-
-    out = tmp_path_factory.mktemp("pixart") / "pixart"
-    assert main(["tiny-model", str(out), "--kind", "pixart"]) == 0
-    return out
+    return tiny_model_dir(tmp_path_factory, "pixart")
 
 
 @pytest.fixture

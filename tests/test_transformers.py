@@ -13,6 +13,7 @@ from ncppo.perception import NoiseConditionedEncoder
 from ncppo.step import training_step
 
 from .conftest import noised_random_pairs, perturb_lora, random_pairs
+from .transformer_helpers import tiny_model_dir
 
 KINDS = ("sd3", "flux")
 
@@ -333,11 +334,7 @@ def test_an_explicit_objective_is_validated_against_the_model_before_training(ti
 
 @pytest.fixture(scope="module")
 def pixart_dir(tmp_path_factory):
-    from ncppo.cli import main
-
-    out = tmp_path_factory.mktemp("pixart") / "pixart"
-    assert main(["tiny-model", str(out), "--kind", "pixart"]) == 0
-    return out
+    return tiny_model_dir(tmp_path_factory, "pixart")
 
 
 def test_pixart_embeddings_without_their_mask_say_how_to_get_one(pixart_dir):

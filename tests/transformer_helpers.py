@@ -8,6 +8,15 @@ import pytest
 from ncppo.objectives import OBJECTIVE_NAMES
 
 
+def tiny_model_dir(tmp_path_factory, kind: str):
+    """``ncppo tiny-model DIR --kind KIND``'s folder (built once per test module by its fixture)."""
+    from ncppo.cli import main
+
+    out = tmp_path_factory.mktemp(kind) / kind
+    assert main(["tiny-model", str(out), "--kind", kind]) == 0
+    return out
+
+
 def train_each_objective(model_dir, tmp_path) -> dict:
     """Two steps of each objective from raw pairs; checks finite losses and log 2 at DPO's first step; returns
     each objective's run folder."""

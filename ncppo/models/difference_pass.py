@@ -113,6 +113,9 @@ def _map(fn, x):
 def _structural(func, args, kwargs):
     """Ops that act on a value and its difference alike (views, casts, indexing, concatenation)."""
     first, rest = args[0], args[1:]
+    if any(isinstance(a, Paired) for a in _flat(rest)) or any(isinstance(v, Paired) for v in kwargs.values()):
+        raise UsageError(f"the difference pass has no rule for {getattr(func, '__name__', func)} with an activation "
+                         "as a second argument")
     if isinstance(first, (list, tuple)):  # cat / stack: a plain member has no difference
         refs = [_ref(m) for m in first]
         if all(_diff(m) is None for m in first):
@@ -163,7 +166,14 @@ def _add(func, args, kwargs, sign: float = 1.0):
 
     ref = combine(a.ref if isinstance(a, Paired) else a, b.ref if isinstance(b, Paired) else b)
     diff = combine(_diff(a), _diff(b))
-    return Paired(ref, diff) if diff is not None or ref is None else ref
+    if diff is None:
+        return ref
+    if ref is not None and not isinstance(ref, torch.Tensor):  # a difference-only value plus a number
+        ref = torch.full_like(diff, ref)
+    if ref is not None and ref.shape != diff.shape:  # a plain operand broadcast the value, not the difference
+        shape = torch.broadcast_shapes(ref.shape, diff.shape)
+        ref, diff = ref.expand(shape), diff.expand(shape)
+    return Paired(ref, diff)
 
 
 def _sub(func, args, kwargs):
@@ -228,6 +238,8 @@ def _div(func, args, kwargs):
     a, b = args[0], args[1]
     if func.__name__ in ("__rtruediv__", "__rdiv__"):  # number / self
         a, b = b, a
+    if kwargs.get("rounding_mode") is not None:
+        raise UsageError("the difference pass has no rule for a rounded division of an activation")
     if not isinstance(b, Paired):  # linear in a
         return _each(lambda t: t / b, a)
     return _nonlinear(lambda x, y: torch.div(x, y), (a, b), {})
@@ -289,7 +301,7 @@ def _attention(func, args, kwargs):
     ``dS = (q_r dk^T + dq k^T) s``, ``dP = softmax(S + dS) - softmax(S)`` in float32 and ``dO = dP v + P_r dv``,
     the products in the activations' precision. The scores are formed a chunk of queries at a time and each
     chunk is recomputed in backward (as a fused kernel does), so memory stays linear in the sequence."""
-    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
+    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
     bound = dict(zip(names, args)) | kwargs
     q, k, v = bound["query"], bound["key"], bound["value"]
     if bound.get("dropout_p", 0.0) or bound.get("is_causal", False) or bound.get("enable_gqa", False):
@@ -317,7 +329,7 @@ def _attention(func, args, kwargs):
     chunks = []
     for start in range(0, rows_total, rows):
         part = slice(start, min(start + rows, rows_total))
-        chunk_bias = bias[..., part, :] if bias is not None and bias.shape[-2] > 1 else bias
+        chunk_bias = bias[..., part, :] if bias is not None and bias.dim() >= 2 and bias.shape[-2] > 1 else bias
         inputs = (q_r[..., part, :], q_d[..., part, :], k_r, k_d, k_p, v_p, v_d)
         if grad:
             chunks.append(torch.utils.checkpoint.checkpoint(_attention_difference, *inputs, chunk_bias, scale,
@@ -329,6 +341,8 @@ def _attention(func, args, kwargs):
 
 def _attention_difference(q_r, q_d, k_r, k_d, k_p, v_p, v_d, bias, scale):
     """One chunk of queries: ``dO = (softmax(S + dS) - softmax(S)) v_p + softmax(S) dv``."""
+    # S itself comes in the activations' precision (a float32 product would cost the score's FLOPs at FP32 rates):
+    # dP is then taken at a point about |S| 2^-8 off in bf16, a relative error of that order in dP, not in r
     s_ref = torch.matmul(q_r, k_r.transpose(-2, -1)).float() * scale
     s_diff = (torch.matmul(q_r, k_d.transpose(-2, -1)) + torch.matmul(q_d, k_p.transpose(-2, -1))).float() * scale
     if bias is not None:
@@ -353,7 +367,7 @@ def _register(rule, *names: str, owners=(torch, torch.Tensor, F)) -> None:
 _register(_structural, "__getitem__", "chunk", "split", "unbind", "contiguous", "expand", "flatten", "unflatten",
           "permute", "reshape", "transpose", "view", "to", "float", "half", "bfloat16", "type_as", "squeeze",
           "unsqueeze", "repeat", "repeat_interleave", "narrow", "movedim", "cat", "concat", "concatenate", "stack",
-          "clone", "detach", "split_with_sizes", "numel", "dim", "size", "is_floating_point", "is_contiguous", "stride",
+          "clone", "detach", "split_with_sizes", "get_device", "numel", "dim", "size", "is_floating_point", "is_contiguous", "stride",
           "element_size", "__len__")
 _register(_affine, "linear", "conv1d", "conv2d", "conv3d")
 _register(_linear_map, "interpolate", "avg_pool2d", "sum", "mean")

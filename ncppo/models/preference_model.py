@@ -104,8 +104,7 @@ class PreferenceModel:
             self.unet.requires_grad_(False)
             self.backbone.add_lora(self.unet, self.lora.peft_config())
             self._adapter_layers = [m for m in self.unet.modules() if isinstance(m, BaseTunerLayer)]
-            if reference_pass != "separate":
-                install_hooks(self._adapter_layers)  # inert outside a difference pass
+            install_hooks(self._adapter_layers)  # inert outside a difference pass: any pass can be chosen later
             self._checkpointable = [m for m in self.unet.modules() if hasattr(m, "gradient_checkpointing")]
         elif finetune == "full":
             self.lora = None
@@ -246,6 +245,9 @@ class PreferenceModel:
             eps_theta = self.predict_epsilon(self.policy, x_t, t, condition)
             with torch.no_grad(), self.frozen_unet() as reference:
                 return eps_theta, self.predict_epsilon(reference, x_t, t, condition)
+        if any(getattr(layer, "merged", False) for layer in self._adapter_layers):
+            raise UsageError("the difference pass needs unmerged LoRA adapters (merged ones are in the base weights, "
+                             "which are the reference's); unmerge them or use reference_pass 'separate'")
         timestep = self.schedule.model_timestep(t, x_t)
         out_ref, out_diff = difference_forward(self.backbone.forward, self.policy, x_t.to(self.unet.dtype), timestep,
                                                condition)
