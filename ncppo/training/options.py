@@ -32,7 +32,7 @@ class ModelConfig:
         reference_pass: how DPO-family objectives get the reference's prediction with the policy's:
             ``difference`` (LoRA only) runs one pass carrying the reference's activations and the policy's
             difference from them, which keeps DPO's argument and gradient in bf16 (NCP-DPO's cosine with float32
-            >= 0.997 where two separate passes give 0.76-0.86: ``benchmarks/precision_floor.py``) for about 1.3-1.4x
+            >= 0.998 where two separate passes give 0.75-0.86: ``benchmarks/precision_floor.py``) for about 1.3-1.4x
             the FLOPs; ``separate`` runs the reference as a pass of its own; ``auto``: difference for a LoRA in bf16,
             separate otherwise (fp16 and float32 are sound with separate passes).
     """
