@@ -251,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m ncppo.toy.pretrain FOLDER [--backbone dit]``: pretrain the default recipe (or its DiT twin) into
     ``FOLDER/toy-base-<hash>``."""
     parser = argparse.ArgumentParser(prog="python -m ncppo.toy.pretrain", description=main.__doc__)
-    parser.add_argument("folder", help="where to write toy-base-<fingerprint>/ (the package's: ncppo/toy/base_models)")
+    parser.add_argument("folder", help="where to write toy-base-<fingerprint>/ (the package's: ncppo/toy/base_models; "
+                                       "the cache's, where an unshipped recipe such as the DiT's is found: ~/.cache/ncppo)")
     parser.add_argument("--backbone", choices=BACKBONES, default="unet", help="the default U-Net recipe, or its DiT twin")
     args = parser.parse_args(argv)
     cfg = PretrainConfig(backbone=args.backbone)
