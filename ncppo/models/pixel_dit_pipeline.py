@@ -13,6 +13,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from ncppo.models.pixel_pipeline import PixelSampling
+from ncppo.models.transformers_backbone import PIXART_NO_SIZE
 
 
 class PixelDiTPipeline(PixelSampling, DiffusionPipeline):
@@ -30,5 +31,5 @@ class PixelDiTPipeline(PixelSampling, DiffusionPipeline):
     def denoise(self, sample, t, embeds):
         timestep = torch.as_tensor(t, device=sample.device).expand(sample.shape[0])
         out = self.transformer(sample, encoder_hidden_states=embeds, timestep=timestep,
-                               added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+                               added_cond_kwargs=dict(PIXART_NO_SIZE)).sample
         return out[:, : sample.shape[1]]  # a learned-variance DiT's second half is its variance
