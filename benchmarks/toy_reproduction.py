@@ -16,8 +16,14 @@ The DiT run (issue: transformer backbones, the paper's open question) swaps only
 DiT (``pretrain.backbone: dit``, PixArt's transformer class, DDPM with v-prediction as the U-Net) pretrained by
 the same recipe; NCP's encoder is then its first half of blocks. Its results are ``toy_reproduction_dit.*``.
 
-Resumable: each seed's world is a folder under --out whose finished stages are reused, so an interrupted
-run continues where it stopped. Writes benchmarks/results/toy_reproduction.json, .md and .png.
+Resumable at two levels. Within a machine, each seed's world is a folder under --out whose finished stages
+are reused, so an interrupted run continues where it stopped. Across machines and sessions (a seed takes
+about 1.5 CPU-hours), each finished seed's results are committed as
+``benchmarks/results/toy_reproduction_seeds/seed-N.json`` (``_dit_seeds`` for the DiT) with the setting and
+code version that made them; a later run reuses a committed seed of the same setting instead of retraining
+it (``--rerun`` retrains), so ``python benchmarks/toy_reproduction.py`` on a fresh clone runs only the seeds
+still missing, and two seeds can run side by side (``--seeds 0`` and ``--seeds 1``, one thread each).
+Writes benchmarks/results/toy_reproduction.json, .md and .png, pooled over the ``--seeds`` given.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import dataclasses
 import json
 import platform
 import statistics
+import subprocess
 import time
 from pathlib import Path
 
@@ -108,6 +115,9 @@ def markdown(summary: dict) -> str:
              f"Command: `{summary['command']}`; {len(summary['seeds'])} seed(s); every run trained for the FLOPs of "
              f"{summary['budget_dpo_steps']} DPO steps (steps per method: {summary['steps']}); "
              f"{summary['wall_minutes']:.0f} min wall in this sitting; {summary['machine']}.", "",
+             "Seeds (each seed's record in `toy_reproduction" + backbone_suffix(backbone) + "_seeds/`): " + "; ".join(
+                 f"seed {seed} from code {src['code']}, finished {src['finished']} on {src['machine']}"
+                 for seed, src in summary.get("seed_sources", {}).items()) + ".", "",
              "Minutes per stage and seed (the sitting that finished each stage; runs and evaluations finished in an "
              "earlier, interrupted sitting are reused, not counted): " + "; ".join(
                  f"seed {seed}: " + ", ".join(f"{stage} {sec / 60:.1f}" for stage, sec in stages.items())
@@ -135,11 +145,58 @@ def markdown(summary: dict) -> str:
               "|---|---|---|"]
     for name, per_seed in summary["model_means"].items():
         lines.append(f"| {name} | {statistics.fmean(per_seed):.4f} | {', '.join(f'{x:.4f}' for x in per_seed)} |")
-    suffix = "" if summary.get("backbone", "unet") == "unet" else f"_{summary['backbone']}"
-    lines += ["", f"![mean curves](toy_reproduction{suffix}.png)", "",
+    lines += ["", f"![mean curves](toy_reproduction{backbone_suffix(backbone)}.png)", "",
               "The curves: the mean over seeds of each checkpoint's mean reward on the test curve prompts; bands: "
               "-/+ one standard deviation over seeds.", ""]
     return "\n".join(lines)
+
+
+def seed_results_dir(backbone: str) -> Path:
+    return RESULTS / f"toy_reproduction{backbone_suffix(backbone)}_seeds"
+
+
+def backbone_suffix(backbone: str) -> str:
+    """The results' file-name suffix: none for the U-Net (the reference world), ``_dit`` for the DiT."""
+    return "" if backbone == "unet" else f"_{backbone}"
+
+
+def code_version() -> str:
+    root = Path(__file__).resolve().parents[1]
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return rev + (" (uncommitted changes)" if dirty else "")
+
+
+def seed_record(world: ToyWorld, setting: dict) -> dict:
+    """What pooling needs from one seed's world, kept so the seed need not be retrained elsewhere."""
+    return {"setting": setting, "code": code_version(), "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "machine": f"{platform.processor() or platform.machine()}",
+            "eval": json.loads((world.out / "eval" / "results.json").read_text()),
+            "steps": json.loads((world.out / "budget.json").read_text())["steps"],
+            "stage_seconds": {stage: rec["seconds"] for stage, rec in
+                              json.loads((world.out / "stages.json").read_text()).items()},
+            "filter": json.loads((world.out / "filtered" / "stats.json").read_text())["after"]}
+
+
+def committed_seed(path: Path, setting: dict) -> dict | None:
+    """The committed record at ``path`` when it was made with ``setting``; None (and why, printed) otherwise."""
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        made_with = record["setting"]
+    except (json.JSONDecodeError, KeyError) as exc:
+        raise SystemExit(f"{path}: not a seed record of this benchmark ({exc}); move it away or pass --rerun") from exc
+    if made_with != setting:
+        diff = {k: (made_with.get(k), v) for k, v in setting.items() if made_with.get(k) != v}
+        print(f"{path}: made with another setting {diff} (committed, wanted); this seed is retrained")
+        return None
+    return record
 
 
 def main() -> None:
@@ -150,15 +207,26 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=8, help="images per test caption")
     parser.add_argument("--backbone", choices=("unet", "dit"), default="unet", help="the base model's denoiser")
     parser.add_argument("--out", help="default: outputs/toy_reproduction (the DiT's: outputs/toy_reproduction_dit)")
+    parser.add_argument("--rerun", action="store_true", help="retrain seeds that have a committed record")
     args = parser.parse_args()
-    suffix = "" if args.backbone == "unet" else f"_{args.backbone}"
+    suffix = backbone_suffix(args.backbone)
     args.out = args.out or f"outputs/toy_reproduction{suffix}"
+    setting = {"budget_dpo_steps": args.budget, "images_per_prompt": args.images, "backbone": args.backbone}
     start = time.perf_counter()
-    results = []
+    records = []
     for seed in args.seeds:
-        world = ToyWorld(Path(args.out) / f"seed-{seed}", world_config(seed, args.budget, args.images, args.backbone))
-        world.run()
-        results.append(json.loads((world.out / "eval" / "results.json").read_text()))
+        path = seed_results_dir(args.backbone) / f"seed-{seed}.json"
+        record = None if args.rerun else committed_seed(path, setting)
+        if record is not None:
+            print(f"seed {seed}: reusing {path} (code {record['code']}, finished {record['finished']})")
+        else:
+            world = ToyWorld(Path(args.out) / f"seed-{seed}", world_config(seed, args.budget, args.images, args.backbone))
+            world.run()
+            record = seed_record(world, setting)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, json.dumps(record, indent=1))
+        records.append(record)
+    results = [r["eval"] for r in records]
     summary = {
         "command": "python benchmarks/toy_reproduction.py " + " ".join(
             [f"--seeds {' '.join(map(str, args.seeds))}", f"--budget {args.budget}", f"--images {args.images}"]
@@ -166,20 +234,20 @@ def main() -> None:
         "backbone": args.backbone,
         "seeds": args.seeds, "budget_dpo_steps": args.budget, "images_per_prompt": args.images,
         "test_prompts": results[0]["spec"]["prompts"],
-        "steps": json.loads((Path(args.out) / f"seed-{args.seeds[0]}" / "budget.json").read_text())["steps"],
+        "steps": records[0]["steps"],
         "base_by_split": {split: {"mean": statistics.fmean(r["base_by_split"][split]["mean"] for r in results),
                                   **{k: statistics.fmean(r["base_by_split"][split]["components"][k] for r in results)
                                      for k in results[0]["base_by_split"][split]["components"]}}
                           for split in results[0]["base_by_split"]},
         "wall_minutes": (time.perf_counter() - start) / 60,
-        "stage_seconds": {str(s): {stage: rec["seconds"] for stage, rec in json.loads(
-            (Path(args.out) / f"seed-{s}" / "stages.json").read_text()).items()} for s in args.seeds},
+        "seed_sources": {str(s): {"code": r["code"], "finished": r["finished"], "machine": r["machine"]}
+                         for s, r in zip(args.seeds, records)},
+        "stage_seconds": {str(s): r["stage_seconds"] for s, r in zip(args.seeds, records)},
         "machine": f"{platform.processor() or platform.machine()}, torch threads as set by torch",
         "comparisons": pooled(results),
         "model_means": {name: [r["models"][name]["mean"] for r in results] for name in results[0]["models"]},
         "curves_mean": mean_curves(results),
-        "filter": [json.loads((Path(args.out) / f"seed-{s}" / "filtered" / "stats.json").read_text())["after"]
-                   for s in args.seeds],
+        "filter": [r["filter"] for r in records],
     }
     RESULTS.mkdir(exist_ok=True)
     atomic_write_text(RESULTS / f"toy_reproduction{suffix}.json", json.dumps(summary, indent=1))
