@@ -24,6 +24,7 @@ from ncppo.io import atomic_directory
 from ncppo.models.difference_pass import difference_forward, gradient_checkpointing_function, install_hooks
 from ncppo.models.loading import load_pipeline, pipeline_kind
 from ncppo.models.transformers_backbone import BACKBONES, encode_text, training_guidance
+from ncppo.precision import compute_dtypes
 
 FINETUNE_MODES = ("lora", "full", "none")  # none: frozen, for encoding and sampling
 REFERENCE_PASSES = ("auto", "separate", "difference")  # how eps_theta and eps_ref are computed together
@@ -231,10 +232,7 @@ class PreferenceModel:
             return self.reference_pass
         if self.lora is None:
             return "separate"
-        device = self.device.type
-        bf16 = self.unet.dtype == torch.bfloat16 or (
-            torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.bfloat16)
-        return "difference" if bf16 else "separate"
+        return "difference" if torch.bfloat16 in compute_dtypes(self.unet.dtype, self.device) else "separate"
 
     def predict_with_reference(self, x_t: torch.Tensor, t: torch.Tensor, condition: Condition
                                ) -> tuple[torch.Tensor, torch.Tensor]:

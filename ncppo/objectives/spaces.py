@@ -20,6 +20,7 @@ from ncppo.batch import Condition
 from ncppo.diffusion import diffusion_loss
 from ncppo.errors import UsageError
 from ncppo.perception import NoiseConditionedEncoder
+from ncppo.precision import computes_in_half
 
 
 @dataclass
@@ -62,7 +63,6 @@ class NoiseSpace:
 _OFFSET = re.compile(r"^t-(\d+)$")
 SCALES = ("paper", "noise")
 DISTANCES = ("auto", "exact", "linear")
-HALF = (torch.float16, torch.bfloat16)
 ENCODER_DTYPES = ("model", "fp32")
 TIMESTEP_BINS = 4  # PL / L is reported per quarter of [0, T)
 
@@ -171,9 +171,7 @@ class PerceptualSpace:
     def _distance(self, unet, sample: torch.Tensor) -> str:
         if self.distance != "auto":
             return self.distance
-        device = sample.device.type
-        half = unet.dtype in HALF or (torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) in HALF)
-        return "linear" if half else "exact"
+        return "linear" if computes_in_half(unet.dtype, sample.device) else "exact"
 
     def diagnostics(self, model, batch: NoisedBatch, eps_theta, policy_losses) -> dict[str, torch.Tensor]:
         """``pl_over_l_t{q}``: the policy's PL / noise MSE per quarter ``q`` of the timestep range (present bins)."""

@@ -23,8 +23,8 @@ from ncppo.planning.hardware import (
     gpu,
     optimizer_state_bytes,
 )
+from ncppo.precision import HALF_DTYPES
 
-HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
 GIB = 2**30
 
 
@@ -52,7 +52,7 @@ class AbstractRun:
 
         self.pipeline = pipeline if pipeline is not None else build_abstract_pipeline(configs)
         self.model = PreferenceModel(self.pipeline, finetune=finetune, lora=lora, reference_pass=reference_pass)
-        self.half = HALF.get(mixed_precision)
+        self.half = HALF_DTYPES.get(mixed_precision)
         self.model.set_frozen_dtype(self.half)
         self.mode = fake_mode()
         self.weight_bytes = _weight_bytes(self.model)  # read on meta, before the swap to fake tensors

@@ -12,8 +12,7 @@ from pathlib import Path
 import torch
 
 from ncppo.configuration import ConfigError
-
-HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
+from ncppo.precision import HALF_DTYPES
 
 
 @dataclass(frozen=True)
@@ -95,7 +94,7 @@ def prepare_model(model, config, device: torch.device, objective=None) -> None:
     check_objective(model, objective if objective is not None else build_objective(config.objective),
                     config.objective.encoder_blocks)
     if device.type != "cpu":
-        model.set_frozen_dtype(HALF.get(config.mixed_precision))
+        model.set_frozen_dtype(HALF_DTYPES.get(config.mixed_precision))
     model.to(device)
     if config.gradient_checkpointing:
         model.enable_gradient_checkpointing()
