@@ -19,4 +19,4 @@ def test_autocast_adds_its_dtype_on_its_own_device_only():
 
 
 def test_the_mixed_precision_names():
-    assert HALF_DTYPES == {"fp16": torch.float16, "bf16": torch.bfloat16}
+    assert {"fp16": torch.float16, "bf16": torch.bfloat16} == HALF_DTYPES
