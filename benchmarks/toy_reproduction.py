@@ -172,9 +172,10 @@ def code_version() -> str:
     return rev + (" (uncommitted changes)" if dirty else "")
 
 
-def seed_record(world: ToyWorld, setting: dict) -> dict:
-    """What pooling needs from one seed's world, kept so the seed need not be retrained elsewhere."""
-    return {"setting": setting, "code": code_version(), "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+def seed_record(world: ToyWorld, setting: dict, code: str) -> dict:
+    """What pooling needs from one seed's world, kept so the seed need not be retrained elsewhere; ``code``: the
+    version that started the run."""
+    return {"setting": setting, "code": code, "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "machine": f"{platform.processor() or platform.machine()}",
             "eval": json.loads((world.out / "eval" / "results.json").read_text()),
             "steps": json.loads((world.out / "budget.json").read_text())["steps"],
@@ -212,7 +213,7 @@ def main() -> None:
     suffix = backbone_suffix(args.backbone)
     args.out = args.out or f"outputs/toy_reproduction{suffix}"
     setting = {"budget_dpo_steps": args.budget, "images_per_prompt": args.images, "backbone": args.backbone}
-    start = time.perf_counter()
+    start, code = time.perf_counter(), code_version()
     records = []
     for seed in args.seeds:
         path = seed_results_dir(args.backbone) / f"seed-{seed}.json"
@@ -222,7 +223,7 @@ def main() -> None:
         else:
             world = ToyWorld(Path(args.out) / f"seed-{seed}", world_config(seed, args.budget, args.images, args.backbone))
             world.run()
-            record = seed_record(world, setting)
+            record = seed_record(world, setting, code)
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(path, json.dumps(record, indent=1))
         records.append(record)
