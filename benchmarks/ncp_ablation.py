@@ -29,7 +29,12 @@ Protocol (fixed before any number was seen):
 - Diagnostics per run from its own logs: sigmoid-argument RMS, saturated fraction, PL/L by timestep quarter,
   gradient norm, the share of updates under AdamW's eps, the trainer's warnings.
 
-Resumable run by run: results go to ``WORK/runs/<name>/seed-<s>/result.json`` and are reused.
+Resumable run by run, across machines and sessions: each run's record (``result.json``: validation rewards,
+diagnostics; ``test.json``: test rewards) goes to ``--records`` (committed,
+``benchmarks/results/ncp_ablation_runs/<name>/seed-<s>/``) with the digest of the world's preference data it
+trained on, and is reused; the run's own folder (checkpoints, logs) stays under ``--work``. A test seed whose
+record exists but whose checkpoints are gone (another machine) before its test is retrained. Records made on
+other preference data (another world, another code version's pairs) stop the run, naming them.
 
     python benchmarks/ncp_ablation.py                       # writes benchmarks/results/ncp_ablation.{json,md}
     python benchmarks/ncp_ablation.py --quick --test-seeds 1 --dpo-steps 2 --work /tmp/abl --out /tmp/abl.json  # smoke
@@ -48,6 +53,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.records import code_version, reuse  # noqa: E402
 from ncppo.io import atomic_write_text  # noqa: E402
 
 BASELINES = ("dpo", "cpo", "sft")
@@ -57,6 +63,8 @@ SPLIT_SEEDS = {"validation": 1001, "test": 2002}
 PAPER_AT_TEST = ("dpo",)
 LEARNING_RATES = (2e-5, 6e-5, 2e-4)  # 2e-4 was the toy world's default before the strong base model
 TEST_IMAGES = 2  # images per test caption (x 3 training seeds x 56 captions = 336 paired units)
+RECORDS = Path(__file__).parent / "results" / "ncp_ablation_runs"
+STALE_HINT = "move the records away (or pass another --records) to start the ablation afresh on this world"
 
 
 def grid() -> dict[str, dict]:
@@ -163,18 +171,47 @@ def diagnostics(run_dir: Path) -> dict:
     return out
 
 
+def world_digest(world) -> str:
+    """A digest of the preference data the runs train on (every column's values, not the files' bytes, which
+    carry the writer's version), so records from another machine are pooled only when they trained on the same
+    pairs."""
+    import hashlib
+
+    import pyarrow.parquet as pq
+
+    digest = hashlib.sha256()
+    for path in sorted(world.dataset_path("original").glob("*.parquet")):
+        table = pq.read_table(path)
+        for column in sorted(table.column_names):
+            digest.update(column.encode())
+            digest.update(repr(table.column(column).to_pylist()).encode())
+    return digest.hexdigest()[:16]
+
+
+def run_key(name: str, lr: float, seed: int) -> Path:
+    return Path(f"{name.replace('/', '-')}-lr{lr:g}") / f"seed-{seed}"
+
+
 def train_and_validate(world, work: Path, name: str, objective: dict, seed: int, steps: int, flops: int | None,
-                       lr: float, validate: bool = True, folder: Path | None = None) -> dict:
-    """One run trained and scored on validation into ``folder`` (default ``work/runs/<name>-lr<lr>/seed-<seed>``),
-    or its record when it exists. ``world`` may be a callable that builds the world (only when needed)."""
+                       lr: float, validate: bool = True, folder: Path | None = None, records: Path | None = None,
+                       digest: str = "", need_checkpoints: bool = False) -> dict:
+    """One run trained (into ``work/runs/<key>/run``) and scored on validation, its record written to
+    ``records/<key>/result.json``; or that record when it exists (and, with ``need_checkpoints``, its run
+    folder still holds them). ``world`` may be a callable that builds the world (only when needed)."""
+    from ncppo.evaluation.runs import run_checkpoints
     from ncppo.training import Trainer, load_config
 
-    folder = folder or work / "runs" / f"{name.replace('/', '-')}-lr{lr:g}" / f"seed-{seed}"
-    result_path = folder / "result.json"
-    if result_path.is_file():
-        return json.loads(result_path.read_text())
-    world = world() if callable(world) else world
+    key = run_key(name, lr, seed)
+    folder = folder or work / "runs" / key
+    result_path = (records / key if records else folder) / "result.json"
     run_dir = folder / "run"
+    record = reuse(result_path, {"world_digest": digest}, STALE_HINT)
+    if record is not None:
+        if not need_checkpoints or (Path(record["run_dir"]).is_dir() and run_checkpoints(Path(record["run_dir"]))):
+            return record
+        print(f"[run] {label(name, lr)} seed {seed}: recorded, but its checkpoints are not on this machine; "
+              "retraining it for its test", flush=True)
+    world = world() if callable(world) else world
     start = time.perf_counter()
     result = Trainer(load_config(None, **train_values(world, objective, seed, steps, run_dir, lr))).train()
     train_wall = time.perf_counter() - start
@@ -183,17 +220,22 @@ def train_and_validate(world, work: Path, name: str, objective: dict, seed: int,
               "train_wall_seconds": train_wall, "train_seconds": result.train_seconds,
               "validation": evaluate(run_dir, world, spec("validation", 1)) if validate else None,
               "diagnostics": diagnostics(run_dir),
-              "run_dir": str(run_dir)}
+              "run_dir": str(run_dir), "world_digest": digest, "code": code_version()}
+    result_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(result_path, json.dumps(record))
     print(f"[run] {label(name, lr)} seed {seed}: {result.steps} steps, {train_wall:.0f} s, "
           + (f"validation reward {record['validation']['mean']:.4f}" if validate else "(test seed)"), flush=True)
     return record
 
 
-def test_record(world, work: Path, record: dict, half: bool = True) -> dict:
+def test_path(records: Path, record: dict) -> Path:
+    return records / run_key(record["name"], record["lr"], record["seed"]) / "test.json"
+
+
+def test_record(world, path: Path, record: dict, half: bool = True) -> dict:
+    """The run's test rewards (final, and the half-budget checkpoint's with ``half``), written to ``path``."""
     from ncppo.evaluation.runs import run_checkpoints
 
-    path = Path(record["run_dir"]).parent / "test.json"
     if path.is_file():
         return json.loads(path.read_text())
     run_dir = Path(record["run_dir"])
@@ -201,6 +243,7 @@ def test_record(world, work: Path, record: dict, half: bool = True) -> dict:
     final = evaluate(run_dir, world, spec("test", TEST_IMAGES))
     half = evaluate(run_dir, world, spec("test", TEST_IMAGES), checkpoint=ckpts[0]) if half and len(ckpts) > 1 else None
     out = {"final": final, "half": half, "half_step": ckpts[0].step if half else None, "steps": record["steps"]}
+    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(out))
     return out
 
@@ -236,18 +279,22 @@ def main(argv=None) -> int:
     parser.add_argument("--test-seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--dpo-steps", type=int, default=None,
                         help="the budget, as steps of noise-space DPO (default: the toy world's train.budget_dpo_steps)")
-    parser.add_argument("--work", default="outputs/ncp_ablation")
+    parser.add_argument("--work", default="outputs/ncp_ablation", help="run folders: checkpoints and logs (not kept)")
+    parser.add_argument("--records", default=str(RECORDS), help="each run's record (kept: commit it)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "ncp_ablation.json"))
     parser.add_argument("--quick", action="store_true", help="the quick toy world (a smoke test of this script)")
     args = parser.parse_args(argv)
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    work = Path(args.work)
+    work, records = Path(args.work), Path(args.records)
     start = time.perf_counter()
     world = build_world(work, args.quick)
+    digest = world_digest(world)
+    print(f"[ablation] preference data digest {digest}; records in {records}", flush=True)
     runs = grid()
-    flops_path = work / "flops.json"
+    records.mkdir(parents=True, exist_ok=True)
+    flops_path = records / "flops.json"
     flops = json.loads(flops_path.read_text()) if flops_path.is_file() else {}
     for name, objective in runs.items():
         if name not in flops:
@@ -264,7 +311,8 @@ def main(argv=None) -> int:
     for name in first_stage:
         for lr in LEARNING_RATES:
             selection[label(name, lr)] = train_and_validate(world, work, name, runs[name], args.selection_seed,
-                                                            steps[name], flops[name], lr)
+                                                            steps[name], flops[name], lr, records=records,
+                                                            digest=digest)
     validation = {key: r["validation"]["mean"] for key, r in selection.items()}
 
     def best_lr(name: str) -> float:
@@ -275,7 +323,8 @@ def main(argv=None) -> int:
         if name not in first_stage:  # stage 2: the other features at their setting's learning rate
             lr = setting_lr[name.rsplit("/", 1)[0] + "/last"]
             record = selection[label(name, lr)] = train_and_validate(world, work, name, runs[name],
-                                                                     args.selection_seed, steps[name], flops[name], lr)
+                                                                     args.selection_seed, steps[name], flops[name], lr,
+                                                                     records=records, digest=digest)
             validation[label(name, lr)] = record["validation"]["mean"]
     chosen = {x: (x, setting_lr[x]) for x in BASELINES}
     for x in BASELINES:
@@ -284,7 +333,7 @@ def main(argv=None) -> int:
     selected = {x: label(*chosen[f"ncp-{x}"]) for x in BASELINES}
     print(f"[ablation] selected on validation: {chosen}", flush=True)
 
-    base_path = work / "base.json"
+    base_path = records / "base.json"
     if not base_path.is_file():
         atomic_write_text(base_path, json.dumps({split: evaluate(None, world, spec(split, 1 if split == "validation" else TEST_IMAGES))
                                                  for split in SPLIT_SEEDS}))
@@ -298,9 +347,12 @@ def main(argv=None) -> int:
         if new:
             tested[key] = []
             for seed in args.test_seeds:
+                probe = {"name": name, "lr": lr, "seed": seed}
                 record = train_and_validate(world, work, name, runs[name], seed, steps[name], flops[name], lr,
-                                            validate=False)
-                tested[key].append({**test_record(world, work, record, half=name.startswith("ncp-dpo")),
+                                            validate=False, records=records, digest=digest,
+                                            need_checkpoints=not test_path(records, probe).is_file())
+                tested[key].append({**test_record(world, test_path(records, record), record,
+                                                  half=name.startswith("ncp-dpo")),
                                     "seed": seed, "record": record})
         return new
 

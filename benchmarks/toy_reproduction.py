@@ -20,8 +20,8 @@ Resumable at two levels. Within a machine, each seed's world is a folder under -
 are reused, so an interrupted run continues where it stopped. Across machines and sessions (a seed takes
 about 1.5 CPU-hours), each finished seed's results are committed as
 ``benchmarks/results/toy_reproduction_seeds/seed-N.json`` (``_dit_seeds`` for the DiT) with the setting and
-code version that made them; a later run reuses a committed seed of the same setting instead of retraining
-it (``--rerun`` retrains), so ``python benchmarks/toy_reproduction.py`` on a fresh clone runs only the seeds
+code version that made them; a later run reuses a committed seed instead of retraining it (one made with
+another setting stops the run, naming it; ``--rerun`` retrains), so ``python benchmarks/toy_reproduction.py`` on a fresh clone runs only the seeds
 still missing, and two seeds can run side by side (``--seeds 0`` and ``--seeds 1``, one thread each).
 Writes benchmarks/results/toy_reproduction.json, .md and .png, pooled over the ``--seeds`` given.
 """
@@ -33,16 +33,19 @@ import dataclasses
 import json
 import platform
 import statistics
-import subprocess
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from ncppo.evaluation import paired_win_rate
-from ncppo.io import atomic_write_text
-from ncppo.toy.config import FilterConfig, ToyConfig, TrainStageConfig
-from ncppo.toy.stages import ToyWorld
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.records import code_version, reuse  # noqa: E402
+from ncppo.evaluation import paired_win_rate  # noqa: E402
+from ncppo.io import atomic_write_text  # noqa: E402
+from ncppo.toy.config import FilterConfig, ToyConfig, TrainStageConfig  # noqa: E402
+from ncppo.toy.stages import ToyWorld  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 VARIANTS = ("x>y", "x>y,x>z", "x>y,y>z")
@@ -160,18 +163,6 @@ def backbone_suffix(backbone: str) -> str:
     return "" if backbone == "unet" else f"_{backbone}"
 
 
-def code_version() -> str:
-    root = Path(__file__).resolve().parents[1]
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (not a git checkout)"
-    return rev + (" (uncommitted changes)" if dirty else "")
-
-
 def seed_record(world: ToyWorld, setting: dict, code: str) -> dict:
     """What pooling needs from one seed's world, kept so the seed need not be retrained elsewhere; ``code``: the
     version that started the run."""
@@ -184,22 +175,6 @@ def seed_record(world: ToyWorld, setting: dict, code: str) -> dict:
             "filter": json.loads((world.out / "filtered" / "stats.json").read_text())["after"]}
 
 
-def committed_seed(path: Path, setting: dict) -> dict | None:
-    """The committed record at ``path`` when it was made with ``setting``; None (and why, printed) otherwise."""
-    if not path.is_file():
-        return None
-    try:
-        record = json.loads(path.read_text())
-        made_with = record["setting"]
-    except (json.JSONDecodeError, KeyError) as exc:
-        raise SystemExit(f"{path}: not a seed record of this benchmark ({exc}); move it away or pass --rerun") from exc
-    if made_with != setting:
-        diff = {k: (made_with.get(k), v) for k, v in setting.items() if made_with.get(k) != v}
-        print(f"{path}: made with another setting {diff} (committed, wanted); this seed is retrained")
-        return None
-    return record
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -208,7 +183,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=8, help="images per test caption")
     parser.add_argument("--backbone", choices=("unet", "dit"), default="unet", help="the base model's denoiser")
     parser.add_argument("--out", help="default: outputs/toy_reproduction (the DiT's: outputs/toy_reproduction_dit)")
-    parser.add_argument("--rerun", action="store_true", help="retrain seeds that have a committed record")
+    parser.add_argument("--rerun", action="store_true", help="retrain the seeds given, replacing their records")
     args = parser.parse_args()
     suffix = backbone_suffix(args.backbone)
     args.out = args.out or f"outputs/toy_reproduction{suffix}"
@@ -217,7 +192,8 @@ def main() -> None:
     records = []
     for seed in args.seeds:
         path = seed_results_dir(args.backbone) / f"seed-{seed}.json"
-        record = None if args.rerun else committed_seed(path, setting)
+        record = None if args.rerun else reuse(path, {"setting": setting},
+                                               "pass --rerun to retrain this seed, or another --budget/--images")
         if record is not None:
             print(f"seed {seed}: reusing {path} (code {record['code']}, finished {record['finished']})")
         else:
