@@ -30,8 +30,9 @@ from ncppo.io import atomic_write_text  # noqa: E402
 from ncppo.models.preference_model import LoraSettings, PreferenceModel  # noqa: E402
 from ncppo.objectives import make_objective  # noqa: E402
 from ncppo.planning.architectures import build_abstract_pipeline, read_configs  # noqa: E402
-from ncppo.planning.estimate import HALF, AbstractRun  # noqa: E402
+from ncppo.planning.estimate import AbstractRun  # noqa: E402
 from ncppo.planning.measure import measured_step  # noqa: E402
+from ncppo.precision import HALF_DTYPES as HALF  # noqa: E402
 
 DTYPES = {**HALF, "no": torch.float32}
 METHODS = ("dpo", "ncp-dpo")
