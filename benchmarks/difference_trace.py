@@ -1,14 +1,14 @@
 """Where does half precision lose the policy-reference difference? A block-by-block trace of the difference pass.
 
-For each tiny model class, a LoRA policy away from its reference (B drawn at scale 0.02) runs once in float32
-as two separate passes (the truth: ``policy - reference`` per block output, subtracted in float64) and once as
-the difference pass in bf16 (frozen weights bf16, LoRA float32, CPU autocast, as the trainer runs it). Per
+For each tiny model class, a LoRA policy away from its reference (``mixed_precision.py``'s: rank 8, B drawn
+at scale 0.02) runs once in float32 as two separate passes (the truth: ``policy - reference`` per block
+output, subtracted in float64) and once as the difference pass in bf16 (frozen weights bf16, LoRA float32, CPU autocast, as the trainer runs it). Per
 top-level block output it reports two relative errors against the truth: the reference activation's own
 (``ref``: what bf16 does to the reference's values) and the carried difference's (``diff``). The pass
 promises that ``diff`` keeps half precision's relative accuracy, so ``diff`` should stay within a small factor
 of ``ref``; a block where ``diff`` jumps far above ``ref`` is where the pass (or the model) loses more.
 
-    python benchmarks/difference_trace.py                 # every class, about 1 CPU-minute
+    python benchmarks/difference_trace.py                 # every class, about 10 CPU-seconds
     python benchmarks/difference_trace.py --kinds flux    # one
 
 Writes benchmarks/results/difference_trace.json.
@@ -17,35 +17,25 @@ Writes benchmarks/results/difference_trace.json.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import mixed_precision as mp  # noqa: E402
 
 from ncppo.batch import PreferenceBatch  # noqa: E402
 from ncppo.io import atomic_write_text  # noqa: E402
 from ncppo.models.paired_arithmetic import Paired  # noqa: E402
-from ncppo.models.preference_model import LoraSettings, PreferenceModel  # noqa: E402
 from ncppo.models.tiny import build_tiny_pipeline  # noqa: E402
 from ncppo.step import noise_pairs  # noqa: E402
 
 KINDS = ("sd15", "sdxl", "sd3", "flux", "pixart")
 RESULT = Path(__file__).parent / "results" / "difference_trace.json"
-
-
-def _model(pipe, lora_b_scale: float) -> PreferenceModel:
-    torch.manual_seed(0)  # peft's LoRA A matrices: the same in every copy
-    model = PreferenceModel(copy.deepcopy(pipe), lora=LoraSettings(rank=4), reference_pass="difference")
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.unet.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * lora_b_scale)
-    return model
 
 
 def _capture(model, store: dict):
@@ -60,13 +50,18 @@ def _capture(model, store: dict):
     return [m.register_forward_hook(lambda mod, i, o, n=n: hook(mod, i, o, n)) for n, m in blocks]
 
 
+def _remove(hooks) -> None:
+    for handle in hooks:
+        handle.remove()
+
+
 def _relative(a: torch.Tensor, truth: torch.Tensor) -> float:
     return float((a.double() - truth).norm() / truth.norm())
 
 
 def trace(kind: str, lora_b_scale: float = 0.02) -> list[dict]:
     pipe = build_tiny_pipeline(kind, image_size=32, seed=0)
-    exact, half = _model(pipe, lora_b_scale), _model(pipe, lora_b_scale)
+    exact, half = (mp._model(pipe, None, "cpu", lora_b_scale, "difference") for _ in range(2))
     g = torch.Generator().manual_seed(0)
     batch = PreferenceBatch(pixel_values_w=torch.rand(2, 3, 32, 32, generator=g) * 2 - 1,
                             pixel_values_l=torch.rand(2, 3, 32, 32, generator=g) * 2 - 1,
@@ -77,16 +72,16 @@ def trace(kind: str, lora_b_scale: float = 0.02) -> list[dict]:
     with torch.no_grad():
         hooks = _capture(exact, policy)
         exact.predict_epsilon(exact.policy, *args)
-        [h.remove() for h in hooks]
+        _remove(hooks)
         with exact.frozen_unet() as frozen:
             hooks = _capture(exact, reference)
             exact.predict_epsilon(frozen, *args)
-            [h.remove() for h in hooks]
+            _remove(hooks)
         half.set_frozen_dtype(torch.bfloat16)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             hooks = _capture(half, fused)
             half.predict_with_reference(*args)
-            [h.remove() for h in hooks]
+            _remove(hooks)
     rows = []
     for name, outs in fused.items():
         for k, out in enumerate(outs):

@@ -194,10 +194,11 @@ def run_key(name: str, lr: float, seed: int) -> Path:
 
 def train_and_validate(world, work: Path, name: str, objective: dict, seed: int, steps: int, flops: int | None,
                        lr: float, validate: bool = True, folder: Path | None = None, records: Path | None = None,
-                       digest: str = "", need_checkpoints: bool = False) -> dict:
+                       digest: str | None = None, need_checkpoints: bool = False) -> dict:
     """One run trained (into ``work/runs/<key>/run``) and scored on validation, its record written to
     ``records/<key>/result.json``; or that record when it exists (and, with ``need_checkpoints``, its run
-    folder still holds them). ``world`` may be a callable that builds the world (only when needed)."""
+    folder still holds them). A ``digest`` of the preference data is checked against the record's and kept in
+    it. ``world`` may be a callable that builds the world (only when needed)."""
     from ncppo.evaluation.runs import run_checkpoints
     from ncppo.training import Trainer, load_config
 
@@ -205,7 +206,7 @@ def train_and_validate(world, work: Path, name: str, objective: dict, seed: int,
     folder = folder or work / "runs" / key
     result_path = (records / key if records else folder) / "result.json"
     run_dir = folder / "run"
-    record = reuse(result_path, {"world_digest": digest}, STALE_HINT)
+    record = reuse(result_path, {"world_digest": digest} if digest else {}, STALE_HINT)
     if record is not None:
         if not need_checkpoints or (Path(record["run_dir"]).is_dir() and run_checkpoints(Path(record["run_dir"]))):
             return record
@@ -228,8 +229,8 @@ def train_and_validate(world, work: Path, name: str, objective: dict, seed: int,
     return record
 
 
-def test_path(records: Path, record: dict) -> Path:
-    return records / run_key(record["name"], record["lr"], record["seed"]) / "test.json"
+def test_path(records: Path, name: str, lr: float, seed: int) -> Path:
+    return records / run_key(name, lr, seed) / "test.json"
 
 
 def test_record(world, path: Path, record: dict, half: bool = True) -> dict:
@@ -347,12 +348,11 @@ def main(argv=None) -> int:
         if new:
             tested[key] = []
             for seed in args.test_seeds:
-                probe = {"name": name, "lr": lr, "seed": seed}
+                path = test_path(records, name, lr, seed)
                 record = train_and_validate(world, work, name, runs[name], seed, steps[name], flops[name], lr,
                                             validate=False, records=records, digest=digest,
-                                            need_checkpoints=not test_path(records, probe).is_file())
-                tested[key].append({**test_record(world, test_path(records, record), record,
-                                                  half=name.startswith("ncp-dpo")),
+                                            need_checkpoints=not path.is_file())
+                tested[key].append({**test_record(world, path, record, half=name.startswith("ncp-dpo")),
                                     "seed": seed, "record": record})
         return new
 
