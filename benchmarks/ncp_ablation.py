@@ -96,11 +96,17 @@ def spec(split: str, images: int):
                           e.batch_size, prompt_ids=tuple(ids))
 
 
-def build_world(work: Path, quick: bool = False):
-    from ncppo.toy.config import QUICK_CONFIG
+def build_world(work: Path, quick: bool = False, backbone: str = "unet"):
+    """The toy world's preference data (default or quick config, on the ``backbone``'s base model) under
+    ``work/world``; stages already there are reused."""
+    import dataclasses
+
+    from ncppo.toy.config import QUICK_CONFIG, ToyConfig
     from ncppo.toy.stages import ToyWorld
 
-    world = ToyWorld(work / "world", QUICK_CONFIG if quick else None)
+    config = QUICK_CONFIG if quick else ToyConfig()
+    config = dataclasses.replace(config, pretrain=dataclasses.replace(config.pretrain, backbone=backbone))
+    world = ToyWorld(work / "world", config)
     world.run(stages=("pretrain", "pairs", "filter"))
     return world
 
@@ -194,7 +200,7 @@ def run_key(name: str, lr: float, seed: int) -> Path:
 
 def train_and_validate(world, work: Path, name: str, objective: dict, seed: int, steps: int, flops: int | None,
                        lr: float, validate: bool = True, folder: Path | None = None, records: Path | None = None,
-                       digest: str | None = None, need_checkpoints: bool = False) -> dict:
+                       digest: str | None = None, need_checkpoints: bool = False, validation_images: int = 1) -> dict:
     """One run trained (into ``work/runs/<key>/run``) and scored on validation, its record written to
     ``records/<key>/result.json``; or that record when it exists (and, with ``need_checkpoints``, its run
     folder still holds them). A ``digest`` of the preference data is checked against the record's and kept in
@@ -219,7 +225,7 @@ def train_and_validate(world, work: Path, name: str, objective: dict, seed: int,
     record = {"name": name, "lr": lr, "seed": seed, "objective": objective, "steps": result.steps,
               "flops_per_step": flops,
               "train_wall_seconds": train_wall, "train_seconds": result.train_seconds,
-              "validation": evaluate(run_dir, world, spec("validation", 1)) if validate else None,
+              "validation": evaluate(run_dir, world, spec("validation", validation_images)) if validate else None,
               "diagnostics": diagnostics(run_dir),
               "run_dir": str(run_dir), "world_digest": digest, "code": code_version()}
     result_path.parent.mkdir(parents=True, exist_ok=True)
